@@ -1,0 +1,56 @@
+# ctpi — the user's interface. `make help` lists the targets.
+SHELL := /bin/bash
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+CTPI    := $(VENV)/bin/ctpi
+DATA    ?= ../shared/data/covid-ct
+ARCH    ?= mobilenetv2
+WEIGHTS ?= ../shared/weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5
+RUN     ?= runs/$(ARCH)
+OUT     ?= models/$(ARCH)
+MODEL   ?= models/mobilenetv2
+THREADS ?= 1,2
+INBOX   ?= var/inbox
+STATE   ?= var/state
+HOST    ?= 127.0.0.1
+PORT    ?= 8501
+
+.DEFAULT_GOAL := help
+.PHONY: help run test lint train convert bench system-deps
+
+help: ## list the targets and their variables
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL)"
+
+# One virtualenv, installed from pyproject.toml; a stamp per set of extras so `make run`
+# installs only the device side and the UI, and `make test` everything.
+$(VENV)/.stamp-%: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[$*]'
+	@touch $@
+
+system-deps: ## install the system packages the tests use (Debian: chromium, openssh-server, systemd)
+	@bash tests/system-deps.sh
+
+test: $(VENV)/.stamp-dev system-deps ## run the whole test suite (README command 2)
+	$(PY) -m pytest
+
+lint: $(VENV)/.stamp-dev ## ruff
+	$(VENV)/bin/ruff check device train convert tests streamlit_app.py
+
+run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
+	@echo "make run: the watch daemon and the UI are not built yet (issues #5 and #6)."
+	@echo "What works today: $(CTPI) predict --model $(MODEL) FILE..., ctpi bench, ctpi evaluate."
+	@exit 2
+
+train: $(VENV)/.stamp-train ## fine-tune ARCH on DATA from WEIGHTS into RUN
+	$(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN)
+
+convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int8, float16, float32, onnx) with the accuracy gate
+	$(PY) -m convert --run $(RUN) --data $(DATA) --out $(OUT)
+
+bench: $(VENV)/.stamp-onnx ## on-device benchmark of MODEL with THREADS
+	$(CTPI) bench --model $(MODEL) --threads $(THREADS)

@@ -1,0 +1,118 @@
+"""A bundle made runnable: preprocessing + backend + labels + threshold, built once per process.
+
+Every consumer (CLI, watch daemon, UI, bench) predicts through :class:`Classifier`, so a
+prediction always says which model (sha256) made it and is thresholded by the bundle's own
+threshold.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from device.backends import Backend, BackendError, default_threads, dequantize, open_backend, quantize
+from device.bundle import Bundle, BundleError, load_bundle
+from device.preprocess import Source, decode_slice, prepare
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    positive_probability: float
+    probabilities: dict[str, float]
+    threshold: float
+    model_sha256: str
+    latency_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, invoke, total
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Classifier:
+    """Runs one format of one bundle. Construct once (model load is the slow part)."""
+
+    def __init__(
+        self,
+        bundle: Bundle | str,
+        fmt: str | None = None,
+        threads: int | None = None,
+        backend: str | None = None,
+    ):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.format = fmt or self.bundle.default_format
+        info = self.bundle.format_info(self.format)
+        self.threads = threads or default_threads()
+        self.sha256 = self.bundle.sha256(self.format)
+        self.backend: Backend = open_backend(self.bundle.model_path(self.format), info["runtime"], self.threads, backend)
+        spec = self.bundle.spec
+        expected = (1, spec.height, spec.width, spec.channels)
+        if tuple(self.backend.input.shape) != expected:
+            raise BundleError(
+                f"bundle {self.bundle.path}: model input is {self.backend.input.shape} but the manifest's "
+                f"preprocessing produces {expected}; the bundle is inconsistent, rebuild it"
+            )
+        if self.backend.output.shape[-1] != len(self.bundle.labels):
+            raise BundleError(
+                f"bundle {self.bundle.path}: model outputs {self.backend.output.shape[-1]} values but the "
+                f"manifest lists {len(self.bundle.labels)} labels"
+            )
+
+    @property
+    def labels(self) -> list[str]:
+        return self.bundle.labels
+
+    @property
+    def threshold(self) -> float:
+        return self.bundle.threshold
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities (label order) for one preprocessed ``H x W x C`` uint8 slice."""
+        tensor = quantize(pixels[None, ...].astype(np.float32), self.backend.input)
+        output = dequantize(self.backend.invoke(tensor), self.backend.output)
+        return output.reshape(-1)
+
+    def probabilities_batch(self, batch: np.ndarray) -> np.ndarray:
+        """``N x H x W x C`` uint8 to ``N x labels`` (one invoke per slice: models have batch 1)."""
+        return np.stack([self.probabilities(pixels) for pixels in batch]) if len(batch) else np.zeros((0, len(self.labels)))
+
+    def decide(self, probabilities: np.ndarray) -> tuple[str, float]:
+        """Label and positive probability: positive iff its probability reaches the threshold,
+        otherwise the most probable of the other labels."""
+        positive = float(probabilities[self.bundle.positive_index])
+        if positive >= self.threshold:
+            return self.bundle.positive_label, positive
+        others = [i for i in range(len(self.labels)) if i != self.bundle.positive_index]
+        best = max(others, key=lambda i: probabilities[i])
+        return self.labels[best], positive
+
+    def predict_pixels(self, pixels: np.ndarray, latency: dict[str, float] | None = None) -> Prediction:
+        start = time.perf_counter()
+        probabilities = self.probabilities(pixels)
+        timings = dict(latency or {})
+        timings["invoke"] = (time.perf_counter() - start) * 1000.0
+        timings["total"] = sum(timings.values())
+        label, positive = self.decide(probabilities)
+        return Prediction(
+            label=label,
+            positive_probability=positive,
+            probabilities={name: float(p) for name, p in zip(self.labels, probabilities)},
+            threshold=self.threshold,
+            model_sha256=self.sha256,
+            latency_ms={k: round(v, 3) for k, v in timings.items()},
+        )
+
+    def predict(self, source: Source) -> Prediction:
+        """File (path or bytes) to prediction; raises ``BadSliceError`` for bad files."""
+        start = time.perf_counter()
+        decoded = decode_slice(source)
+        decoded_at = time.perf_counter()
+        pixels = prepare(decoded.pixels, self.bundle.spec)
+        prepared_at = time.perf_counter()
+        return self.predict_pixels(
+            pixels, {"decode": (decoded_at - start) * 1000.0, "preprocess": (prepared_at - decoded_at) * 1000.0}
+        )
+
+
+__all__ = ["Classifier", "Prediction", "BackendError", "BundleError"]

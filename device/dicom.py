@@ -1,0 +1,64 @@
+"""DICOM slices: Hounsfield units and the lung window, without ever touching patient fields.
+
+Only pixel data and the three attributes needed to turn it into Hounsfield units are read
+(``RescaleSlope``, ``RescaleIntercept``, ``PhotometricInterpretation``); nothing here logs or
+returns patient identifiers. pydicom is imported lazily so PNG-only use does not pay for it.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from device.preprocess import BadSliceError
+
+LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU): air black, soft tissue and bone white
+
+
+def is_dicom(data: bytes) -> bool:
+    """Part-10 files carry ``DICM`` at byte 128; that is what we recognise (by content)."""
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def to_hounsfield(pixels: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    return pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def apply_window(hounsfield: np.ndarray, level: float, width: float) -> np.ndarray:
+    """Map ``[level - width/2, level + width/2]`` HU linearly to 0..255, clipping outside."""
+    low = level - width / 2.0
+    return np.clip((hounsfield - low) * (255.0 / width), 0.0, 255.0).astype(np.float32)
+
+
+def decode(data: bytes, window: tuple[float, float] = LUNG_WINDOW) -> tuple[np.ndarray, str]:
+    """DICOM bytes to lung-windowed float intensities (0..255) and a mode description."""
+    try:
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+    except ImportError:  # pragma: no cover - pydicom is a base dependency
+        raise BadSliceError("unsupported-format", "DICOM needs pydicom: pip install pydicom") from None
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=False)
+        if "PixelData" not in dataset:
+            raise BadSliceError("not-an-image", "DICOM file has no pixel data")
+        pixels = dataset.pixel_array
+    except BadSliceError:
+        raise
+    except InvalidDicomError as error:
+        raise BadSliceError("not-an-image", f"invalid DICOM: {error}") from None
+    except Exception as error:  # pydicom raises many types for broken or compressed data
+        raise BadSliceError("truncated", f"DICOM pixel data cannot be decoded: {type(error).__name__}") from None
+    if pixels.ndim == 3 and pixels.shape[-1] not in (3, 4):
+        pixels = pixels[0]  # multi-frame: the first frame is the slice
+    if pixels.ndim != 2:
+        raise BadSliceError("unsupported-mode", f"DICOM pixel array of shape {pixels.shape} is not a grey slice")
+    photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2"))
+    slope = float(dataset.get("RescaleSlope", 1) or 1)
+    intercept = float(dataset.get("RescaleIntercept", 0) or 0)
+    hounsfield = to_hounsfield(pixels, slope, intercept)
+    if photometric == "MONOCHROME1":  # inverted grey scale: high values are dark
+        hounsfield = hounsfield.max() + hounsfield.min() - hounsfield
+    level, width = window
+    mode = f"{photometric}/{pixels.dtype.itemsize * 8}"
+    return apply_window(hounsfield, level, width), mode

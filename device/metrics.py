@@ -1,0 +1,149 @@
+"""Binary classification metrics: the one implementation that training, conversion gates and
+``ctpi evaluate`` share. numpy only, so a Pi can score a bundle without scikit-learn.
+
+Convention: ``y_true`` is 1 for the positive label (e.g. COVID), ``scores`` is the
+positive-class probability, and a slice is called positive when ``score >= threshold``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+THRESHOLD_RULES = ("youden", "sensitivity95")
+
+
+def _arrays(y_true, scores) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.int64).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if y.shape != s.shape:
+        raise ValueError(f"{y.size} labels but {s.size} scores")
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError("labels must be 0 or 1")
+    return y, s
+
+
+def roc_auc(y_true, scores) -> float:
+    """Area under the ROC curve as the Mann-Whitney statistic (ties count one half).
+    NaN when only one class is present: an AUC is undefined there, not 0.5."""
+    y, s = _arrays(y_true, scores)
+    positives, negatives = int(y.sum()), int((1 - y).sum())
+    if positives == 0 or negatives == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    ranks = np.empty(len(s), dtype=np.float64)
+    sorted_scores = s[order]
+    # average ranks over tied scores
+    boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
+    starts = np.concatenate(([0], boundaries))
+    ends = np.concatenate((boundaries, [len(s)]))
+    for start, end in zip(starts, ends):
+        ranks[order[start:end]] = (start + end + 1) / 2.0
+    rank_sum = ranks[y == 1].sum()
+    return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))
+
+
+def roc_curve(y_true, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """False and true positive rates at each distinct score used as threshold (descending),
+    starting from the point (0, 0) at threshold +inf."""
+    y, s = _arrays(y_true, scores)
+    thresholds = np.unique(s)[::-1]
+    positives, negatives = max(int(y.sum()), 1), max(int((1 - y).sum()), 1)
+    tpr = [0.0] + [float(((s >= t) & (y == 1)).sum()) / positives for t in thresholds]
+    fpr = [0.0] + [float(((s >= t) & (y == 0)).sum()) / negatives for t in thresholds]
+    return np.array(fpr), np.array(tpr), np.concatenate(([np.inf], thresholds))
+
+
+def confusion(y_true, scores, threshold: float) -> dict[str, int]:
+    y, s = _arrays(y_true, scores)
+    predicted = s >= threshold
+    return {
+        "tp": int((predicted & (y == 1)).sum()),
+        "fn": int((~predicted & (y == 1)).sum()),
+        "fp": int((predicted & (y == 0)).sum()),
+        "tn": int((~predicted & (y == 0)).sum()),
+    }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return float(numerator / denominator) if denominator else float("nan")
+
+
+def binary_metrics(y_true, scores, threshold: float) -> dict:
+    """The figures ``ctpi evaluate --json`` prints, in this order and with these keys."""
+    counts = confusion(y_true, scores, threshold)
+    tp, fn, fp, tn = counts["tp"], counts["fn"], counts["fp"], counts["tn"]
+    precision = _ratio(tp, tp + fp)
+    sensitivity = _ratio(tp, tp + fn)
+    f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "n": tp + fn + fp + tn,
+        "accuracy": _ratio(tp + tn, tp + fn + fp + tn),
+        "sensitivity": sensitivity,
+        "specificity": _ratio(tn, tn + fp),
+        "precision": precision,
+        "f1": f1,
+        "auc": roc_auc(y_true, scores),
+        "confusion": counts,
+        "threshold": float(threshold),
+    }
+
+
+def expected_calibration_error(y_true, scores, bins: int = 10) -> float:
+    """ECE over equal-width bins of the positive-class probability (|accuracy - confidence|
+    weighted by bin size), the usual reliability-diagram summary."""
+    y, s = _arrays(y_true, scores)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(s, edges[1:-1], right=True), 0, bins - 1)
+    error = 0.0
+    for b in range(bins):
+        members = index == b
+        if members.any():
+            error += members.mean() * abs(y[members].mean() - s[members].mean())
+    return float(error)
+
+
+def reliability_bins(y_true, scores, bins: int = 10) -> list[dict]:
+    """Per-bin mean predicted probability, observed positive rate and count (for plots)."""
+    y, s = _arrays(y_true, scores)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(s, edges[1:-1], right=True), 0, bins - 1)
+    return [
+        {
+            "low": float(edges[b]),
+            "high": float(edges[b + 1]),
+            "count": int((index == b).sum()),
+            "mean_probability": float(s[index == b].mean()) if (index == b).any() else float("nan"),
+            "observed_rate": float(y[index == b].mean()) if (index == b).any() else float("nan"),
+        }
+        for b in range(bins)
+    ]
+
+
+def choose_threshold(y_true, scores, rule: str = "youden", min_sensitivity: float = 0.95) -> float:
+    """A decision threshold from validation scores.
+
+    ``youden`` maximises sensitivity + specificity - 1 (Youden's J): the point on the ROC curve
+    farthest above chance, i.e. the best balanced accuracy; it is the default because the
+    validation set is small and balanced, and a rule that chases a sensitivity floor rests on
+    the 3 or 4 hardest positives. ``sensitivity95`` takes the highest specificity whose
+    sensitivity is at least ``min_sensitivity``, for sites that prefer fewer missed cases.
+
+    The threshold returned lies halfway between the score that defines the chosen ROC point
+    and the next lower score, so the validation confusion matrix is reproduced exactly while
+    leaving a margin on both sides instead of sitting on one slice's score.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+    y, s = _arrays(y_true, scores)
+    if y.min() == y.max():
+        raise ValueError("threshold selection needs both classes in the validation data")
+    fpr, tpr, thresholds = roc_curve(y, s)
+    fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the +inf point
+    if rule == "youden":
+        best = int(np.argmax(tpr - fpr))  # first (highest threshold) among equals
+    else:
+        eligible = np.flatnonzero(tpr >= min_sensitivity)
+        best = int(eligible[np.argmin(fpr[eligible])])
+    chosen = thresholds[best]
+    lower = s[s < chosen]
+    return float((chosen + lower.max()) / 2.0) if lower.size else float(chosen)

@@ -1,0 +1,64 @@
+"""``ctpi predict``: label, probabilities and latency per slice file.
+
+A bad file gets an error record and the others still run; the exit status is 1 when any
+file failed, so scripts can tell.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from device.classifier import Classifier
+from device.preprocess import BadSliceError
+
+
+def register(subparsers) -> None:
+    from device.cli import add_model_arguments, add_threads_argument
+
+    parser = subparsers.add_parser("predict", help="classify slice files (PNG, JPEG, DICOM)")
+    add_model_arguments(parser)
+    add_threads_argument(parser)
+    parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.set_defaults(handler=run)
+
+
+def predict_files(classifier: Classifier, files: list[Path]) -> list[dict]:
+    """One record per file, in order: a prediction, or ``{"file", "error", "reason"}``."""
+    records = []
+    for path in files:
+        try:
+            prediction = classifier.predict(path)
+        except BadSliceError as error:
+            records.append({"file": str(path), "error": str(error), "reason": error.reason})
+            continue
+        records.append({"file": str(path), **prediction.to_dict()})
+    return records
+
+
+def run(args) -> int:
+    from device.cli import EXIT_FAILED_INPUTS, EXIT_OK, print_json
+
+    classifier = Classifier(args.model, args.fmt, args.threads, args.backend)
+    records = predict_files(classifier, args.files)
+    if args.json:
+        print_json(
+            {
+                "model": {"name": classifier.bundle.name, "format": classifier.format, "sha256": classifier.sha256},
+                "backend": {"name": classifier.backend.name, "version": classifier.backend.version(), "threads": classifier.threads},
+                "results": records,
+            }
+        )
+    else:
+        positive = classifier.bundle.positive_label
+        print(f"model {classifier.bundle.describe(classifier.format)} on {classifier.backend.name}, threshold {classifier.threshold:.3f}")
+        width = max(len(str(r["file"])) for r in records)
+        for record in records:
+            if "error" in record:
+                print(f"{record['file']:<{width}}  ERROR  {record['error']}", file=sys.stdout)
+            else:
+                print(
+                    f"{record['file']:<{width}}  {record['label']:<10} P({positive})={record['positive_probability']:.3f}"
+                    f"  {record['latency_ms']['total']:.1f} ms"
+                )
+    return EXIT_FAILED_INPUTS if any("error" in r for r in records) else EXIT_OK

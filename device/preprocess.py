@@ -1,0 +1,240 @@
+"""The preprocessing contract: a slice file becomes a model input tensor, here and only here.
+
+Training, calibration, evaluation, the watch daemon and the UI all call :func:`load_slice`,
+so the Pi sees exactly what training saw. The steps (version 1, id
+``ctpi-gray-letterbox-stretch``) are:
+
+1. **Decode by content**, never by file name: PNG and JPEG through Pillow, DICOM (``DICM``
+   magic at byte 128) through :mod:`device.dicom` (Hounsfield units, lung window). Real data
+   has JPEGs named ``.png``. Anything else is refused with :class:`BadSliceError`.
+2. **Refuse absurd files before decoding pixels**: empty files, files over
+   ``MAX_FILE_BYTES``, images with a side under ``MIN_SIDE`` or more than ``MAX_PIXELS``
+   pixels (decompression bombs declare their size in the header), truncated data.
+3. **One channel of intensity, whatever the mode.** Colour (RGB, CMYK, YCbCr, palette) becomes
+   ITU-R 601-2 luma (Pillow's ``convert("L")``); an alpha channel is composited over black
+   (CT background is air, which is black); 16- and 32-bit grey keep their full precision as
+   float. In the COVID-CT data mode and alpha correlate with the label, so they must not
+   survive this step.
+4. **Letterbox to the model size**: scale by ``min(H/h, W/w)`` with Pillow's bilinear filter
+   on float data (Pillow widens the filter support when shrinking, so it is antialiased), keep
+   the aspect ratio so anatomy is not distorted, and centre it on a black canvas.
+5. **Contrast stretch** of the resized image (padding excluded): the 0.5th and 99.5th
+   percentiles map to 0 and 255, values outside are clipped. This makes 8-bit figure crops,
+   12-bit data in 16-bit PNGs and windowed DICOM comparable, and ignores a few burnt-in
+   letters or arrows.
+6. **Round to uint8** ``H x W x channels`` (channels 1, or 3 by repetition). Pixel scaling
+   for the network (e.g. to [-1, 1]) lives inside the model graph, so every exported model
+   takes these raw 0..255 pixels.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+PREPROCESSING_ID = "ctpi-gray-letterbox-stretch"
+PREPROCESSING_VERSION = 1
+
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_PIXELS = 40_000_000  # 8000 x 5000; a CT slice is 512 x 512, the dataset's largest figure 1671 wide
+MIN_SIDE = 16
+ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant some cameras write
+
+Source = Union[str, Path, bytes]
+
+
+class BadSliceError(ValueError):
+    """A file that cannot become a model input. ``reason`` is a short stable code for
+    journals and JSON (``empty``, ``truncated``, ``not-an-image``, ...); ``str()`` is the
+    sentence a person reads."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    """What a bundle's manifest records about preprocessing; it pins every free parameter."""
+
+    height: int = 224
+    width: int = 224
+    channels: int = 1
+    id: str = PREPROCESSING_ID
+    version: int = PREPROCESSING_VERSION
+    resize_filter: str = "bilinear"
+    letterbox: bool = True
+    pad_value: int = 0
+    stretch_percentiles: tuple[float, float] = (0.5, 99.5)
+    dicom_window: tuple[float, float] = (-600.0, 1500.0)  # level, width in HU: the lung window
+    output: str = "uint8 0..255, HWC"
+
+    def to_manifest(self) -> dict:
+        data = asdict(self)
+        data["stretch_percentiles"] = list(self.stretch_percentiles)
+        data["dicom_window"] = list(self.dicom_window)
+        return data
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> "PreprocessSpec":
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown preprocessing fields {sorted(unknown)}")
+        if data.get("id") != PREPROCESSING_ID or data.get("version") != PREPROCESSING_VERSION:
+            raise ValueError(
+                f"preprocessing {data.get('id')!r} version {data.get('version')!r} is not the one "
+                f"this ctpi implements ({PREPROCESSING_ID!r} version {PREPROCESSING_VERSION}); "
+                "upgrade ctpi or use a bundle made for this version"
+            )
+        values = dict(data)
+        for key in ("stretch_percentiles", "dicom_window"):
+            if key in values:
+                values[key] = tuple(float(v) for v in values[key])
+        spec = cls(**values)
+        if spec.channels not in (1, 3) or spec.height < MIN_SIDE or spec.width < MIN_SIDE:
+            raise ValueError(f"unsupported input size {spec.height}x{spec.width}x{spec.channels}")
+        return spec
+
+
+@dataclass(frozen=True)
+class DecodedSlice:
+    """A decoded slice: one channel of float intensities plus what it was."""
+
+    pixels: np.ndarray  # float32, 2-D
+    format: str  # PNG, JPEG, DICOM
+    mode: str  # Pillow mode, or e.g. "MONOCHROME2/16" for DICOM
+    width: int
+    height: int
+
+
+def read_source(source: Source) -> bytes:
+    """The bytes of a slice, with size limits checked before reading everything."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        try:
+            size = path.stat().st_size
+            if size > MAX_FILE_BYTES:
+                raise BadSliceError(
+                    "too-large",
+                    f"{path.name}: file is {size / 1e6:.0f} MB; slices over "
+                    f"{MAX_FILE_BYTES / 1e6:.0f} MB are refused",
+                )
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise BadSliceError("missing", f"{path.name}: file disappeared before it could be read") from None
+        except IsADirectoryError:
+            raise BadSliceError("not-a-file", f"{path.name}: is a directory, not a slice") from None
+        except PermissionError:
+            raise BadSliceError("unreadable", f"{path.name}: permission denied") from None
+    if not data:
+        raise BadSliceError("empty", "file is empty (0 bytes); was it still being copied?")
+    if len(data) > MAX_FILE_BYTES:
+        raise BadSliceError("too-large", f"file is {len(data) / 1e6:.0f} MB; the limit is {MAX_FILE_BYTES / 1e6:.0f} MB")
+    return data
+
+
+def _check_dimensions(width: int, height: int) -> None:
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise BadSliceError(
+            "too-small", f"image is {width}x{height} pixels; a slice needs at least {MIN_SIDE} on each side"
+        )
+    if width * height > MAX_PIXELS:
+        raise BadSliceError(
+            "too-large",
+            f"image declares {width}x{height} pixels ({width * height / 1e6:.0f} MP); "
+            f"more than {MAX_PIXELS / 1e6:.0f} MP is refused (decompression bomb guard)",
+        )
+
+
+def _to_intensity(image: Image.Image) -> np.ndarray:
+    """One float32 channel from any supported Pillow mode (step 3)."""
+    mode = image.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return np.asarray(image, dtype=np.float32)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        mode = image.mode
+    if mode in ("LA", "La", "PA", "RGBA", "RGBa"):
+        rgba = image.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return np.asarray(Image.alpha_composite(black, rgba).convert("L"), dtype=np.float32)
+    if mode in ("1", "L", "RGB", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        if mode in ("LAB", "HSV"):
+            image = image.convert("RGB")
+        return np.asarray(image.convert("L"), dtype=np.float32)
+    raise BadSliceError("unsupported-mode", f"image mode {mode!r} is not supported")
+
+
+def decode_slice(source: Source) -> DecodedSlice:
+    """Steps 1-3: bytes to one channel of float intensities, or :class:`BadSliceError`."""
+    data = read_source(source)
+    from device import dicom  # local: keeps pydicom off the import path of PNG-only users
+
+    if dicom.is_dicom(data):
+        pixels, mode = dicom.decode(data)
+        _check_dimensions(pixels.shape[1], pixels.shape[0])
+        return DecodedSlice(pixels, "DICOM", mode, pixels.shape[1], pixels.shape[0])
+    try:
+        image = Image.open(io.BytesIO(data), formats=None)
+    except UnidentifiedImageError:
+        hint = " (it looks like text)" if _looks_like_text(data) else ""
+        raise BadSliceError("not-an-image", f"not a PNG, JPEG or DICOM image{hint}") from None
+    except Image.DecompressionBombError as error:
+        raise BadSliceError("too-large", f"refused as a decompression bomb: {error}") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise BadSliceError("not-an-image", f"cannot be read as an image: {error}") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise BadSliceError(
+            "unsupported-format", f"{image.format} images are not accepted; export slices as PNG, JPEG or DICOM"
+        )
+    _check_dimensions(*image.size)
+    try:
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise BadSliceError("too-large", f"refused as a decompression bomb: {error}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise BadSliceError("truncated", f"{image.format} data is truncated or corrupt ({error})") from None
+    pixels = _to_intensity(image)
+    return DecodedSlice(pixels, "JPEG" if image.format == "MPO" else image.format, image.mode, *image.size)
+
+
+def _looks_like_text(data: bytes) -> bool:
+    head = data[:512]
+    return all(32 <= b < 127 or b in (9, 10, 13) for b in head)
+
+
+def prepare(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """Steps 4-6: one float channel to the model's ``H x W x C`` uint8 input."""
+    height, width = pixels.shape
+    scale = min(spec.height / height, spec.width / width)
+    new_w = max(1, min(spec.width, round(width * scale)))
+    new_h = max(1, min(spec.height, round(height * scale)))
+    resized = np.asarray(
+        Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F").resize(
+            (new_w, new_h), Image.Resampling.BILINEAR
+        ),
+        dtype=np.float32,
+    )
+    low, high = np.percentile(resized, spec.stretch_percentiles)
+    if high - low > 1e-6:
+        stretched = np.clip((resized - low) * (255.0 / (high - low)), 0.0, 255.0)
+    else:  # a constant image carries no information; keep it black rather than divide by zero
+        stretched = np.zeros_like(resized)
+    canvas = np.full((spec.height, spec.width), spec.pad_value, dtype=np.uint8)
+    top = (spec.height - new_h) // 2
+    left = (spec.width - new_w) // 2
+    canvas[top : top + new_h, left : left + new_w] = np.rint(stretched).astype(np.uint8)
+    return np.repeat(canvas[:, :, None], spec.channels, axis=2)
+
+
+def load_slice(source: Source, spec: PreprocessSpec) -> np.ndarray:
+    """File (path or bytes) to model input: the one function everything calls."""
+    return prepare(decode_slice(source).pixels, spec)

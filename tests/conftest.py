@@ -1,0 +1,49 @@
+"""Shared fixtures: synthetic slices and tiny real bundles, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.synthetic import LABELS, POSITIVE, write_image_folder
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> Path:
+    """An ImageFolder with 12 slices per class (``COVID/``, ``NonCOVID/``)."""
+    return write_image_folder(tmp_path_factory.mktemp("data"), per_class=12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_keras_model(synthetic_data):
+    pytest.importorskip("tensorflow")
+    from tests.tiny_model import build_model, labelled_pixels
+
+    return build_model(*labelled_pixels(synthetic_data))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory, tiny_keras_model, synthetic_data) -> Path:
+    """A real bundle (int8, float32 TFLite) made by the project's own conversion code."""
+    from convert.assemble import assemble_bundle
+    from convert.tflite import to_tflite
+    from tests.tiny_model import SPEC, labelled_pixels
+
+    representative, _ = labelled_pixels(synthetic_data)
+    models = {fmt: to_tflite(tiny_keras_model, fmt, representative) for fmt in ("int8", "float32")}
+    out = tmp_path_factory.mktemp("bundles") / "tiny"
+    assemble_bundle(
+        out,
+        models,
+        name="tiny-texture",
+        version="0.0.1",
+        architecture="laplacian-energy",
+        labels=LABELS,
+        positive_label=POSITIVE,
+        threshold=0.5,
+        spec=SPEC,
+        metrics={},
+        training_data={"fingerprint": "synthetic", "description": "tests/synthetic.py"},
+    )
+    return out
