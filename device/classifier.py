@@ -97,7 +97,7 @@ class Classifier:
         return Prediction(
             label=label,
             positive_probability=positive,
-            probabilities={name: float(p) for name, p in zip(self.labels, probabilities)},
+            probabilities={name: float(p) for name, p in zip(self.labels, probabilities, strict=False)},
             threshold=self.threshold,
             model_sha256=self.sha256,
             latency_ms={k: round(v, 3) for k, v in timings.items()},

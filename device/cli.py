@@ -21,7 +21,7 @@ from device.bundle import BundleError
 VERB_MODULES = (
     "device.predict",
     "device.evaluate",
-    # "device.bench",  (next commit)
+    "device.bench",
 )
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2

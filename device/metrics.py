@@ -36,7 +36,7 @@ def roc_auc(y_true, scores) -> float:
     boundaries = np.flatnonzero(np.diff(sorted_scores)) + 1
     starts = np.concatenate(([0], boundaries))
     ends = np.concatenate((boundaries, [len(s)]))
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts, ends, strict=False):
         ranks[order[start:end]] = (start + end + 1) / 2.0
     rank_sum = ranks[y == 1].sum()
     return float((rank_sum - positives * (positives + 1) / 2.0) / (positives * negatives))

@@ -45,7 +45,7 @@ MAX_PIXELS = 40_000_000  # 8000 x 5000; a CT slice is 512 x 512, the dataset's l
 MIN_SIDE = 16
 ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant some cameras write
 
-Source = Union[str, Path, bytes]
+Source = Union[str, Path, bytes]  # noqa: UP007 (a runtime alias: needs typing.Union on 3.9-style checkers)
 
 
 class BadSliceError(ValueError):
@@ -81,7 +81,7 @@ class PreprocessSpec:
         return data
 
     @classmethod
-    def from_manifest(cls, data: dict) -> "PreprocessSpec":
+    def from_manifest(cls, data: dict) -> PreprocessSpec:
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
