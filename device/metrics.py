@@ -125,7 +125,9 @@ def choose_threshold(y_true, scores, rule: str = "youden", min_sensitivity: floa
     ``youden`` maximises sensitivity + specificity - 1 (Youden's J): the point on the ROC curve
     farthest above chance, i.e. the best balanced accuracy; it is the default because the
     validation set is small and balanced, and a rule that chases a sensitivity floor rests on
-    the 3 or 4 hardest positives. ``sensitivity95`` takes the highest specificity whose
+    the 3 or 4 hardest positives. Among points of equal J it takes the most sensitive one
+    (the lowest threshold): for triage a missed case costs more than a second look.
+    ``sensitivity95`` takes the highest specificity whose
     sensitivity is at least ``min_sensitivity``, for sites that prefer fewer missed cases.
 
     The threshold returned lies halfway between the score that defines the chosen ROC point
@@ -140,7 +142,8 @@ def choose_threshold(y_true, scores, rule: str = "youden", min_sensitivity: floa
     fpr, tpr, thresholds = roc_curve(y, s)
     fpr, tpr, thresholds = fpr[1:], tpr[1:], thresholds[1:]  # drop the +inf point
     if rule == "youden":
-        best = int(np.argmax(tpr - fpr))  # first (highest threshold) among equals
+        youden = np.round(tpr - fpr, 12)  # equal J must compare equal despite float rounding
+        best = int(np.flatnonzero(youden == youden.max())[-1])  # ties: the most sensitive point
     else:
         eligible = np.flatnonzero(tpr >= min_sensitivity)
         best = int(eligible[np.argmin(fpr[eligible])])

@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -45,7 +44,7 @@ MAX_PIXELS = 40_000_000  # 8000 x 5000; a CT slice is 512 x 512, the dataset's l
 MIN_SIDE = 16
 ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant some cameras write
 
-Source = Union[str, Path, bytes]  # noqa: UP007 (a runtime alias: needs typing.Union on 3.9-style checkers)
+Source = str | Path | bytes
 
 
 class BadSliceError(ValueError):

@@ -1,0 +1,163 @@
+"""The preprocessing contract: known outputs for known inputs, whatever the file's mode or
+encoding, and one well-named error for every kind of bad file."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device.preprocess import BadSliceError, PreprocessSpec, decode_slice, load_slice, prepare
+
+SPEC = PreprocessSpec(height=32, width=32, channels=1)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def grey_ramp(height: int = 48, width: int = 64) -> np.ndarray:
+    """A smooth 8-bit pattern with every value 0..255 present."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    return ((xx * 255 // (width - 1) + yy * 7) % 256).astype(np.uint8)
+
+
+def test_two_level_slice_maps_to_black_and_white_exactly():
+    pixels = np.zeros((32, 32), np.uint8)
+    pixels[:, 16:] = 100
+    out = load_slice(encode(Image.fromarray(pixels)), SPEC)
+    assert out.shape == (32, 32, 1) and out.dtype == np.uint8
+    assert (out[:, :16, 0] == 0).all() and (out[:, 16:, 0] == 255).all()
+
+
+def test_letterbox_keeps_aspect_ratio_and_pads_black():
+    wide = np.full((16, 64), 200, np.uint8)
+    wide[:, ::2] = 50  # texture so the stretch has a range
+    out = load_slice(encode(Image.fromarray(wide)), SPEC)[:, :, 0]
+    # 64x16 scaled by 0.5 -> 32x8, centred: rows 12..19 hold the image, the rest is padding
+    assert (out[:12] == 0).all() and (out[20:] == 0).all()
+    assert out[12:20].max() > 0
+
+
+def test_every_mode_of_the_same_picture_gives_the_same_input():
+    grey = grey_ramp()
+    reference = load_slice(encode(Image.fromarray(grey, "L")), SPEC)
+    rgb = Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+    variants = {
+        "RGB": rgb,
+        "RGBA opaque": rgb.convert("RGBA"),
+        "palette": Image.fromarray(grey, "L").convert("P"),
+        "16-bit": Image.fromarray(grey.astype(np.uint16) * 257),
+        "LA": Image.fromarray(grey, "L").convert("LA"),
+    }
+    for name, image in variants.items():
+        out = load_slice(encode(image), SPEC)
+        assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1, name
+
+
+def test_sixteen_bit_slices_keep_their_precision():
+    """12-bit data in a 16-bit PNG (values 0..4095, all below 256 after a naive 8-bit cut)
+    must come out with full contrast, not black."""
+    ramp = (grey_ramp().astype(np.uint16) * 16)  # 0..4080
+    image = Image.fromarray(ramp)
+    assert image.mode.startswith("I;16")
+    decoded = decode_slice(encode(image))
+    assert decoded.pixels.max() == pytest.approx(4080)
+    out = prepare(decoded.pixels, SPEC)
+    reference = load_slice(encode(Image.fromarray(grey_ramp())), SPEC)
+    assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_transparent_pixels_become_black():
+    rgba = np.zeros((32, 32, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[:, 16:, 3] = 255  # left half transparent white, right half opaque white
+    decoded = decode_slice(encode(Image.fromarray(rgba, "RGBA")))
+    assert (decoded.pixels[:, :16] == 0).all() and (decoded.pixels[:, 16:] == 255).all()
+
+
+def test_colour_becomes_luma():
+    red = Image.new("RGB", (32, 32), (255, 0, 0))
+    assert decode_slice(encode(red)).pixels[0, 0] == pytest.approx(76)  # ITU-R 601-2: 0.299 * 255
+
+
+def test_jpeg_named_png_is_decoded_by_content(tmp_path):
+    path = tmp_path / "really_a_jpeg.png"
+    path.write_bytes(encode(Image.fromarray(grey_ramp()), "JPEG", quality=95))
+    decoded = decode_slice(path)
+    assert decoded.format == "JPEG"
+    assert load_slice(path, SPEC).shape == (32, 32, 1)
+
+
+def test_three_channel_spec_repeats_the_grey_channel():
+    out = load_slice(encode(Image.fromarray(grey_ramp())), PreprocessSpec(height=32, width=32, channels=3))
+    assert out.shape == (32, 32, 3)
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+
+
+def test_constant_image_is_black_not_a_division_by_zero():
+    out = load_slice(encode(Image.new("L", (40, 40), 128)), SPEC)
+    assert (out == 0).all()
+
+
+def png_with_declared_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header declares ``width x height`` (a decompression-bomb shape)."""
+    small = encode(Image.new("L", (16, 16)))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    patched = small[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    return patched + small[8 + 4 + 4 + 13 + 4 :]
+
+
+@pytest.mark.parametrize(
+    "name, payload, reason",
+    [
+        ("zero bytes", b"", "empty"),
+        ("text renamed .png", b"patient list\nnot an image\n", "not-an-image"),
+        ("truncated PNG", encode(Image.fromarray(grey_ramp(256, 256)))[:400], "truncated"),
+        ("1x1", encode(Image.new("L", (1, 1))), "too-small"),
+        ("30000x30000 header", png_with_declared_size(30000, 30000), "too-large"),
+        ("GIF", encode(Image.new("L", (32, 32)), "GIF"), "unsupported-format"),
+        ("random bytes", bytes(range(256)) * 4, "not-an-image"),
+    ],
+)
+def test_bad_files_raise_one_error_type_with_a_reason(tmp_path, name, payload, reason):
+    path = tmp_path / "slice.png"
+    path.write_bytes(payload)
+    with pytest.raises(BadSliceError) as caught:
+        load_slice(path, SPEC)
+    assert caught.value.reason == reason, name
+    assert str(caught.value)  # a sentence for a person
+
+
+def test_missing_file_and_directory_are_bad_slices(tmp_path):
+    with pytest.raises(BadSliceError) as missing:
+        load_slice(tmp_path / "gone.png", SPEC)
+    assert missing.value.reason == "missing"
+    with pytest.raises(BadSliceError) as folder:
+        load_slice(tmp_path, SPEC)
+    assert folder.value.reason == "not-a-file"
+
+
+def test_dicom_ct_slice_is_windowed_to_the_lung_window():
+    pydicom_data = pytest.importorskip("pydicom.data")
+    path = pydicom_data.get_testdata_file("CT_small.dcm")
+    decoded = decode_slice(path)
+    assert decoded.format == "DICOM"
+    assert decoded.pixels.shape == (128, 128)
+    assert 0 <= decoded.pixels.min() and decoded.pixels.max() <= 255
+    assert load_slice(path, SPEC).shape == (32, 32, 1)
+
+
+def test_spec_round_trips_through_the_manifest_and_refuses_other_versions():
+    spec = PreprocessSpec(height=160, width=160, channels=1)
+    assert PreprocessSpec.from_manifest(spec.to_manifest()) == spec
+    data = spec.to_manifest() | {"version": 99}
+    with pytest.raises(ValueError, match="version 99"):
+        PreprocessSpec.from_manifest(data)
+    with pytest.raises(ValueError, match="unknown preprocessing fields"):
+        PreprocessSpec.from_manifest(spec.to_manifest() | {"gamma": 2.2})
