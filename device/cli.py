@@ -22,6 +22,7 @@ VERB_MODULES = (
     "device.predict",
     "device.evaluate",
     "device.bench",
+    "device.capture",
 )
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
