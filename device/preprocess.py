@@ -43,6 +43,7 @@ MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 8000 x 5000; a CT slice is 512 x 512, the dataset's largest figure 1671 wide
 MIN_SIDE = 16
 ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant some cameras write
+IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
 
 Source = str | Path | bytes
 
@@ -184,6 +185,8 @@ def decode_slice(source: Source) -> DecodedSlice:
     try:
         image = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError:
+        if data.startswith(IMAGE_SIGNATURES):  # the right start but too little of it
+            raise BadSliceError("truncated", "image data is truncated (was the file still being copied?)") from None
         hint = " (it looks like text)" if _looks_like_text(data) else ""
         raise BadSliceError("not-an-image", f"not a PNG, JPEG or DICOM image{hint}") from None
     except Image.DecompressionBombError as error:

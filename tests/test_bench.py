@@ -1,0 +1,52 @@
+"""``ctpi bench``: the figures benchmark_model reports and more, for several bundles at once."""
+
+import json
+import shutil
+
+from device.cli import main
+
+INVOKE_KEYS = {"count", "mean", "std", "min", "max", "p50", "p90", "p99"}
+
+
+def test_bench_compares_bundles_and_thread_counts_in_one_run(tiny_bundle, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_bundle, other)
+    code = main(["bench", "--model", str(tiny_bundle), "--model", str(other), "--threads", "1,2", "--runs", "5", "--warmup", "2", "--json"])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0
+    results = report["results"]
+    assert [(r["bundle"], r["threads"]) for r in results] == [
+        (str(tiny_bundle), 1), (str(tiny_bundle), 2), (str(other), 1), (str(other), 2)
+    ]
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    for r in results:
+        invoke = r["invoke_ms"]
+        assert set(invoke) == INVOKE_KEYS and invoke["count"] == 5
+        assert invoke["min"] <= invoke["p50"] <= invoke["p90"] <= invoke["p99"] <= invoke["max"]
+        assert invoke["min"] <= invoke["mean"] <= invoke["max"]
+        assert r["end_to_end_ms"]["mean"] >= invoke["mean"]  # a file read + decode is never free
+        assert r["throughput_per_s"] == 1000.0 / r["end_to_end_ms"]["mean"]
+        assert r["init_ms"] > 0 and r["first_ms"] > 0 and r["warmup_ms"] > 0
+        assert 0 < r["rss_init_mb"] <= r["rss_peak_mb"]
+        assert r["sha256"] == manifest["files"]["model_int8.tflite"]
+        assert r["size_bytes"] == (tiny_bundle / "model_int8.tflite").stat().st_size
+        assert r["backend"] == "ai-edge-litert" and r["backend_version"] != "unknown"
+    assert report["machine"]["cores"] >= 1 and "throttling" in report["machine"]
+    assert report["settings"]["isolated_processes"] is True
+
+
+def test_bench_table_reads_like_benchmark_model(tiny_bundle, synthetic_data, capsys):
+    code = main(["bench", "--model", str(tiny_bundle), "--threads", "1", "--runs", "3", "--images", str(synthetic_data)])
+    out = capsys.readouterr().out
+    assert code == 0
+    header = out.splitlines()[0].split()
+    for column in ("init", "first", "mean", "std", "p50", "p90", "p99", "min", "max", "e2e", "slices/s"):
+        assert column in header
+    assert "tiny-texture" in out and "throttling:" in out and "ai-edge-litert" in out
+
+
+def test_bench_refuses_bad_thread_lists_and_bundles(tiny_bundle, tmp_path, capsys):
+    assert main(["bench", "--model", str(tiny_bundle), "--threads", "0"]) == 2
+    assert "thread counts must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "--model", str(tmp_path)]) == 2
+    assert "not a ctpi model bundle" in capsys.readouterr().err
