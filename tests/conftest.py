@@ -25,13 +25,14 @@ def tiny_keras_model(synthetic_data):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory, tiny_keras_model, synthetic_data) -> Path:
-    """A real bundle (int8, float32 TFLite) made by the project's own conversion code."""
+    """A real bundle (int8 default, float16, float32 TFLite, ONNX) made by the project's own
+    conversion code."""
     from convert.assemble import assemble_bundle
-    from convert.tflite import to_tflite
+    from convert.export import export_formats
     from tests.tiny_model import SPEC, labelled_pixels
 
     representative, _ = labelled_pixels(synthetic_data)
-    models = {fmt: to_tflite(tiny_keras_model, fmt, representative) for fmt in ("int8", "float32")}
+    models, format_extras = export_formats(tiny_keras_model, ("int8", "float16", "float32", "onnx"), representative)
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     assemble_bundle(
         out,
@@ -45,5 +46,7 @@ def tiny_bundle(tmp_path_factory, tiny_keras_model, synthetic_data) -> Path:
         spec=SPEC,
         metrics={},
         training_data={"fingerprint": "synthetic", "description": "tests/synthetic.py"},
+        default_format="int8",
+        format_extras=format_extras,
     )
     return out

@@ -1,0 +1,255 @@
+"""``python -m convert``: a training run to a verified model bundle, through the accuracy gate.
+
+Steps: read ``RUN/run.json`` and ``RUN/model.keras``; draw the int8 calibration slices from
+``DATA/train``; convert to every requested format; assemble a candidate bundle; score every
+format against the Keras float model on ``DATA/val`` and on the unused training slices; refuse
+the conversion (exit 1) when a format fails the gate; benchmark the candidate with
+``ctpi bench``; write the final bundle with its figures and ``MODEL_CARD.md``.
+
+Exit codes: 0 bundle written, 1 gate failed (nothing written), 2 bad run, data or flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+from convert.assemble import FILE_OF_FORMAT, assemble_bundle
+from convert.benchmark import bench_formats
+from convert.calibration import load_slices, stratified_split
+from convert.export import DEFAULT_FORMATS, export_formats, parse_formats
+from convert.gate import (
+    ADVICE,
+    GATED_SPLIT,
+    check,
+    format_figures,
+    keras_probabilities,
+    reference_figures,
+    rules_manifest,
+)
+from convert.model_card import render_model_card
+from convert.onnx_export import ONNX_OPSET
+from convert.run import RunError, load_run
+from device.backends import BackendError
+from device.bundle import FORMATS, BundleError
+from device.classifier import Classifier
+from device.dataset import fingerprint, list_examples
+
+EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_CALIBRATION_SAMPLES = 200
+CARD = "MODEL_CARD.md"
+
+log = logging.getLogger("convert")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, required=True, help="training run folder (model.keras + run.json)")
+    parser.add_argument("--data", type=Path, required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
+    parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated, from {', '.join(FORMATS)} (default: all)")
+    parser.add_argument("--default-format", default=None, help="the format ctpi runs by default (default: int8 when present)")
+    parser.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES, help=f"training slices for int8 calibration (default {DEFAULT_CALIBRATION_SAMPLES})")
+    parser.add_argument("--seed", type=int, default=None, help="calibration draw seed (default: the run's seed)")
+    parser.add_argument("--per-tensor", action="store_true", help="per-tensor int8 weights instead of per-channel")
+    parser.add_argument("--onnx-opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
+    parser.add_argument("--name", default=None, help="bundle name (default: the run folder's name)")
+    parser.add_argument("--version", default=None, help="bundle version (default: today's date)")
+    parser.add_argument("--bench-threads", default="1,2", help="thread counts for the model card's ctpi bench (default 1,2)")
+    parser.add_argument("--bench-runs", type=int, default=50, help="timed runs per bench configuration (default 50)")
+    parser.add_argument("--no-bench", action="store_true", help="skip ctpi bench (the model card says so)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def step(message: str) -> None:
+    print(f"[convert {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _counts(examples, labels) -> dict[str, int]:
+    return {label: sum(1 for e in examples if e.label == label) for label in labels}
+
+
+def _figure_table(keras: dict, formats: dict, split: str) -> str:
+    header = f"{split:<14} {'accuracy':>8} {'AUC':>7} {'agree':>7} {'max|Δp|':>8} {'mean|Δp|':>9}"
+    rows = [header]
+
+    def cell(value, width, digits=3):
+        return f"{'n/a':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+    ref = keras[split]
+    rows.append(f"{'keras float':<14} {cell(ref['accuracy'], 8)} {cell(ref['auc'], 7)} {'—':>7} {'—':>8} {'—':>9}")
+    for fmt, figures in formats.items():
+        got = figures[split]
+        rows.append(
+            f"{fmt:<14} {cell(got['accuracy'], 8)} {cell(got['auc'], 7)} {cell(got['agreement'], 7)} "
+            f"{cell(got['max_abs_delta'], 8, 4)} {cell(got['mean_abs_delta'], 9, 4)}"
+        )
+    return "\n".join(rows)
+
+
+def convert(args, argv: list[str]) -> int:
+    formats = parse_formats(args.formats)
+    default_format = args.default_format or ("int8" if "int8" in formats else formats[0])
+    if default_format not in formats:
+        raise ValueError(f"--default-format {default_format} is not among --formats {formats}")
+    if args.calibration_samples < 1:
+        raise ValueError("--calibration-samples must be at least 1")
+
+    step(f"reading training run {args.run}")
+    run = load_run(args.run)
+    labels, spec = run.labels, run.spec
+    train_root, val_root = args.data / "train", args.data / "val"
+    train_examples = list_examples(train_root, labels)
+    val_examples = list_examples(val_root, labels)
+    train_fingerprint = fingerprint(train_examples, train_root)
+    recorded = run.info["training_data"].get("fingerprint")
+    if recorded != train_fingerprint:
+        log.warning(
+            "%s has fingerprint %s… but the run was trained on %s…: calibrating on other data than training",
+            train_root, train_fingerprint[:12], str(recorded)[:12],
+        )
+    seed = args.seed if args.seed is not None else int(run.info.get("seed") or 0)
+    calibration_examples, holdout_examples = stratified_split(train_examples, args.calibration_samples, seed)
+    step(
+        f"{len(train_examples)} train slices: {len(calibration_examples)} for calibration (seed {seed}), "
+        f"{len(holdout_examples)} held out; {len(val_examples)} val slices"
+    )
+    calibration = load_slices(calibration_examples, spec, "calibration slices")
+    splits = {
+        GATED_SPLIT: load_slices(val_examples, spec, "val slices"),
+        "train_holdout": load_slices(holdout_examples, spec, "held-out train slices"),
+    }
+
+    step(f"loading {run.model_path}")
+    model = run.load_model()
+    models, format_extras = export_formats(
+        model, formats, list(calibration.pixels), per_channel=not args.per_tensor, opset=args.onnx_opset, on_step=step
+    )
+    for fmt, content in models.items():
+        step(f"  {fmt}: {len(content) / 1e6:.2f} MB")
+    if "int8" in format_extras:
+        format_extras["int8"]["calibration_seed"] = seed
+
+    step("scoring the Keras float model (the reference)")
+    reference = {split: keras_probabilities(model, slices) for split, slices in splits.items()}
+
+    identity = dict(
+        name=args.name or run.path.resolve().name,
+        version=args.version or date.today().strftime("%Y.%m.%d"),
+        architecture=run.info["architecture"],
+        labels=labels,
+        positive_label=run.positive_label,
+        threshold=run.threshold,
+        spec=spec,
+        training_data=run.info["training_data"],
+        default_format=default_format,
+        format_extras=format_extras,
+    )
+    with tempfile.TemporaryDirectory(prefix="ctpi-convert-") as scratch:
+        candidate = Path(scratch) / identity["name"]
+        step(f"assembling the candidate bundle in {candidate}")
+        assemble_bundle(candidate, models, metrics={}, **identity)
+
+        referee = Classifier(candidate, default_format)  # any format: only its decision rule is used
+        keras_figures, keras_labels = {}, {}
+        for split, slices in splits.items():
+            keras_figures[split], keras_labels[split] = reference_figures(referee, slices, reference[split])
+        format_results, failures = {}, []
+        for fmt in formats:
+            classifier = Classifier(candidate, fmt)
+            format_results[fmt] = {
+                split: format_figures(classifier, slices, reference[split], keras_labels[split], f"gate {fmt} on {split}")
+                for split, slices in splits.items()
+            }
+            failures += check(format_results[fmt], keras_figures, fmt)
+        for split in splits:
+            print(_figure_table(keras_figures, format_results, split), file=sys.stderr)
+        if failures:
+            print("\nconvert: the accuracy gate FAILED; no bundle was written.", file=sys.stderr)
+            for reason in failures:
+                print(f"  - {reason}", file=sys.stderr)
+            for fmt in dict.fromkeys(reason.split(":")[0] for reason in failures):
+                print(f"  what to try ({fmt}): {ADVICE[fmt]}", file=sys.stderr)
+            return EXIT_GATE_FAILED
+        step(f"accuracy gate passed for {', '.join(formats)}")
+
+        if args.no_bench:
+            bench = {"error": "skipped (--no-bench)"}
+        else:
+            step(f"ctpi bench on the candidate, threads {args.bench_threads}")
+            bench = bench_formats(candidate, formats, args.bench_threads, args.bench_runs, val_root)
+            if "error" in bench:
+                log.warning("benchmark: %s", bench["error"])
+
+        metrics = {
+            "reference": "Keras float32 model; per-format figures under formats",
+            **keras_figures,
+            "formats": format_results,
+            "gate": {**rules_manifest(formats), "passed": True},
+            "training_run": run.info.get("metrics", {}),
+        }
+        calibration_info = {
+            "samples": len(calibration.examples),
+            "seed": seed,
+            "weights": "per-tensor" if args.per_tensor else "per-channel",
+            "holdout": len(splits["train_holdout"].examples),
+            "train_fingerprint_matches_run": recorded == train_fingerprint,
+        }
+        command = "python -m convert " + shlex.join(argv)
+        card = render_model_card(
+            manifest={
+                **identity,
+                "preprocessing": spec.to_manifest(),
+                "formats": {fmt: {"file": FILE_OF_FORMAT[fmt], **format_extras[fmt]} for fmt in formats},
+            },
+            provenance=run.provenance,
+            data={
+                "train (calibration)": _counts(calibration.examples, labels),
+                "train (held out from calibration)": _counts(splits["train_holdout"].examples, labels),
+                "val": _counts(splits[GATED_SPLIT].examples, labels),
+            },
+            calibration=calibration_info,
+            metrics={"keras": keras_figures, "formats": format_results},
+            gate_rules=rules_manifest(formats),
+            bench=bench,
+            sizes={fmt: len(content) for fmt, content in models.items()},
+            command=command,
+        )
+    step(f"writing {args.out}")
+    bundle = assemble_bundle(
+        args.out,
+        models,
+        metrics=metrics,
+        extra={
+            "training": run.provenance,
+            "conversion": {"calibration": calibration_info, "command": command, "bench": bench},
+        },
+        extra_files={CARD: card.encode("utf-8")},
+        **identity,
+    )
+    step(f"done: {bundle.describe()}; {len(bundle.manifest['files'])} files with sha256 in manifest.json")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("tensorflow", "absl", "tf2onnx", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return convert(args, argv)
+    except (RunError, BundleError, BackendError, FileNotFoundError, ValueError) as error:
+        print(f"convert: {error}", file=sys.stderr)
+        return EXIT_USAGE

@@ -1,0 +1,213 @@
+"""``MODEL_CARD.md``: what a bundle is for, what it was measured on, and where it fails.
+
+Rendered from the same dictionaries that go into ``manifest.json`` (run provenance, gate
+figures, ``ctpi bench`` output), so the card and the manifest cannot disagree.
+"""
+
+from __future__ import annotations
+
+import json
+
+INTENDED_USE = """\
+**Decision support for triage, not a diagnostic device.** The model gives each axial lung CT
+slice a probability that it shows COVID-19 pneumonia patterns, so that a radiologist can look
+at likely-positive studies first. It must not be used to rule COVID-19 in or out, to decide
+treatment, or without a clinician reading the images. It has not been validated on scanner
+output of any hospital, only on the public research data set below."""
+
+FAILURE_MODES = """\
+- **Figure crops, not scanner slices.** The COVID slices of the training data were cut out of
+  figures in papers; the non-COVID ones come from other sources (MedPix, LUNA, Radiopaedia,
+  PMC). The model may have learnt *where a picture came from* as much as what the lung shows.
+  Expect lower accuracy on real DICOM series.
+- **Burnt-in arrows, letters, scale bars** from the figures are in many training slices and
+  correlate with the label; annotated images can push the score either way.
+- **Mode and size shortcuts.** In the source data, colour mode, alpha channel and image size
+  correlate with the label. Preprocessing removes mode and size (one grey channel, letterboxed,
+  contrast-stretched), but crops that look like a paper figure may still be scored as COVID.
+- **Label noise.** At least two training slices labelled non-COVID are COVID figures from a
+  COVID-19 paper; the data set was labelled from figure captions.
+- **Small validation set.** val has {val_slices} slices; one slice is {val_step:.2f} points of
+  accuracy. Confidence intervals on every figure above are wide.
+- **Out of scope:** other pneumonias were only present as non-COVID examples by chance, not
+  by design; non-lung or non-axial images get a score anyway (the model cannot refuse them)."""
+
+
+def _size(size_bytes: int) -> str:
+    return f"{size_bytes / 1e6:.2f} MB" if size_bytes >= 100_000 else f"{size_bytes / 1e3:.1f} kB"
+
+
+def _number(value, digits: int = 3) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _metrics_table(keras: dict, formats: dict, sizes: dict, split: str) -> list[str]:
+    rows = [
+        "| model | accuracy | sensitivity | specificity | ROC AUC | agreement with Keras | max \\|Δp\\| | mean \\|Δp\\| | size |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    ref = keras[split]
+    rows.append(
+        f"| Keras float (reference) | {_number(ref['accuracy'])} | {_number(ref['sensitivity'])} | "
+        f"{_number(ref['specificity'])} | {_number(ref['auc'])} | — | — | — | — |"
+    )
+    for fmt, figures in formats.items():
+        got = figures[split]
+        rows.append(
+            f"| {fmt} | {_number(got['accuracy'])} | {_number(got['sensitivity'])} | {_number(got['specificity'])} | "
+            f"{_number(got['auc'])} | {_number(got['agreement'])} | {_number(got['max_abs_delta'], 4)} | "
+            f"{_number(got['mean_abs_delta'], 4)} | {_size(sizes[fmt])} |"
+        )
+    return rows
+
+
+def _bench_section(bench: dict) -> list[str]:
+    if "error" in bench or not bench.get("results"):
+        return [f"Not measured: {bench.get('error', 'no results')}."]
+    machine = bench.get("machine", {})
+    settings = bench.get("settings", {})
+    lines = [
+        f"Measured with `ctpi bench` on the conversion machine ({machine.get('cpu', 'unknown CPU')}, "
+        f"{machine.get('cores', '?')} cores, {machine.get('system', '')}; {settings.get('runs', '?')} timed runs, "
+        f"end-to-end on {settings.get('images', '?')}). A Raspberry Pi is several times slower; run "
+        "`make bench` there.",
+        "",
+        "| format | threads | backend | init ms | invoke ms mean | p50 | p90 | p99 | end-to-end ms mean | slices/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in bench["results"]:
+        if "error" in r:
+            lines.append(f"| {r.get('format', '?')} | {r.get('threads', '?')} | error: {r['error']} |||||||||")
+            continue
+        invoke, e2e = r["invoke_ms"], r["end_to_end_ms"]
+        lines.append(
+            f"| {r['format']} | {r['threads']} | {r['backend']} {r.get('backend_version', '')} | {r['init_ms']:.1f} | "
+            f"{invoke['mean']:.2f} | {invoke['p50']:.2f} | {invoke['p90']:.2f} | {invoke['p99']:.2f} | "
+            f"{e2e['mean']:.2f} | {r['throughput_per_s']:.1f} | {r['rss_peak_mb']:.0f} |"
+        )
+    return lines
+
+
+def _initial_weights(weights) -> str:
+    if not weights:
+        return "not recorded by the training run"
+    if isinstance(weights, dict):
+        kind = weights.get("kind")
+        parts = [f"**{kind}**" if kind else ""]
+        if weights.get("description"):
+            parts.append(weights["description"])
+        if weights.get("file"):
+            parts.append(f"file `{weights['file']}`")
+        if weights.get("sha256"):
+            parts.append(f"sha256 `{weights['sha256']}`")
+        return "; ".join(p for p in parts if p)
+    return str(weights)
+
+
+def render_model_card(
+    *,
+    manifest: dict,
+    provenance: dict,
+    data: dict,
+    calibration: dict,
+    metrics: dict,
+    gate_rules: dict,
+    bench: dict,
+    sizes: dict,
+    command: str,
+) -> str:
+    """The card as Markdown. ``manifest`` holds name/version/architecture/labels/threshold/
+    training_data; ``data`` the slice counts per split and label that were scored."""
+    name, version = manifest["name"], manifest["version"]
+    lines = [
+        f"# Model card: {name} {version}",
+        "",
+        f"`{manifest['architecture']}` classifying single lung CT slices into {', '.join(manifest['labels'])}; "
+        f"positive label **{manifest['positive_label']}** at threshold **{manifest['threshold']:.4f}** "
+        f"(rule: {provenance.get('threshold_rule') or 'not recorded'}, chosen on val by the training run). "
+        f"Default format: **{manifest['default_format']}**.",
+        "",
+        "## Intended use and limits",
+        "",
+        INTENDED_USE,
+        "",
+        "## Data and split",
+        "",
+        f"Trained on **{manifest['training_data'].get('name', 'unknown data')}** (training-data fingerprint "
+        f"`{str(manifest['training_data'].get('fingerprint', ''))[:16]}…`, see `manifest.json`) with the data "
+        "set's official patient-disjoint split: fitted on train, selected (epoch, threshold) on val. Any test "
+        "split was not used here; it is held back for people who did not tune on it. The val figures below "
+        "therefore include model selection on val: they are optimistic. For COVID-CT (Zhao et al., "
+        "arXiv:2003.13865) see the data set's README for the split's provenance.",
+        "",
+        "| split | " + " | ".join(manifest["labels"]) + " | total |",
+        "|---|" + "---|" * (len(manifest["labels"]) + 1),
+    ]
+    for split, counts in data.items():
+        lines.append(f"| {split} | " + " | ".join(str(counts.get(label, 0)) for label in manifest["labels"]) + f" | {sum(counts.values())} |")
+    lines += [
+        "",
+        f"Input: {manifest['preprocessing']['id']} v{manifest['preprocessing']['version']} "
+        f"({manifest['preprocessing']['height']}x{manifest['preprocessing']['width']}x"
+        f"{manifest['preprocessing']['channels']} uint8; see `device/preprocess.py`).",
+        "",
+        "## How it was made",
+        "",
+        f"- Initial weights: {_initial_weights(provenance.get('initial_weights'))}",
+        f"- Recipe: `{json.dumps(provenance.get('recipe'), sort_keys=True)}`",
+        f"- Seed {provenance.get('seed')}, {(provenance.get('wall_seconds') or 0) / 60:.0f} min of training, "
+        f"TensorFlow {provenance.get('tensorflow_version')}, Keras {provenance.get('keras_version')}",
+        f"- int8 calibration: {calibration['samples']} training slices drawn stratified by label "
+        f"(seed {calibration['seed']}), {calibration['weights']} weights; the other "
+        f"{calibration['holdout']} training slices are the second gate split below.",
+        f"- Converted with: `{command}`",
+        "",
+        "## Accuracy per format",
+        "",
+        "Every format is scored through `device.classifier.Classifier`, the code the Pi runs, with the "
+        "bundle's threshold; Δp is the difference in P("
+        f"{manifest['positive_label']}) from the Keras float model on the same slice.",
+        "",
+        "### val (the gated split)",
+        "",
+        *_metrics_table(metrics["keras"], metrics["formats"], sizes, "val"),
+        "",
+        "### train slices not used for calibration",
+        "",
+        "Seen in training, so accuracy here is not a generalisation figure; it is a larger sample for "
+        "the agreement between formats.",
+        "",
+        *_metrics_table(metrics["keras"], metrics["formats"], sizes, "train_holdout"),
+        "",
+        "Gate (on val): " + "; ".join(
+            f"{fmt} needs agreement ≥ {rule['min_agreement']:.0%} and |ΔAUC| ≤ {rule['max_auc_change']}"
+            for fmt, rule in gate_rules.items() if fmt != "split"
+        ) + ". All formats in this bundle passed.",
+        "",
+        "## Speed",
+        "",
+        *_bench_section(bench),
+        "",
+        "## Files",
+        "",
+        "| format | file | size | quantization |",
+        "|---|---|---|---|",
+    ]
+    for fmt, info in manifest["formats"].items():
+        quantization = info.get("quantization") or "float32"
+        if info.get("opset"):
+            quantization += f" (ONNX opset {info['opset']})"
+        lines.append(f"| {fmt} | `{info['file']}` | {_size(sizes[fmt])} | {quantization} |")
+    lines += [
+        "",
+        "sha256 of every file is in `manifest.json`; `ctpi` refuses a bundle whose files do not match.",
+        "",
+        "## Known failure modes",
+        "",
+        FAILURE_MODES.format(val_slices=sum(data.get("val", {}).values()) or "few",
+                             val_step=100.0 / max(sum(data.get("val", {}).values()), 1)),
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,230 @@
+"""Conversion: every format from one Keras model, int8 integer end to end, formats agreeing
+with Keras, complete checksummed manifests, and an accuracy gate that refuses a broken
+calibration. Everything runs on synthetic slices and the tiny hand-weighted model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from device.bundle import REQUIRED_KEYS, file_sha256, load_bundle
+from device.classifier import Classifier
+from device.dataset import Example, fingerprint, list_examples
+from tests.synthetic import LABELS, POSITIVE, png_bytes, write_image_folder
+
+pytest.importorskip("tensorflow")
+pytest.importorskip("tf2onnx")
+
+ALL_FORMATS = ("int8", "float16", "float32", "onnx")
+# |P(positive) - Keras P(positive)| allowed per format on the fixture slices.
+FLOAT32_TOLERANCE = 1e-5  # same float graph, only kernel summation order differs
+ONNX_TOLERANCE = 1e-5
+FLOAT16_TOLERANCE = 5e-3  # half-precision weights
+INT8_TOLERANCE = 0.06  # 8-bit activations; the output alone is quantized in steps of 1/256
+TOLERANCE = {"float32": FLOAT32_TOLERANCE, "onnx": ONNX_TOLERANCE, "float16": FLOAT16_TOLERANCE, "int8": INT8_TOLERANCE}
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def _pixels(bundle_path: Path, data: Path) -> tuple[np.ndarray, list[Example]]:
+    from device.preprocess import load_slice
+
+    bundle = load_bundle(bundle_path)
+    examples = list_examples(data, LABELS)
+    return np.stack([load_slice(e.path, bundle.spec) for e in examples]), examples
+
+
+def test_tiny_bundle_holds_every_format_with_a_complete_checksummed_manifest(tiny_bundle):
+    bundle = load_bundle(tiny_bundle)
+    manifest = bundle.manifest
+    assert set(manifest["formats"]) == set(ALL_FORMATS)
+    assert manifest["default_format"] == "int8"
+    assert [key for key in REQUIRED_KEYS if key not in manifest] == []
+    on_disk = {p.name for p in tiny_bundle.iterdir() if p.name != "manifest.json"}
+    assert set(manifest["files"]) == on_disk
+    for name, digest in manifest["files"].items():
+        assert file_sha256(tiny_bundle / name) == digest
+    assert manifest["formats"]["onnx"]["opset"] == 17
+    int8 = manifest["formats"]["int8"]
+    assert int8["input"]["dtype"] == "int8" and int8["output"]["dtype"] == "int8"
+    assert int8["input"]["quantization"]["scale"] > 0 and int8["calibration_samples"] > 0
+    for fmt in ("float16", "float32", "onnx"):
+        assert manifest["formats"][fmt]["input"]["dtype"] == "float32"
+
+
+def test_int8_is_integer_end_to_end(tiny_bundle):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_path=str(load_bundle(tiny_bundle).model_path("int8")),
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+    )
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.int8
+    assert interpreter.get_output_details()[0]["dtype"] == np.int8
+    dtypes = {detail["index"]: detail["dtype"] for detail in interpreter.get_tensor_details()}
+    floats = [d["name"] for d in interpreter.get_tensor_details() if d["dtype"] in (np.float32, np.float16)]
+    assert floats == [], f"float tensors left in the int8 model: {floats}"
+    ops = interpreter._get_ops_details()
+    assert not [op["op_name"] for op in ops if op["op_name"] in ("QUANTIZE", "DEQUANTIZE")]
+    weighted = [op for op in ops if op["op_name"] in WEIGHTED_OPS]
+    assert weighted, "the tiny model has a convolution and a dense layer"
+    for op in weighted:
+        activations, weights, bias = op["inputs"][:3]
+        assert dtypes[activations] == np.int8 and dtypes[weights] == np.int8, op
+        assert dtypes[bias] == np.int32, op  # int8 kernels accumulate in int32
+        assert all(dtypes[output] == np.int8 for output in op["outputs"]), op
+
+
+def test_float16_stores_half_precision_weights(tiny_bundle):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_path=str(load_bundle(tiny_bundle).model_path("float16")))
+    dtypes = [detail["dtype"] for detail in interpreter.get_tensor_details()]
+    assert np.float16 in dtypes
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+
+
+def test_every_format_agrees_with_keras_on_fixture_slices(tiny_bundle, tiny_keras_model, synthetic_data):
+    pixels, examples = _pixels(tiny_bundle, synthetic_data)
+    keras_positive = tiny_keras_model.predict(pixels.astype(np.float32), verbose=0)[:, LABELS.index(POSITIVE)]
+    truth = np.array([e.label == POSITIVE for e in examples])
+    assert ((keras_positive >= 0.5) == truth).all(), "the tiny model separates the synthetic classes"
+    for fmt in ALL_FORMATS:
+        classifier = Classifier(tiny_bundle, fmt, threads=1)
+        predictions = [classifier.predict_pixels(p) for p in pixels]
+        positive = np.array([p.positive_probability for p in predictions])
+        worst = float(np.abs(positive - keras_positive).max())
+        assert worst <= TOLERANCE[fmt], f"{fmt}: max |Δp| {worst:.2e} > {TOLERANCE[fmt]:.0e}"
+        assert [p.label == POSITIVE for p in predictions] == list(truth), fmt
+
+
+def test_calibration_draw_is_seeded_stratified_and_disjoint_from_holdout():
+    from convert.calibration import stratified_split
+
+    examples = [Example(Path(f"c{i}.png"), "COVID") for i in range(30)] + [
+        Example(Path(f"n{i}.png"), "NonCOVID") for i in range(70)
+    ]
+    calibration, holdout = stratified_split(examples, 20, seed=7)
+    assert len(calibration) == 20 and len(holdout) == 80
+    assert sum(e.label == "COVID" for e in calibration) == 6  # 30 % of 20
+    assert {e.path for e in calibration}.isdisjoint({e.path for e in holdout})
+    again, _ = stratified_split(examples, 20, seed=7)
+    other, _ = stratified_split(examples, 20, seed=8)
+    assert [e.path for e in again] == [e.path for e in calibration]
+    assert [e.path for e in other] != [e.path for e in calibration]
+
+
+# -- the command line, end to end ------------------------------------------------------------
+
+
+def write_run(folder: Path, model, data: Path) -> Path:
+    """A finished training run as train/ leaves it: model.keras + run.json."""
+    import keras
+    import tensorflow as tf
+
+    from tests.tiny_model import SPEC
+
+    folder.mkdir(parents=True)
+    model.save(folder / "model.keras")
+    train = list_examples(data / "train", LABELS)
+    run = {
+        "architecture": "laplacian-energy",
+        "labels": LABELS,
+        "positive_label": POSITIVE,
+        "threshold": 0.5,
+        "threshold_rule": "youden",
+        "preprocessing": SPEC.to_manifest(),
+        "img_size": SPEC.height,
+        "initial_weights": {"kind": "hand-set", "file": None, "sha256": None, "description": "tests/tiny_model.py"},
+        "training_data": {
+            "name": "synthetic",
+            "fingerprint": fingerprint(train, data / "train"),
+            "counts": {label: sum(e.label == label for e in train) for label in LABELS},
+        },
+        "metrics": {"val": {"accuracy": 1.0}},
+        "seed": 3,
+        "wall_seconds": 0.0,
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "recipe": {"epochs": 0},
+    }
+    (folder / "run.json").write_text(json.dumps(run))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def split_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("covid-like")
+    write_image_folder(root / "train", per_class=10, seed=2)
+    write_image_folder(root / "val", per_class=8, seed=3)
+    return root
+
+
+@pytest.mark.slow
+def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path, tiny_keras_model, split_data, capsys):
+    from convert.cli import main
+
+    run = write_run(tmp_path / "run", tiny_keras_model, split_data)
+    out = tmp_path / "models" / "tiny"
+    argv = ["--run", str(run), "--data", str(split_data), "--out", str(out), "--calibration-samples", "8"]
+    code = main(argv + ["--name", "tiny", "--version", "9.9", "--bench-threads", "1", "--bench-runs", "3"])
+    assert code == 0, capsys.readouterr().err
+    bundle = load_bundle(out)
+    manifest = bundle.manifest
+    assert (manifest["name"], manifest["version"], manifest["default_format"]) == ("tiny", "9.9", "int8")
+    assert set(manifest["formats"]) == set(ALL_FORMATS)
+    assert manifest["formats"]["int8"]["calibration_samples"] == 8
+    metrics = manifest["metrics"]
+    assert metrics["val"]["n"] == 16 and metrics["train_holdout"]["n"] == 12
+    for fmt in ALL_FORMATS:
+        val = metrics["formats"][fmt]["val"]
+        assert val["agreement"] == 1.0 and val["accuracy"] == 1.0 and val["auc"] == 1.0
+        assert val["max_abs_delta"] <= TOLERANCE[fmt]
+    assert metrics["gate"]["passed"] and metrics["gate"]["int8"] == {"min_agreement": 0.98, "max_auc_change": 0.01}
+    card = (out / "MODEL_CARD.md").read_text()
+    assert manifest["files"]["MODEL_CARD.md"] == file_sha256(out / "MODEL_CARD.md")
+    assert "not a diagnostic device" in card and "hand-set" in card
+    assert "| int8 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in card
+    bench = manifest["conversion"]["bench"]
+    assert "error" not in bench, bench
+    assert {(r["format"], r["threads"]) for r in bench["results"]} == {(fmt, 1) for fmt in ALL_FORMATS}
+    int8_latency = next(r for r in bench["results"] if r["format"] == "int8")["invoke_ms"]["mean"]
+    assert "| int8 | 1 | ai-edge-litert" in card and f"{int8_latency:.2f}" in card
+    assert not list(out.parent.glob("*.partial"))
+
+
+@pytest.mark.slow
+def test_gate_refuses_int8_calibrated_on_black_slices(tmp_path, tiny_keras_model, split_data, capsys):
+    """All-black calibration slices give the int8 input a near-zero range, so every real
+    slice saturates: the gate must stop the conversion and say what to try."""
+    from convert.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "val").symlink_to(split_data / "val")
+    black = png_bytes(np.zeros((96, 128), np.uint8))
+    for label in LABELS:
+        (data / "train" / label).mkdir(parents=True)
+        for index in range(6):
+            (data / "train" / label / f"black_{index}.png").write_bytes(black)
+    run = write_run(tmp_path / "run", tiny_keras_model, data)
+    out = tmp_path / "out"
+    code = main(["--run", str(run), "--data", str(data), "--out", str(out), "--formats", "int8,float32", "--no-bench"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert not out.exists()
+    assert "accuracy gate FAILED" in err and "int8: agrees with Keras on" in err
+    assert "--calibration-samples" in err and "float16" in err
+    assert "float32:" not in err.split("FAILED")[1]  # the float model is not blamed
+
+
+def test_convert_refuses_a_run_folder_without_run_json(tmp_path, split_data, capsys):
+    from convert.cli import main
+
+    (tmp_path / "run").mkdir()
+    code = main(["--run", str(tmp_path / "run"), "--data", str(split_data), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "no run.json" in capsys.readouterr().err
