@@ -161,6 +161,14 @@ def convert(args, argv: list[str]) -> int:
         keras_figures, keras_labels = {}, {}
         for split, slices in splits.items():
             keras_figures[split], keras_labels[split] = reference_figures(referee, slices, reference[split])
+        recorded_auc = run.info["metrics"].get("val", {}).get("auc")
+        if recorded_auc is not None and keras_figures[GATED_SPLIT]["auc"] is not None:
+            if abs(recorded_auc - keras_figures[GATED_SPLIT]["auc"]) > 1e-3:
+                log.warning(
+                    "the Keras model scores val AUC %.4f here but the training run recorded %.4f: "
+                    "DATA/val or the preprocessing differs from what training used",
+                    keras_figures[GATED_SPLIT]["auc"], recorded_auc,
+                )
         format_results, failures = {}, []
         for fmt in formats:
             classifier = Classifier(candidate, fmt)

@@ -32,8 +32,9 @@ class GateRule:
 
 GATE_RULES = {
     "int8": GateRule(min_agreement=0.98, max_auc_change=0.01),
-    # Float formats should be near-identical; a flip or two on borderline slices is rounding.
-    "float16": GateRule(min_agreement=0.98, max_auc_change=0.005),
+    # float16 rounds the weights, a quantization too; float32 and ONNX should be near-identical
+    # (a flip of one borderline slice out of 118 is summation order).
+    "float16": GateRule(min_agreement=0.98, max_auc_change=0.01),
     "float32": GateRule(min_agreement=0.99, max_auc_change=0.002),
     "onnx": GateRule(min_agreement=0.99, max_auc_change=0.002),
 }

@@ -95,7 +95,7 @@ def _initial_weights(weights) -> str:
         return "not recorded by the training run"
     if isinstance(weights, dict):
         kind = weights.get("kind")
-        parts = [f"**{kind}**" if kind else ""]
+        parts = ["**none: trained from scratch** (no pretrained weights)" if kind == "none" else f"**{kind}**" if kind else ""]
         if weights.get("description"):
             parts.append(weights["description"])
         if weights.get("file"):
@@ -159,6 +159,7 @@ def render_model_card(
         f"- Recipe: `{json.dumps(provenance.get('recipe'), sort_keys=True)}`",
         f"- Seed {provenance.get('seed')}, {(provenance.get('wall_seconds') or 0) / 60:.0f} min of training, "
         f"TensorFlow {provenance.get('tensorflow_version')}, Keras {provenance.get('keras_version')}",
+        f"- Trained with: `{provenance.get('command') or 'not recorded'}`",
         f"- int8 calibration: {calibration['samples']} training slices drawn stratified by label "
         f"(seed {calibration['seed']}), {calibration['weights']} weights; the other "
         f"{calibration['holdout']} training slices are the second gate split below.",

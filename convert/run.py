@@ -35,6 +35,7 @@ PROVENANCE_KEYS = (
     "tensorflow_version",
     "keras_version",
     "recipe",
+    "command",
 )
 
 
