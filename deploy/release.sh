@@ -1,0 +1,311 @@
+#!/usr/bin/env bash
+# The release steps on the Pi: the one definition that `make deploy` (over ssh) and the Ansible
+# playbook (`make deploy-fleet`) both run, as root, from a staged release folder.
+#
+#   release.sh install STAGE   install STAGE as a release, switch `current` to it, restart the
+#                              units, health-check; roll back automatically when that fails
+#   release.sh rollback        switch back to the previous release (restart, health-check)
+#   release.sh health          health-check the current release (units, predict, bench)
+#   release.sh status          current and previous release, releases on disk
+#
+# The last line of install and rollback is `RESULT: <deployed|unchanged|rolled-back|failed> ...`,
+# which the desktop and the playbook summarise per host. Exit status 0 means the Pi runs the
+# release that was asked for and it is healthy.
+#
+# Settings (environment; the desktop forwards any it has set):
+#   CTPI_PREFIX           /opt/ctpi             releases/, venvs/, wheels/, current, previous
+#   CTPI_SERVICE_MANAGER  systemctl             called as `$CTPI_SERVICE_MANAGER restart UNIT...`,
+#                                               `is-active --quiet UNIT`, `enable`, `daemon-reload`;
+#                                               the tests point it at a stand-in that records calls
+#   CTPI_UNIT_DIR         /etc/systemd/system   where systemd/*.service of the release go
+#   CTPI_SERVICE_USER     ctpi                  created as a system user when absent
+#   CTPI_DATA_DIR         /var/lib/ctpi         inbox/ and state/, owned by the service user
+#   CTPI_PYTHON           python3               the interpreter the virtualenv is made from
+#   CTPI_HEALTH_TIMEOUT   30                    seconds a unit may take to become active
+#   CTPI_BENCH_RUNS       20                    `ctpi bench --runs` in the health check (0: skip)
+#   CTPI_KEEP_RELEASES    3                     releases kept besides current and previous
+set -euo pipefail
+
+PREFIX=${CTPI_PREFIX:-/opt/ctpi}
+SERVICE_MANAGER=${CTPI_SERVICE_MANAGER:-systemctl}
+UNIT_DIR=${CTPI_UNIT_DIR:-/etc/systemd/system}
+SERVICE_USER=${CTPI_SERVICE_USER:-ctpi}
+DATA_DIR=${CTPI_DATA_DIR:-/var/lib/ctpi}
+PYTHON=${CTPI_PYTHON:-python3}
+HEALTH_TIMEOUT=${CTPI_HEALTH_TIMEOUT:-30}
+BENCH_RUNS=${CTPI_BENCH_RUNS:-20}
+KEEP_RELEASES=${CTPI_KEEP_RELEASES:-3}
+
+say() { echo "ctpi-release: $*"; }
+die() { echo "ctpi-release: error: $*" >&2; echo "RESULT: failed ($*)"; exit 1; }
+# Word splitting is wanted: CTPI_SERVICE_MANAGER may be "systemctl --user".
+sm() { $SERVICE_MANAGER "$@"; }
+
+units_of() { # release folder -> unit names, one per line
+  local unit
+  for unit in "$1"/systemd/*.service; do
+    [ -e "$unit" ] && basename "$unit"
+  done
+  return 0
+}
+
+link_target() { readlink "$PREFIX/$1" 2>/dev/null || true; }
+
+switch_link() { # name target: point $PREFIX/name at target atomically (rename over the old link)
+  ln -sfn "$2" "$PREFIX/.$1.tmp"
+  mv -T "$PREFIX/.$1.tmp" "$PREFIX/$1"
+}
+
+ensure_folders() {
+  install -d -m 0755 "$PREFIX" "$PREFIX/releases" "$PREFIX/venvs" "$PREFIX/wheels" "$PREFIX/incoming"
+  if ! id -u "$SERVICE_USER" >/dev/null 2>&1; then
+    local groups="" group
+    for group in video render; do # the camera (ctpi capture) needs video
+      getent group "$group" >/dev/null && groups="${groups:+$groups,}$group"
+    done
+    useradd --system --user-group --home-dir "$DATA_DIR" --no-create-home --shell /usr/sbin/nologin \
+      ${groups:+--groups "$groups"} "$SERVICE_USER"
+    say "created service user $SERVICE_USER"
+  fi
+  local group_name
+  group_name=$(id -gn "$SERVICE_USER")
+  install -d -m 0755 -o "$SERVICE_USER" -g "$group_name" "$DATA_DIR"
+  install -d -m 0770 -o "$SERVICE_USER" -g "$group_name" "$DATA_DIR/inbox"
+  install -d -m 0750 -o "$SERVICE_USER" -g "$group_name" "$DATA_DIR/state"
+}
+
+ensure_venv() { # release folder: link release/venv to the virtualenv for its requirements
+  local release=$1 key venv
+  key=$({ "$PYTHON" -c 'import sys; print(sys.version)'; cat "$release/requirements.txt"; } | sha256sum | cut -c1-16)
+  venv="$PREFIX/venvs/$key"
+  if [ ! -e "$venv/.complete" ]; then
+    rm -rf "$venv"
+    say "creating virtualenv venvs/$key (--system-site-packages: apt's python3-picamera2 stays visible)"
+    "$PYTHON" -m venv --system-site-packages "$venv"
+    if compgen -G "$PREFIX/wheels/*.whl" >/dev/null; then
+      # Only the wheelhouse the desktop built for this Pi: no index, no pip config.
+      PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install --quiet --no-index --find-links "$PREFIX/wheels" \
+        -r "$release/requirements.txt"
+    else
+      say "no wheelhouse in $PREFIX/wheels: installing from the package index (the Pi needs the network)"
+      "$venv/bin/pip" install --quiet -r "$release/requirements.txt"
+    fi
+    touch "$venv/.complete"
+  fi
+  ln -sfn "../../venvs/$key" "$release/venv"
+}
+
+write_launchers() { # release/bin/{ctpi,python,streamlit}: this release's code with its virtualenv
+  local release=$1 name
+  mkdir -p "$release/bin"
+  for name in ctpi python streamlit; do
+    {
+      echo '#!/bin/sh'
+      echo '# Runs with the release this file is in (symlinks such as current/ resolved once, at start).'
+      echo 'release=$(dirname "$(dirname "$(readlink -f "$0")")")'
+      echo 'export PYTHONPATH="$release${PYTHONPATH:+:$PYTHONPATH}"'
+      case $name in
+        ctpi) echo 'exec "$release/venv/bin/python" -m device.cli "$@"' ;;
+        python) echo 'exec "$release/venv/bin/python" "$@"' ;;
+        streamlit) echo 'exec "$release/venv/bin/python" -m streamlit "$@"' ;;
+      esac
+    } >"$release/bin/$name"
+    chmod 0755 "$release/bin/$name"
+  done
+}
+
+install_units() { # release folder: copy its units (with the prefix substituted) when they differ
+  local release=$1 unit changed=0
+  mkdir -p "$UNIT_DIR"
+  for unit in $(units_of "$release"); do
+    sed "s|/opt/ctpi|$PREFIX|g" "$release/systemd/$unit" >"$UNIT_DIR/.$unit.tmp"
+    if cmp -s "$UNIT_DIR/.$unit.tmp" "$UNIT_DIR/$unit"; then
+      rm -f "$UNIT_DIR/.$unit.tmp"
+    else
+      mv -f "$UNIT_DIR/.$unit.tmp" "$UNIT_DIR/$unit"
+      changed=1
+    fi
+  done
+  if [ "$changed" = 1 ]; then sm daemon-reload; fi
+  local units
+  units=$(units_of "$release")
+  if [ -n "$units" ]; then sm enable --quiet $units; fi
+}
+
+retire_units() { # from-release to-release: stop and remove units the new one no longer has
+  local unit
+  [ -n "$1" ] && [ -d "$1" ] || return 0
+  for unit in $(units_of "$1"); do
+    if [ ! -e "$2/systemd/$unit" ]; then
+      sm disable --now "$unit" || true
+      rm -f "$UNIT_DIR/$unit"
+      say "retired unit $unit"
+    fi
+  done
+}
+
+restart_units() {
+  local units
+  units=$(units_of "$1")
+  if [ -n "$units" ]; then
+    say "restarting $(echo $units)"
+    sm restart $units
+  fi
+}
+
+units_active() { # release folder, seconds to wait for each
+  local unit waited
+  for unit in $(units_of "$1"); do
+    waited=0
+    until sm is-active --quiet "$unit"; do
+      if [ "$waited" -ge "$2" ]; then
+        say "health: unit $unit is not active after ${2}s"
+        sm status --no-pager --lines 20 "$unit" 2>&1 | sed 's/^/    /' || true
+        return 1
+      fi
+      sleep 1
+      waited=$((waited + 1))
+    done
+    say "health: unit $unit active"
+  done
+}
+
+health() { # [bench]: the current release serves: units active, predict on the known slice, bench
+  local current="$PREFIX/current" output
+  units_active "$current" "$HEALTH_TIMEOUT" || return 1
+  if ! output=$("$current/bin/ctpi" predict --model "$current/model" "$current/health/slice.png" 2>&1); then
+    say "health: ctpi predict on the release's known slice failed:"
+    echo "$output" | sed 's/^/    /'
+    return 1
+  fi
+  say "health: ctpi predict on health/slice.png:"
+  echo "$output" | sed 's/^/    /'
+  if [ "${1:-}" = bench ] && [ "$BENCH_RUNS" -gt 0 ]; then
+    say "health: ctpi bench --runs $BENCH_RUNS"
+    if ! "$current/bin/ctpi" bench --model "$current/model" --runs "$BENCH_RUNS" 2>&1 | sed 's/^/    /'; then
+      say "health: ctpi bench failed"
+      return 1
+    fi
+  fi
+  # Once more: a unit that crashed right after starting is not healthy.
+  units_active "$current" 0 || return 1
+}
+
+prune() { # keep current, previous and the newest KEEP_RELEASES; drop virtualenvs no release uses
+  local keep release used venv
+  keep=" $(basename "$(link_target current)") $(basename "$(link_target previous)") "
+  for release in $(ls -1t "$PREFIX/releases" | tail -n +"$((KEEP_RELEASES + 1))"); do
+    case $keep in *" $release "*) continue ;; esac
+    rm -rf "${PREFIX:?}/releases/$release"
+    say "pruned release $release"
+  done
+  used=" "
+  for release in "$PREFIX"/releases/*/venv; do
+    [ -L "$release" ] && used="$used$(basename "$(readlink "$release")") "
+  done
+  for venv in "$PREFIX"/venvs/*; do
+    [ -d "$venv" ] || continue
+    case $used in *" $(basename "$venv") "*) ;; *) rm -rf "$venv" && say "pruned virtualenv venvs/$(basename "$venv")" ;; esac
+  done
+}
+
+lock() {
+  install -d -m 0755 "$PREFIX"
+  exec 9>"$PREFIX/.lock"
+  flock -n 9 || die "another deploy or rollback is running on this Pi"
+}
+
+cmd_install() {
+  local stage=${1:?usage: release.sh install STAGE}
+  [ -f "$stage/VERSION" ] || die "$stage is not a staged release (no VERSION)"
+  local version release old_current old_previous
+  version=$(cat "$stage/VERSION")
+  release="$PREFIX/releases/$version"
+  lock
+  old_current=$(link_target current)
+  old_previous=$(link_target previous)
+
+  if [ "$old_current" = "releases/$version" ] && [ -e "$release/.complete" ]; then
+    [ "$(readlink -f "$stage")" = "$(readlink -f "$release")" ] || rm -rf "$stage"
+    say "release $version is already current: nothing to change"
+    if health; then echo "RESULT: unchanged $version"; return 0; fi
+    echo "RESULT: failed (release $version is current but unhealthy; nothing was changed)"
+    return 1
+  fi
+
+  ensure_folders
+  if [ ! -e "$release/.complete" ]; then
+    rm -rf "$release"
+    mv -T "$stage" "$release" # same filesystem (incoming/ is under the prefix): a rename
+    ensure_venv "$release"
+    write_launchers "$release"
+    touch "$release/.complete"
+    say "installed release $version"
+  else
+    [ "$(readlink -f "$stage")" = "$(readlink -f "$release")" ] || rm -rf "$stage"
+    say "release $version is on disk already (deployed before); switching back to it"
+  fi
+
+  retire_units "${old_current:+$PREFIX/$old_current}" "$release"
+  install_units "$release"
+  if [ -n "$old_current" ]; then switch_link previous "$old_current"; fi
+  switch_link current "releases/$version"
+  say "current -> releases/$version"
+  restart_units "$release"
+
+  if health bench; then
+    prune
+    echo "RESULT: deployed $version${old_current:+ (previous $(basename "$old_current"))}"
+    return 0
+  fi
+  if [ -z "$old_current" ]; then
+    echo "RESULT: failed $version (health check failed; no previous release to roll back to)"
+    return 1
+  fi
+  say "health check failed: rolling back to $(basename "$old_current")"
+  retire_units "$release" "$PREFIX/$old_current"
+  install_units "$PREFIX/$old_current"
+  switch_link current "$old_current"
+  if [ -n "$old_previous" ]; then switch_link previous "$old_previous"; else rm -f "$PREFIX/previous"; fi
+  restart_units "$PREFIX/$old_current"
+  if health; then
+    echo "RESULT: rolled-back $version -> $(basename "$old_current")"
+  else
+    echo "RESULT: rolled-back $version -> $(basename "$old_current") (which is unhealthy too)"
+  fi
+  return 1
+}
+
+cmd_rollback() {
+  lock
+  local current previous
+  current=$(link_target current)
+  previous=$(link_target previous)
+  [ -n "$previous" ] && [ -e "$PREFIX/$previous/.complete" ] || die "no previous release to roll back to"
+  retire_units "$PREFIX/$current" "$PREFIX/$previous"
+  install_units "$PREFIX/$previous"
+  switch_link current "$previous"
+  switch_link previous "$current"
+  say "current -> $previous"
+  restart_units "$PREFIX/$previous"
+  if health; then
+    echo "RESULT: rolled-back $(basename "$current") -> $(basename "$previous")"
+    return 0
+  fi
+  echo "RESULT: failed (rolled back to $(basename "$previous"), but it is unhealthy)"
+  return 1
+}
+
+cmd_status() {
+  echo "current:  $(basename "$(link_target current)")"
+  echo "previous: $(basename "$(link_target previous)")"
+  echo "releases: $(ls -1t "$PREFIX/releases" 2>/dev/null | tr '\n' ' ')"
+}
+
+case ${1:-} in
+  install) shift; cmd_install "$@" ;;
+  rollback) cmd_rollback ;;
+  health) [ -e "$PREFIX/current" ] || die "no release installed under $PREFIX"; health bench ;;
+  status) cmd_status ;;
+  *) echo "usage: release.sh install STAGE | rollback | health | status" >&2; exit 2 ;;
+esac

@@ -1,0 +1,273 @@
+"""What a release is: the files shipped to a Pi, the model bundle, a synthetic health-check slice
+and the requirements, under a version derived from their content; and the wheelhouse the Pi
+installs them from.
+
+The version is ``<ctpi version>-<12 hex of sha256 over every shipped file>``, so the same tree
+and model always give the same release (re-deploying it is recognised and changes nothing) and
+any changed byte gives a new one. ``git describe`` is recorded in ``RELEASE.json`` for people,
+but is not part of the identity: committing a README change must not force a new release.
+
+The wheelhouse is built here, on the desktop, with ``pip download --only-binary=:all:`` for the
+Pi's own interpreter and platform (asked over SSH first), and installed on the Pi with
+``pip install --no-index``. Why: a hospital Pi often has no route to PyPI; every Pi of a fleet
+gets the same versions; a rollback never needs the network; and a dependency that has no wheel
+for the Pi fails here, before anything on the Pi has changed, instead of half-way through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from device import __version__
+from device.bundle import BundleError, load_bundle
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the tomli backport, a dependency there
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+RELEASE_SCRIPT = Path(__file__).resolve().parent / "release.sh"
+SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd")
+SKIPPED_NAMES = {"__pycache__", ".pytest_cache"}
+SKIPPED_SUFFIXES = (".pyc", ".pyo")
+HEALTH_SLICE = "health/slice.png"
+# One line the Pi's python3 prints: major minor machine libc libc-version, e.g. "3 11 aarch64 glibc 2.36".
+PROBE = "import sys, platform; print(sys.version_info[0], sys.version_info[1], platform.machine(), *platform.libc_ver())"
+
+
+class StageError(Exception):
+    """A release that cannot be built on the desktop; nothing on any Pi has changed yet."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """The Pi's interpreter and platform, as the wheelhouse needs them."""
+
+    python: tuple[int, int]
+    machine: str
+    glibc: tuple[int, int]
+
+    @classmethod
+    def parse(cls, probe_output: str) -> Target:
+        """Read :data:`PROBE`'s output."""
+        fields = probe_output.split()
+        try:
+            major, minor, machine, libc, libc_version = fields[:5]
+            glibc = tuple(int(part) for part in libc_version.split(".")[:2])
+        except ValueError:
+            raise StageError(f"cannot read the Pi's platform from {probe_output!r}; is python3 installed there?") from None
+        if libc != "glibc":
+            raise StageError(f"the Pi's C library is {libc!r}; the wheelhouse needs glibc (Raspberry Pi OS has it)")
+        return cls((int(major), int(minor)), machine, glibc)
+
+    @property
+    def tag(self) -> str:
+        return f"cp{self.python[0]}{self.python[1]}-{self.machine}-glibc{self.glibc[0]}.{self.glibc[1]}"
+
+    def pip_platforms(self) -> list[str]:
+        """Every manylinux tag this glibc runs, newest first (pip takes them as alternatives)."""
+        platforms = [f"manylinux_2_{minor}_{self.machine}" for minor in range(self.glibc[1], 4, -1)]
+        legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+        platforms += [f"{name}_{self.machine}" for minor, name in legacy.items() if self.glibc >= (2, minor)]
+        return platforms
+
+
+@dataclass(frozen=True)
+class Release:
+    version: str
+    path: Path
+    requirements_sha256: str
+
+
+def requirements(pyproject: Path, extras: list[str]) -> list[str]:
+    """The device requirements: ``[project].dependencies`` plus the named extras, with the
+    project's own ``ctpi[...]`` references expanded. Markers stay; pip evaluates them."""
+    project = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]
+    optional = project.get("optional-dependencies", {})
+    result: list[str] = list(project["dependencies"])
+    pending, seen = list(extras), set()
+    while pending:
+        extra = pending.pop(0)
+        if extra in seen:
+            continue
+        seen.add(extra)
+        if extra not in optional:
+            raise StageError(f"pyproject.toml has no extra {extra!r} (it has {sorted(optional)})")
+        for requirement in optional[extra]:
+            if requirement.startswith(f"{project['name']}["):
+                pending += requirement[len(project["name"]) + 1 : requirement.index("]")].split(",")
+            elif requirement not in result:
+                result.append(requirement)
+    return result
+
+
+def health_slice() -> bytes:
+    """A synthetic CT-like slice (body, two lungs, fixed seed) as PNG: the release's own known
+    input for the health check. Never a data-set image."""
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
+    body = ((yy - 128) / 112) ** 2 + ((xx - 128) / 120) ** 2 <= 1
+    lungs = (((yy - 120) / 80) ** 2 + ((xx - 80) / 36) ** 2 <= 1) | (((yy - 120) / 80) ** 2 + ((xx - 176) / 36) ** 2 <= 1)
+    image = np.where(body, 170.0, 8.0)
+    image = np.where(lungs, 45.0 + rng.normal(0.0, 12.0, image.shape), image)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG", compress_level=6)
+    return buffer.getvalue()
+
+
+def _shipped_files(source: Path) -> list[Path]:
+    files = []
+    for name in SHIPPED:
+        path = source / name
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += [
+                p
+                for p in sorted(path.rglob("*"))
+                if p.is_file() and not SKIPPED_NAMES.intersection(p.relative_to(source).parts) and not p.name.endswith(SKIPPED_SUFFIXES)
+            ]
+    if not any(f.relative_to(source).parts[0] == "device" for f in files):
+        raise StageError(f"{source} has no device/ folder: not a ctpi source tree")
+    return files
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _git_describe(source: Path) -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(source), "describe", "--always", "--dirty", "--tags"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
+def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
+    """Build the release folder ``out/<version>`` (reused when it already exists)."""
+    source, model = Path(source), Path(model)
+    try:
+        bundle = load_bundle(model)
+    except BundleError as error:
+        raise StageError(f"cannot ship model {model}: {error}") from None
+    work = out / ".staging"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    for path in _shipped_files(source):
+        target = work / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    for name in bundle.manifest["files"]:
+        (work / "model" / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(model / name, work / "model" / name)
+    shutil.copy2(model / "manifest.json", work / "model" / "manifest.json")
+    for extra_file in ("MODEL_CARD.md",):
+        if (model / extra_file).is_file():
+            shutil.copy2(model / extra_file, work / "model" / extra_file)
+    shutil.copy2(RELEASE_SCRIPT, work / "release.sh")
+    (work / HEALTH_SLICE).parent.mkdir()
+    (work / HEALTH_SLICE).write_bytes(health_slice())
+    requirement_lines = requirements(source / "pyproject.toml", extras)
+    (work / "requirements.txt").write_text("\n".join(requirement_lines) + "\n", encoding="utf-8")
+
+    digest = hashlib.sha256()
+    for path in sorted(p for p in work.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(work).as_posix()}\0{_sha256(path)}\n".encode())
+    version = f"{__version__}-{digest.hexdigest()[:12]}"
+    requirements_sha256 = _sha256(work / "requirements.txt")
+    (work / "VERSION").write_text(version + "\n", encoding="utf-8")
+    (work / "RELEASE.json").write_text(
+        json.dumps(
+            {
+                "version": version,
+                "git_describe": _git_describe(source),
+                "model": {"name": bundle.name, "version": bundle.manifest["version"], "sha256": bundle.sha256()},
+                "extras": extras,
+                "requirements_sha256": requirements_sha256,
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    final = out / version
+    if final.is_dir():
+        shutil.rmtree(work)
+    else:
+        work.rename(final)
+    log.info("staged release %s in %s", version, final)
+    return Release(version=version, path=final, requirements_sha256=requirements_sha256)
+
+
+def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Path:
+    """``dest/<target tag>/`` holding wheels for every requirement and dependency; skipped
+    when it was already built for these exact requirements."""
+    folder = dest / target.tag
+    stamp = folder / f".complete-{_sha256(requirements_file)[:16]}"
+    if stamp.is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(folder), "--only-binary=:all:"]
+    command += ["--python-version", f"{target.python[0]}.{target.python[1]}", "--implementation", "cp"]
+    command += ["--abi", f"cp{target.python[0]}{target.python[1]}"]
+    for platform in target.pip_platforms():
+        command += ["--platform", platform]
+    command += ["-r", str(requirements_file)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageError(
+            f"pip could not download wheels for the Pi ({target.tag}); it needs the desktop's network and a wheel "
+            f"for every dependency:\n{done.stderr.strip()[-2000:]}"
+        )
+    stamp.touch()
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.stage", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    release = sub.add_parser("release", help="stage a release folder; prints its version and path as JSON")
+    release.add_argument("--source", type=Path, default=REPO, help="source tree (default: this repository)")
+    release.add_argument("--model", type=Path, required=True, help="bundle folder, e.g. models/mobilenetv2")
+    release.add_argument("--out", type=Path, default=REPO / "var" / "deploy" / "releases")
+    release.add_argument("--extras", default="ui", help="comma-separated pyproject extras to install on the Pi (default: ui)")
+    wheels = sub.add_parser("wheels", help="build the wheelhouse for a Pi; prints its folder as JSON")
+    wheels.add_argument("--requirements", type=Path, required=True, help="a staged release's requirements.txt")
+    wheels.add_argument("--probe", required=True, help=f"the output of `python3 -c {PROBE!r}` on the Pi")
+    wheels.add_argument("--out", type=Path, default=REPO / "var" / "deploy" / "wheels")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.command == "release":
+            extras = [extra for extra in args.extras.split(",") if extra]
+            staged = stage(args.source, args.model, args.out, extras)
+            print(json.dumps({"version": staged.version, "path": str(staged.path.resolve())}))
+        else:
+            folder = build_wheelhouse(args.requirements, Target.parse(args.probe), args.out)
+            print(json.dumps({"path": str(folder.resolve())}))
+    except StageError as error:
+        print(f"deploy: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
