@@ -23,6 +23,8 @@ VERB_MODULES = (
     "device.evaluate",
     "device.bench",
     "device.capture",
+    "device.watch",
+    "device.results",
 )
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2
