@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,8 @@ def bench_formats(
 ) -> dict:
     """``{"machine": ..., "settings": ..., "results": [...]}`` over every format, or
     ``{"error": ...}`` when the benchmark cannot run (the conversion goes on; the card says so)."""
-    report: dict = {"results": []}
+    # Other work on the machine inflates latency; the card says how busy it was.
+    report: dict = {"results": [], "load_average_1min": os.getloadavg()[0]}
     for fmt in formats:
         command = bench_command(bundle, fmt, threads, runs, images)
         log.info("benchmarking %s: %s", fmt, " ".join(command[1:]))

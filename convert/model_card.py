@@ -71,8 +71,9 @@ def _bench_section(bench: dict) -> list[str]:
     lines = [
         f"Measured with `ctpi bench` on the conversion machine ({machine.get('cpu', 'unknown CPU')}, "
         f"{machine.get('cores', '?')} cores, {machine.get('system', '')}; {settings.get('runs', '?')} timed runs, "
-        f"end-to-end on {settings.get('images', '?')}). A Raspberry Pi is several times slower; run "
-        "`make bench` there.",
+        f"end-to-end on {settings.get('images', '?')}; 1-minute load average "
+        f"{bench.get('load_average_1min', float('nan')):.1f} when it started). A Raspberry Pi is several times "
+        "slower; run `make bench` there.",
         "",
         "| format | threads | backend | init ms | invoke ms mean | p50 | p90 | p99 | end-to-end ms mean | slices/s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
