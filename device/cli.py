@@ -25,6 +25,7 @@ VERB_MODULES = (
     "device.capture",
     "device.watch",
     "device.results",
+    "device.ui",
 )
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2

@@ -1,0 +1,434 @@
+"""The ctpi web page: triage uploaded slices with a heatmap, browse the watch daemon's history,
+benchmark a model and see the appliance's status, behind a password.
+
+A thin layer over ``device/``: predictions come from :class:`device.classifier.Classifier`
+(one per bundle and format, loaded once per process), heatmaps from :mod:`device.heatmap`,
+the password from :mod:`device.auth`, history and status from the daemon's journal. Started
+by ``ctpi ui`` (which passes the settings) or ``make run``. Never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from device.auth import AuthError, LoginThrottle, read_password_hash
+from device.bundle import BundleError, find_bundles, load_bundle
+from device.classifier import Classifier, Prediction
+from device.config import Config, UiConfig
+from device.heatmap import Heatmap, occlusion_map, overlay
+from device.history import REJECTED, HistoryFilter, disk_free, process_memory_mb, slice_page, table_rows, to_csv
+from device.journal import Journal, JournalError
+from device.preprocess import BadSliceError, decode_slice, prepare
+from device.ui import settings_from_environment
+
+DISPLAY_WIDTH = 260  # pixels per image column: two of them and the figures fit a laptop screen
+
+
+@dataclass
+class SliceResult:
+    """What the page shows for one uploaded file: a prediction, or the reason it failed."""
+
+    name: str
+    size_bytes: int
+    prediction: Prediction | None = None
+    heatmap: Heatmap | None = None
+    pixels: np.ndarray | None = None  # the model input, shown beside the overlay
+    source: dict = field(default_factory=dict)  # format, mode, width, height: nothing from DICOM headers
+    error: str | None = None
+    reason: str | None = None
+
+
+# -- resources shared by every session of this process --------------------------------------
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def get_classifier(bundle_path: str, fmt: str | None, threads: int | None) -> Classifier:
+    """One interpreter per (bundle, format) per process; at most two kept (memory on a Pi)."""
+    return Classifier(bundle_path, fmt, threads)
+
+
+@st.cache_resource
+def get_throttle(attempts: int, lockout_seconds: float) -> LoginThrottle:
+    return LoginThrottle(attempts, lockout_seconds)
+
+
+# -- pure helpers ------------------------------------------------------------------------------
+
+
+def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes: int) -> SliceResult:
+    """Prediction and heatmap for one uploaded file; a bad file becomes a result with its
+    error, never an exception, so the other files and the page keep working."""
+    result = SliceResult(name=name, size_bytes=len(data))
+    if len(data) > max_bytes:
+        result.error, result.reason = f"file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB", "too-large"
+        return result
+    try:
+        start = time.perf_counter()
+        decoded = decode_slice(data)
+        decoded_at = time.perf_counter()
+        pixels = prepare(decoded.pixels, classifier.bundle.spec)
+        prepared_at = time.perf_counter()
+    except BadSliceError as error:
+        result.error, result.reason = str(error), error.reason
+        return result
+    result.source = {"format": decoded.format, "mode": decoded.mode, "width": decoded.width, "height": decoded.height}
+    result.pixels = pixels
+    result.prediction = classifier.predict_pixels(
+        pixels, {"decode": (decoded_at - start) * 1000.0, "preprocess": (prepared_at - decoded_at) * 1000.0}
+    )
+    result.heatmap = occlusion_map(classifier, pixels, grid)
+    return result
+
+
+def probability_bar(probability: float, threshold: float, positive_label: str) -> str:
+    """An HTML bar of P(positive) with a marker at the bundle's threshold."""
+    over = probability >= threshold
+    colour = "#d33" if over else "#2a8a4a"
+    return (
+        '<div style="font-size:0.85rem;margin:0.2rem 0 0.6rem 0">'
+        f'<div style="display:flex;justify-content:space-between"><span>P({html.escape(positive_label)})</span>'
+        f"<span><b>{probability:.3f}</b></span></div>"
+        '<div style="position:relative;height:14px;background:#e6e8eb;border-radius:7px;overflow:hidden">'
+        f'<div style="width:{probability * 100:.1f}%;height:100%;background:{colour}"></div>'
+        f'<div style="position:absolute;left:{threshold * 100:.1f}%;top:0;bottom:0;width:2px;background:#222"></div>'
+        "</div>"
+        f'<div style="position:relative;height:1.1rem"><span style="position:absolute;left:{threshold * 100:.1f}%;'
+        f'transform:translateX(-50%);color:#555">threshold {threshold:.2f}</span></div></div>'
+    )
+
+
+def safe_name(name: str) -> str:
+    """An uploaded file's name, reduced to something safe to create in the inbox."""
+    base = Path(name.replace("\\", "/")).name
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "_" for c in base).lstrip(".")
+    return cleaned or "upload"
+
+
+def send_to_inbox(inbox: Path, name: str, data: bytes) -> Path:
+    """Copy an upload into the watch daemon's inbox (``ui-uploads/``, a study of its own).
+    Written under a dot-name the daemon ignores, then renamed, so it is never read half-written."""
+    folder = Path(inbox) / "ui-uploads"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / safe_name(name)
+    stem, suffix, counter = target.stem, target.suffix, 1
+    while target.exists():
+        target = folder / f"{stem}-{counter}{suffix}"
+        counter += 1
+    partial = folder / f".{target.name}.part"
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """Nested manifest metrics as ``a.b.c -> value`` for a two-column table."""
+    flat: dict[str, object] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        elif isinstance(value, float):
+            flat[name] = f"{value:.4g}"
+        elif isinstance(value, (int, str, bool)) or value is None:
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+# -- page sections ---------------------------------------------------------------------------
+
+
+def login(settings: UiConfig) -> bool:
+    """The password gate; True once this browser session has logged in."""
+    if st.session_state.get("authenticated"):
+        return True
+    st.title("ctpi · CT slice triage")
+    try:
+        encoded = read_password_hash(settings.password_file)
+    except AuthError as error:
+        st.error(f"The password file cannot be used: {error}")
+        return False
+    if encoded is None:
+        st.warning(
+            "**No password is set yet**, so this page stays closed.\n\n"
+            f"On the appliance, run `ctpi passwd --password-file {settings.password_file}` "
+            "and reload this page."
+        )
+        return False
+    throttle = get_throttle(settings.login_attempts, settings.lockout_seconds)
+    address = st.context.ip_address  # None for a localhost client
+    client = address if isinstance(address, str) else "local"
+    with st.form("login"):
+        password = st.text_input("Password", type="password")
+        submitted = st.form_submit_button("Log in", type="primary")
+    if submitted:
+        result = throttle.attempt(client, password, encoded)
+        if result.ok:
+            st.session_state.authenticated = True
+            st.rerun()
+        elif result.retry_after_s > 0:
+            st.error(f"Too many wrong passwords. Try again in {result.retry_after_s:.0f} s.")
+        else:
+            st.error(f"Wrong password. {result.attempts_left} more tries before a {settings.lockout_seconds:.0f} s pause.")
+    st.caption("Decision support for triage, not a diagnostic device.")
+    return False
+
+
+def choose_model(config: Config) -> Classifier | None:
+    """Sidebar: the bundle selector (``[watch] model`` first) and the chosen model's card."""
+    settings = config.ui
+    bundles = find_bundles(settings.models_dir)
+    preferred = Path(config.watch.model)
+    resolved = [b.resolve() for b in bundles]
+    if (preferred / "manifest.json").is_file() and preferred.resolve() not in resolved:
+        bundles.insert(0, preferred)
+        resolved.insert(0, preferred.resolve())
+    if not bundles:
+        st.sidebar.error(f"No model bundles in `{settings.models_dir}` and none at `{preferred}`.")
+        return None
+    default = resolved.index(preferred.resolve()) if preferred.resolve() in resolved else 0
+    chosen = st.sidebar.selectbox("Model", bundles, index=default, format_func=lambda p: p.name, key="bundle")
+    try:
+        bundle = load_bundle(chosen, verify=False)
+        formats = list(bundle.formats)
+        fmt = st.sidebar.selectbox("Format", formats, index=formats.index(bundle.default_format), key="format")
+        classifier = get_classifier(str(chosen), fmt, settings.threads or config.watch.threads)
+    except (BundleError, RuntimeError, ValueError) as error:
+        st.sidebar.error(f"This model cannot be used: {error}")
+        return None
+    manifest = classifier.bundle.manifest
+    with st.sidebar.expander("Model card", expanded=False):
+        st.markdown(
+            f"**{html.escape(manifest['name'])}** {html.escape(str(manifest['version']))} · {html.escape(manifest['architecture'])}  \n"
+            f"threshold **{classifier.threshold:.3f}** for {html.escape(classifier.bundle.positive_label)}  \n"
+            f"`{classifier.format}` · sha256 `{classifier.sha256[:16]}`"
+        )
+        metrics = flatten(manifest.get("metrics") or {})
+        if metrics:
+            st.dataframe({"metric": list(metrics), "value": [str(v) for v in metrics.values()]}, hide_index=True)
+        card = classifier.bundle.path / "MODEL_CARD.md"
+        if card.is_file():
+            st.markdown(card.read_text(encoding="utf-8"))
+    return classifier
+
+
+def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: bytes, key: str) -> None:
+    with st.container(border=True):
+        if result.error:
+            st.error(f"**{result.name}**: cannot be read — {result.error} (`{result.reason}`)")
+            return
+        prediction, heatmap = result.prediction, result.heatmap
+        positive = classifier.bundle.positive_label
+        flagged = prediction.label == positive
+        badge = f":red-background[**{prediction.label}**]" if flagged else f":green-background[**{prediction.label}**]"
+        st.markdown(
+            f"#### {result.name}\n{badge} · P({positive}) = **{prediction.positive_probability:.3f}** "
+            f"(threshold {prediction.threshold:.2f}) · {prediction.latency_ms['total']:.0f} ms"
+        )
+        original, explained, figures = st.columns([1, 1, 1.2], gap="medium")
+        original.image(result.pixels[..., 0], caption="model input", width=DISPLAY_WIDTH, clamp=True)
+        explained.image(overlay(result.pixels, heatmap.sensitivity), caption="occlusion heatmap", width=DISPLAY_WIDTH)
+        with figures:
+            st.html(probability_bar(prediction.positive_probability, prediction.threshold, positive))
+            latency = prediction.latency_ms
+            st.caption(
+                f"latency: decode {latency.get('decode', 0):.1f} · preprocess {latency.get('preprocess', 0):.1f} · "
+                f"invoke {latency['invoke']:.1f} ms  \n"
+                f"heatmap: {heatmap.invokes} invokes in {heatmap.seconds:.1f} s; red = hiding it lowers P({positive}), "
+                f"blue = raises it  \n"
+                f"{result.source['format']} {result.source['width']}×{result.source['height']} "
+                f"({result.size_bytes / 1024:.0f} KB) · model sha256 `{prediction.model_sha256[:12]}`"
+            )
+            if st.button("Send to inbox", key=f"inbox-{key}", help=f"copy this file into {inbox} for the watch daemon"):
+                try:
+                    target = send_to_inbox(inbox, result.name, data)
+                    st.success(f"Copied to {target}; the watch daemon will record it.")
+                except OSError as error:
+                    st.error(f"Could not copy it into the inbox: {error}")
+
+
+def triage_tab(classifier: Classifier, config: Config) -> None:
+    settings = config.ui
+    uploads = st.file_uploader(
+        "CT slices: PNG, JPEG or DICOM (recognised by content, any file name)",
+        accept_multiple_files=True,
+        key="uploads",
+    )
+    if not uploads:
+        st.info("Drop one or more slices here. They stay in this page's memory; nothing is written to the inbox unless you ask.")
+        return
+    cache = st.session_state.setdefault("results", {})
+    wanted = set()
+    for upload in uploads:
+        key = f"{upload.file_id}:{classifier.sha256}:{settings.heatmap_grid}"
+        wanted.add(key)
+        data = upload.getvalue()
+        if key not in cache:
+            with st.spinner(f"Analysing {upload.name}…"):
+                cache[key] = analyse(classifier, upload.name, data, settings.heatmap_grid, settings.max_upload_mb * 1024 * 1024)
+        show_result(cache[key], classifier, config.watch.inbox, data, upload.file_id)
+    for stale in set(cache) - wanted:  # removed uploads or another model: free their arrays
+        del cache[stale]
+
+
+def bench_tab(classifier: Classifier) -> None:
+    from device.backends import default_threads
+    from device.bench import format_table, run_benchmark
+
+    st.markdown(
+        "Runs `ctpi bench` on the selected model in a separate process: interpreter load, invoke latency, "
+        "end-to-end latency from PNG files, throughput and memory. It keeps the CPU busy while it runs."
+    )
+    left, middle, right = st.columns(3)
+    threads = left.multiselect("Threads", [1, 2, 3, 4], default=[default_threads()], key="bench_threads")
+    runs = middle.number_input("Runs", min_value=1, max_value=500, value=20, key="bench_runs")
+    warmup = right.number_input("Warm-up", min_value=0, max_value=50, value=3, key="bench_warmup")
+    if st.button("Run bench", type="primary", disabled=not threads):
+        with st.spinner("Benchmarking…"):
+            st.session_state.bench = run_benchmark(
+                [str(classifier.bundle.path)], sorted(threads), int(runs), int(warmup), fmt=classifier.format
+            )
+    report = st.session_state.get("bench")
+    if report:
+        rows = [
+            {
+                "model": r["model"], "format": r["format"], "threads": r["threads"],
+                "invoke mean ms": round(r["invoke_ms"]["mean"], 2), "p90 ms": round(r["invoke_ms"]["p90"], 2),
+                "end-to-end ms": round(r["end_to_end_ms"]["mean"], 1), "slices/s": round(r["throughput_per_s"], 1),
+                "peak MB": round(r["rss_peak_mb"]), "backend": r["backend"],
+            }
+            for r in report["results"] if "error" not in r
+        ]  # fmt: skip
+        for failed in (r for r in report["results"] if "error" in r):
+            st.error(f"threads={failed['threads']}: {failed['error']}")
+        if rows:
+            st.dataframe(rows, hide_index=True)
+        st.code(format_table(report), language=None)
+
+
+def open_journal(state: Path) -> Journal | None:
+    try:
+        return Journal.open_readonly(state)
+    except JournalError as error:
+        st.info(f"No history yet: {error}")
+        return None
+
+
+def history_tab(config: Config, labels: list[str]) -> None:
+    journal = open_journal(config.watch.state)
+    if journal is None:
+        return
+    with journal:
+        studies = journal.studies()
+        since_column, label_column, study_column = st.columns(3)
+        since = since_column.date_input("Recorded since (UTC)", value=None, key="history_since")
+        label = label_column.selectbox("Label", [None, *labels, REJECTED], format_func=lambda v: "any" if v is None else v, key="history_label")
+        study = study_column.selectbox("Study", [None, *(s["name"] for s in studies)], format_func=lambda v: "any" if v is None else v, key="history_study")
+        chosen = HistoryFilter(since=since, label=label, study=study)
+        if st.session_state.get("history_filter") != chosen:  # new filter: back to the first page
+            st.session_state.history_filter, st.session_state.history_page = chosen, 0
+        if study is not None:
+            verdict = journal.study(study)
+            if verdict and verdict["label"]:
+                st.markdown(
+                    f"**Study {html.escape(study)}**: **{verdict['label']}**, P = {verdict['probability']:.3f} "
+                    f"(rule `{verdict['rule']}`: the most suspicious slice decides) · {verdict['slices']} slices, "
+                    f"{verdict['positive_slices']} over the threshold, {verdict['rejected']} rejected · updated {verdict['updated_at'][:19]}"
+                )
+        page = slice_page(journal, chosen, st.session_state.history_page, config.ui.page_size)
+        if page.rows:
+            st.dataframe(table_rows(page.rows), hide_index=True, key="history_table")
+        else:
+            st.info("No slices match these filters.")
+        previous, where, following, download = st.columns([1, 2, 1, 2])
+        if previous.button("← Newer", disabled=page.number == 0, key="history_newer"):
+            st.session_state.history_page -= 1
+            st.rerun()
+        where.caption(f"page {page.number + 1} · {config.ui.page_size} per page")
+        if following.button("Older →", disabled=not page.has_next, key="history_older"):
+            st.session_state.history_page += 1
+            st.rerun()
+        state = config.watch.state
+
+        def csv_text() -> str:  # runs when clicked, on another thread: its own connection
+            with Journal.open_readonly(state) as own:
+                return to_csv(own, chosen)
+
+        download.download_button("Download CSV", csv_text, file_name="ctpi-history.csv", mime="text/csv", key="history_csv")
+        if studies:
+            with st.expander(f"Studies ({len(studies)})"):
+                st.dataframe(
+                    [
+                        {"study": s["name"], "verdict": s["label"], "probability": None if s["probability"] is None else round(s["probability"], 3),
+                         "slices": s["slices"], "over threshold": s["positive_slices"], "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19]}
+                        for s in studies
+                    ],
+                    hide_index=True,
+                    key="studies_table",
+                )  # fmt: skip
+
+
+def status_tab(config: Config, classifier: Classifier) -> None:
+    beat, counts = None, None
+    try:
+        with Journal.open_readonly(config.watch.state) as journal:
+            beat, counts = journal.heartbeat(), journal.counts()
+    except JournalError as error:
+        st.warning(f"Watch daemon: no journal yet ({error})")
+    daemon, slices, disk, page = st.columns(4)
+    if beat is not None:
+        alive = beat["state"] == "running" and beat["age_seconds"] < 60
+        daemon.metric("Watch daemon", beat["state"] if alive or beat["state"] != "running" else "silent", f"beat {beat['age_seconds']:.0f} s ago", delta_color="off")
+        if beat.get("message"):
+            st.error(f"Watch daemon: {beat['message']}")
+        model = beat.get("model") or {}
+        st.caption(f"daemon model: {model.get('name')} {model.get('format')} · sha256 `{str(model.get('sha256'))[:12]}` · {model.get('backend')} × {model.get('threads')} threads")
+    else:
+        daemon.metric("Watch daemon", "no heartbeat")
+    if counts is not None:
+        slices.metric("Slices recorded", counts["slices"], f"{counts['positive']} positive · {counts['rejected']} rejected", delta_color="off")
+    free = disk_free(config.watch.state)
+    if free is not None:
+        disk.metric("Disk free", f"{free['free_mb'] / 1000:.1f} GB", f"of {free['total_mb'] / 1000:.0f} GB", delta_color="off")
+    memory = process_memory_mb()
+    page.metric("Page memory", f"{memory:.0f} MB" if memory else "n/a", "this UI process (RSS)", delta_color="off")
+    st.caption(
+        f"page model: {classifier.bundle.describe(classifier.format)} on {classifier.backend.name} × {classifier.threads} threads · "
+        f"state `{config.watch.state}` · inbox `{config.watch.inbox}`"
+    )
+
+
+def main() -> None:
+    config = settings_from_environment()
+    st.set_page_config(page_title="ctpi · CT triage", page_icon="🫁", layout="wide")
+    if not login(config.ui):
+        return
+    st.sidebar.title("ctpi")
+    classifier = choose_model(config)
+    if st.sidebar.button("Log out"):
+        st.session_state.clear()
+        st.rerun()
+    st.sidebar.caption("Decision support for triage, not a diagnostic device.")
+    st.title("ctpi · CT slice triage")
+    if classifier is None:
+        st.error("No usable model: see the sidebar.")
+        return
+    triage, history, bench, status = st.tabs(["Triage", "History", "Bench", "Status"])
+    with triage:
+        triage_tab(classifier, config)
+    with history:
+        history_tab(config, classifier.labels)
+    with bench:
+        bench_tab(classifier)
+    with status:
+        status_tab(config, classifier)
+
+
+main()
