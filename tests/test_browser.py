@@ -1,0 +1,152 @@
+"""The real page in a real browser: ``ctpi ui`` served on localhost, driven by headless Chromium.
+
+Debian's ``chromium`` (installed by ``tests/system-deps.sh``) is driven by playwright through
+``executable_path``; no browser is downloaded. The screenshot of the page after an upload is
+kept in ``test-artifacts/`` (git-ignored) for people to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+
+from tests.synthetic import POSITIVE, png_bytes, slice_array
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+PASSWORD = "browser test password"
+MAX_UPLOAD_MB = 1
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise AssertionError(f"no VmRSS for pid {pid}")
+
+
+def ctpi(*args: str) -> list[str]:
+    return [sys.executable, "-m", "device.cli", *args]
+
+
+@pytest.fixture
+def served_page(tmp_path, tiny_bundle):
+    """``ctpi ui`` on a free localhost port with a password set by ``ctpi passwd``."""
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium not installed (tests/system-deps.sh installs it as root)")
+    pytest.importorskip("playwright.sync_api", reason="playwright missing: pip install -e '.[dev]'")
+    password_file = tmp_path / "config" / "ui-password"
+    environment = dict(os.environ, HOME=str(tmp_path / "home"))
+    subprocess.run(ctpi("passwd", "--password-file", str(password_file), "--stdin"), input=PASSWORD + "\n", text=True, check=True, env=environment)
+    port = free_port()
+    log = open(tmp_path / "ui.log", "w+")
+    command = ctpi(
+        "ui", "--host", "127.0.0.1", "--port", str(port), "--models", str(tiny_bundle.parent), "--model", str(tiny_bundle),
+        "--state", str(tmp_path / "state"), "--inbox", str(tmp_path / "inbox"), "--password-file", str(password_file),
+        "--max-upload-mb", str(MAX_UPLOAD_MB),
+    )  # fmt: skip
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                    if response.read().strip() == b"ok":
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"ctpi ui did not come up (exit {server.poll()}):\n{log.read()}")
+            time.sleep(0.3)
+        yield url, server
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+
+def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tmp_path, tiny_bundle):
+    from playwright.sync_api import expect, sync_playwright
+
+    from device.classifier import Classifier
+
+    url, server = served_page
+    slice_file = tmp_path / "covid-slice.png"
+    slice_file.write_bytes(png_bytes(slice_array(POSITIVE, np.random.default_rng(7), 192, 256)))
+    expected = Classifier(tiny_bundle).predict(slice_file)
+    too_big = tmp_path / "too-big.png"
+    too_big.write_bytes(b"\0" * (MAX_UPLOAD_MB * 1024 * 1024 + 1))
+    ARTIFACTS.mkdir(exist_ok=True)
+    outside = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("request", lambda request: urlparse(request.url).hostname not in ("127.0.0.1", None) and outside.append(request.url))
+            page.goto(url)
+            password = page.get_by_label("Password", exact=True)
+            password.fill("wrong password")
+            page.get_by_role("button", name="Log in").click()
+            expect(page.get_by_text("Wrong password")).to_be_visible(timeout=30_000)
+            password.fill(PASSWORD)
+            page.get_by_role("button", name="Log in").click()
+            uploader = page.locator("input[type=file]")
+            expect(uploader).to_be_attached(timeout=30_000)
+            uploader.set_input_files(str(slice_file))
+            headline = page.get_by_text(f"P({POSITIVE}) = {expected.positive_probability:.3f}")
+            expect(headline).to_be_visible(timeout=60_000)
+            expect(page.get_by_text(expected.label, exact=True).first).to_be_visible()
+            expect(page.get_by_text("occlusion heatmap")).to_be_visible()
+            page.wait_for_timeout(500)  # let the images finish painting
+            page.screenshot(path=str(ARTIFACTS / "ui-after-upload.png"), full_page=True)
+            memory = rss_mb(server.pid)
+            (ARTIFACTS / "ui-memory.txt").write_text(f"streamlit page process RSS after one prediction: {memory:.0f} MB (tiny test bundle)\n")
+            print(f"\nUI process RSS after one prediction: {memory:.0f} MB")
+
+            uploader.set_input_files(str(too_big))  # the browser refuses it before sending
+            expect(page.get_by_text(f"{MAX_UPLOAD_MB}.0MB or smaller", exact=False).first).to_be_visible(timeout=30_000)
+        finally:
+            browser.close()
+    assert outside == [], f"the page contacted hosts other than the appliance: {outside}"
+    assert server.poll() is None, "the UI server died"
+
+
+def test_served_page_refuses_uploads_without_xsrf_token(served_page):
+    url, _ = served_page
+    request = urllib.request.Request(f"{url}/_stcore/upload_file/some-session/some-file", data=b"x" * 10, method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 403
