@@ -16,13 +16,20 @@ INBOX   ?= var/inbox
 STATE   ?= var/state
 HOST    ?= 127.0.0.1
 PORT    ?= 8501
+PI        ?=
+PI_USER   ?=
+PI_PORT   ?=
+SSH_OPTS  ?=
+EXTRAS    ?= ui
+INVENTORY ?= deploy/hosts.ini
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint train convert bench system-deps
+.PHONY: deploy rollback deploy-fleet
 
 help: ## list the targets and their variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL)"
+	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL) PI=$(PI) EXTRAS=$(EXTRAS) INVENTORY=$(INVENTORY)"
 
 # One virtualenv, installed from pyproject.toml; a stamp per set of extras so `make run`
 # installs only the device side and the UI, and `make test` everything.
@@ -54,3 +61,12 @@ convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int
 
 bench: $(VENV)/.stamp-onnx ## on-device benchmark of MODEL with THREADS
 	$(CTPI) bench --model $(MODEL) --threads $(THREADS)
+
+deploy: $(VENV)/.stamp-ui ## ship MODEL to Pi PI over ssh as a release; health check, auto-rollback (PI_USER PI_PORT SSH_OPTS EXTRAS)
+	$(PY) -m deploy.ship deploy --host "$(PI)" --user "$(PI_USER)" $(if $(PI_PORT),--port $(PI_PORT)) --ssh-options="$(SSH_OPTS)" --model "$(MODEL)" --extras "$(EXTRAS)"
+
+rollback: $(VENV)/.stamp-ui ## switch Pi PI back to its previous release and health-check it
+	$(PY) -m deploy.ship rollback --host "$(PI)" --user "$(PI_USER)" $(if $(PI_PORT),--port $(PI_PORT)) --ssh-options="$(SSH_OPTS)"
+
+deploy-fleet: $(VENV)/.stamp-dev ## deploy MODEL to every Pi in INVENTORY with Ansible, one result line per Pi
+	$(VENV)/bin/ansible-playbook -i "$(INVENTORY)" deploy/playbook.yml -e ctpi_model="$(abspath $(MODEL))" -e ctpi_extras="$(EXTRAS)"

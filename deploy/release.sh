@@ -193,6 +193,7 @@ health() { # [bench]: the current release serves: units active, predict on the k
 
 prune() { # keep current, previous and the newest KEEP_RELEASES; drop virtualenvs no release uses
   local keep release used venv
+  rm -f "$PREFIX"/incoming/[0-9]*.tar # release archives the playbook copied (wheel archives stay)
   keep=" $(basename "$(link_target current)") $(basename "$(link_target previous)") "
   for release in $(ls -1t "$PREFIX/releases" | tail -n +"$((KEEP_RELEASES + 1))"); do
     case $keep in *" $release "*) continue ;; esac

@@ -24,6 +24,7 @@ import logging
 import shutil
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,6 +221,8 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
 def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Path:
     """``dest/<target tag>/`` holding wheels for every requirement and dependency; skipped
     when it was already built for these exact requirements."""
+    if not requirements_file.is_file():
+        raise StageError(f"{requirements_file} does not exist; stage the release first")
     folder = dest / target.tag
     stamp = folder / f".complete-{_sha256(requirements_file)[:16]}"
     if stamp.is_file():
@@ -241,6 +244,18 @@ def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Pat
     return folder
 
 
+def archive(folder: Path, target: Path) -> Path:
+    """``folder``'s contents as one tar file (for Ansible, which copies one big file far faster
+    than a tree of small ones); reused when it exists, since its name says what it holds."""
+    if not target.is_file():
+        partial = target.with_name(target.name + ".part")
+        with tarfile.open(partial, "w") as tar:
+            for path in sorted(folder.iterdir()):
+                tar.add(path, arcname=path.name)
+        partial.rename(target)
+    return target
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.stage", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -249,20 +264,28 @@ def main(argv: list[str] | None = None) -> int:
     release.add_argument("--model", type=Path, required=True, help="bundle folder, e.g. models/mobilenetv2")
     release.add_argument("--out", type=Path, default=REPO / "var" / "deploy" / "releases")
     release.add_argument("--extras", default="ui", help="comma-separated pyproject extras to install on the Pi (default: ui)")
+    release.add_argument("--archive", action="store_true", help="also write <version>.tar beside the folder")
     wheels = sub.add_parser("wheels", help="build the wheelhouse for a Pi; prints its folder as JSON")
     wheels.add_argument("--requirements", type=Path, required=True, help="a staged release's requirements.txt")
     wheels.add_argument("--probe", required=True, help=f"the output of `python3 -c {PROBE!r}` on the Pi")
     wheels.add_argument("--out", type=Path, default=REPO / "var" / "deploy" / "wheels")
+    wheels.add_argument("--archive", action="store_true", help="also write the wheelhouse as one .tar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "release":
             extras = [extra for extra in args.extras.split(",") if extra]
             staged = stage(args.source, args.model, args.out, extras)
-            print(json.dumps({"version": staged.version, "path": str(staged.path.resolve())}))
+            answer = {"version": staged.version, "path": str(staged.path.resolve())}
+            if args.archive:
+                answer["archive"] = str(archive(staged.path, args.out / f"{staged.version}.tar").resolve())
         else:
             folder = build_wheelhouse(args.requirements, Target.parse(args.probe), args.out)
-            print(json.dumps({"path": str(folder.resolve())}))
+            answer = {"path": str(folder.resolve())}
+            if args.archive:
+                stamp = next(folder.glob(".complete-*")).name[len(".complete-") :]
+                answer["archive"] = str(archive(folder, args.out / f"{folder.name}-{stamp}.tar").resolve())
+        print(json.dumps(answer))
     except StageError as error:
         print(f"deploy: {error}", file=sys.stderr)
         return 2
