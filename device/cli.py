@@ -26,6 +26,7 @@ VERB_MODULES = (
     "device.watch",
     "device.results",
     "device.ui",
+    "device.appliance",
 )
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2

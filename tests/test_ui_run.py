@@ -1,0 +1,103 @@
+"""``ctpi run`` (what ``make run`` starts): watch daemon and web page together, stopped together."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.synthetic import POSITIVE, png_bytes, slice_array
+from tests.test_browser import free_port
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(condition, seconds: float, what: str, process: subprocess.Popen, log: Path):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if process.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen (ctpi run exit {process.poll()}):\n{log.read_text()}")
+        time.sleep(0.3)
+
+
+def page_answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+            return response.read().strip() == b"ok"
+    except OSError:
+        return False
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    status = Path(f"/proc/{pid}/status")
+    return not (status.exists() and "\nState:\tZ" in status.read_text())
+
+
+def test_run_starts_daemon_and_page_on_first_use_and_ctrl_c_stops_both(tmp_path, tiny_bundle):
+    from device.journal import Journal, JournalError
+
+    inbox, state = tmp_path / "var" / "inbox", tmp_path / "var" / "state"  # not there yet: created on first use
+    password_file = tmp_path / "config" / "ui-password"
+    port = free_port()
+    log = tmp_path / "run.log"
+    command = [
+        sys.executable, "-m", "device.cli", "run", "--model", str(tiny_bundle), "--models", str(tiny_bundle.parent),
+        "--inbox", str(inbox), "--state", str(state), "--host", "127.0.0.1", "--port", str(port),
+        "--password-file", str(password_file),
+    ]  # fmt: skip
+    with open(log, "w") as output:
+        supervisor = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=str(tmp_path)))
+    try:
+        wait_for(lambda: page_answers(f"http://127.0.0.1:{port}"), 60, "the page answering", supervisor, log)
+        assert inbox.is_dir() and state.is_dir()
+        text = log.read_text()
+        assert "no UI password is set yet" in text and f"ctpi passwd --password-file {password_file}" in text
+        pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", text)]
+        assert len(pids) == 2 and all(alive(pid) for pid in pids)
+
+        (inbox / ".covid.png.part").write_bytes(png_bytes(slice_array(POSITIVE, np.random.default_rng(9))))
+        (inbox / ".covid.png.part").rename(inbox / "covid.png")
+
+        def recorded() -> bool:
+            try:
+                with Journal.open_readonly(state) as journal:
+                    return journal.counts()["ok"] == 1
+            except JournalError:
+                return False
+
+        wait_for(recorded, 60, "the dropped slice being recorded", supervisor, log)
+
+        supervisor.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
+        assert supervisor.wait(timeout=40) == 0, log.read_text()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in pids), log.read_text()
+        assert not page_answers(f"http://127.0.0.1:{port}")
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
+
+
+def test_run_refuses_a_missing_model_before_starting_anything(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "device.cli", "run", "--model", str(tmp_path / "no-such-bundle"), "--inbox", str(tmp_path / "inbox"),
+         "--state", str(tmp_path / "state"), "--password-file", str(tmp_path / "pw")],
+        capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "no-such-bundle does not exist" in done.stderr
+    assert not (tmp_path / "inbox").exists()
