@@ -49,9 +49,7 @@ lint: $(VENV)/.stamp-dev ## ruff
 	$(VENV)/bin/ruff check device train convert tests streamlit_app.py
 
 run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
-	@echo "make run: the watch daemon and the UI are not built yet (issues #5 and #6)."
-	@echo "What works today: $(CTPI) predict --model $(MODEL) FILE..., ctpi bench, ctpi evaluate."
-	@exit 2
+	$(CTPI) run --model $(MODEL) --inbox $(INBOX) --state $(STATE) --host $(HOST) --port $(PORT)
 
 train: $(VENV)/.stamp-train ## fine-tune ARCH on DATA from WEIGHTS into RUN
 	$(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN)
