@@ -23,9 +23,11 @@ from pathlib import Path
 from convert.assemble import FILE_OF_FORMAT, assemble_bundle
 from convert.benchmark import bench_formats
 from convert.calibration import load_slices, stratified_split
+from convert.diagnose import explain, weights_only_agreement
 from convert.export import DEFAULT_FORMATS, export_formats, parse_formats
 from convert.gate import (
     ADVICE,
+    GATE_RULES,
     GATED_SPLIT,
     check,
     format_figures,
@@ -185,6 +187,11 @@ def convert(args, argv: list[str]) -> int:
                 print(f"  - {reason}", file=sys.stderr)
             for fmt in dict.fromkeys(reason.split(":")[0] for reason in failures):
                 print(f"  what to try ({fmt}): {ADVICE[fmt]}", file=sys.stderr)
+            if any(reason.startswith("int8:") for reason in failures):
+                step("probing int8 weights alone (dynamic-range model) to tell weights from activations")
+                probe = weights_only_agreement(model, referee, splits[GATED_SPLIT], reference[GATED_SPLIT])
+                agreement = format_results["int8"][GATED_SPLIT]["agreement"] or 0.0
+                print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement)}", file=sys.stderr)
             return EXIT_GATE_FAILED
         step(f"accuracy gate passed for {', '.join(formats)}")
 

@@ -71,3 +71,12 @@ def _configure(converter, fmt, representative, per_channel):
         if not per_channel:
             converter._experimental_disable_per_channel = True  # per-tensor weights, for comparison
     return converter
+
+
+def to_weights_only_int8(model) -> bytes:
+    """Dynamic-range model (int8 weights, float activations): not a bundle format, a probe.
+    When it loses as much accuracy as full-integer int8, the model's weights are what is
+    fragile and no calibration can fix it; when it does not, the activations are."""
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_function(model)])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()

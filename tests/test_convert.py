@@ -219,6 +219,9 @@ def test_gate_refuses_int8_calibrated_on_black_slices(tmp_path, tiny_keras_model
     assert "accuracy gate FAILED" in err and "int8: agrees with Keras on" in err
     assert "--calibration-samples" in err and "float16" in err
     assert "float32:" not in err.split("FAILED")[1]  # the float model is not blamed
+    # the weights-only probe keeps the tiny model's labels, so the diagnosis blames the activations
+    assert "int8 weights with float activations agree with Keras on 100.0%" in err
+    assert "activation ranges are the problem" in err
 
 
 def test_convert_refuses_a_run_folder_without_run_json(tmp_path, split_data, capsys):

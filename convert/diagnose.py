@@ -1,0 +1,61 @@
+"""Why int8 failed the gate: is it the weights or the activations?
+
+Full-integer int8 rounds both. A dynamic-range model rounds only the weights (to int8,
+per channel, as full-integer does) and keeps float activations. Scoring it beside the failed
+int8 model tells the user which remedy can work: calibration options only help the
+activations; fragile weights need a change in training (fewer unfrozen layers, stronger
+weight decay) or a float model.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from convert.calibration import Slices
+from convert.tflite import to_weights_only_int8
+from device.backends import default_threads, dequantize, open_backend, quantize
+from device.classifier import Classifier
+
+
+def weights_only_agreement(model, referee: Classifier, slices: Slices, reference: np.ndarray) -> dict:
+    """Label agreement with Keras and max/mean |delta P(positive)| of the int8-weights probe."""
+    with tempfile.TemporaryDirectory(prefix="ctpi-probe-") as scratch:
+        path = Path(scratch) / "weights_only_int8.tflite"
+        path.write_bytes(to_weights_only_int8(model))
+        backend = open_backend(path, "tflite", default_threads())
+        probabilities = np.stack(
+            [
+                dequantize(backend.invoke(quantize(pixels[None].astype(np.float32), backend.input)), backend.output).reshape(-1)
+                for pixels in slices.pixels
+            ]
+        )
+    labels = [referee.decide(row)[0] for row in probabilities]
+    reference_labels = [referee.decide(row)[0] for row in reference]
+    index = referee.bundle.positive_index
+    delta = np.abs(probabilities[:, index] - reference[:, index])
+    return {
+        "agreement": float(np.mean([a == b for a, b in zip(labels, reference_labels, strict=True)])),
+        "max_abs_delta": float(delta.max()),
+        "mean_abs_delta": float(delta.mean()),
+    }
+
+
+def explain(probe: dict, int8_agreement: float, min_agreement: float) -> str:
+    figures = (
+        f"int8 weights with float activations agree with Keras on {probe['agreement']:.1%} of val slices "
+        f"(max |Δp| {probe['max_abs_delta']:.3f}, mean {probe['mean_abs_delta']:.4f}); full-integer int8 "
+        f"on {int8_agreement:.1%}."
+    )
+    if probe["agreement"] < min_agreement:
+        return (
+            figures + " The weights alone already lose the agreement: the model is fragile to 8-bit "
+            "weight rounding, so more calibration slices will not help. Retrain with fewer unfrozen layers "
+            "or stronger weight decay, or ship a float model (--formats float16,float32,onnx)."
+        )
+    return (
+        figures + " The weights survive 8-bit rounding, so the activation ranges are the problem: "
+        "more or more varied calibration slices should help."
+    )
