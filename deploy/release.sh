@@ -17,7 +17,8 @@
 #   CTPI_SERVICE_MANAGER  systemctl             called as `$CTPI_SERVICE_MANAGER restart UNIT...`,
 #                                               `is-active --quiet UNIT`, `enable`, `daemon-reload`;
 #                                               the tests point it at a stand-in that records calls
-#   CTPI_UNIT_DIR         /etc/systemd/system   where systemd/*.service of the release go
+#   CTPI_UNIT_DIR         /etc/systemd/system   where systemd/*.service of the release go (with
+#                                               /opt/ctpi and /var/lib/ctpi replaced by these settings)
 #   CTPI_SERVICE_USER     ctpi                  created as a system user when absent
 #   CTPI_DATA_DIR         /var/lib/ctpi         inbox/ and state/, owned by the service user
 #   CTPI_PYTHON           python3               the interpreter the virtualenv is made from
@@ -118,7 +119,7 @@ install_units() { # release folder: copy its units (with the prefix substituted)
   local release=$1 unit changed=0
   mkdir -p "$UNIT_DIR"
   for unit in $(units_of "$release"); do
-    sed "s|/opt/ctpi|$PREFIX|g" "$release/systemd/$unit" >"$UNIT_DIR/.$unit.tmp"
+    sed -e "s|/opt/ctpi|$PREFIX|g" -e "s|/var/lib/ctpi|$DATA_DIR|g" "$release/systemd/$unit" >"$UNIT_DIR/.$unit.tmp"
     if cmp -s "$UNIT_DIR/.$unit.tmp" "$UNIT_DIR/$unit"; then
       rm -f "$UNIT_DIR/.$unit.tmp"
     else
@@ -171,21 +172,30 @@ units_active() { # release folder, seconds to wait for each
 }
 
 health() { # [bench]: the current release serves: units active, predict on the known slice, bench
-  local current="$PREFIX/current" output
+  local current="$PREFIX/current" output model found=0
   units_active "$current" "$HEALTH_TIMEOUT" || return 1
-  if ! output=$("$current/bin/ctpi" predict --model "$current/model" "$current/health/slice.png" 2>&1); then
-    say "health: ctpi predict on the release's known slice failed:"
-    echo "$output" | sed 's/^/    /'
-    return 1
-  fi
-  say "health: ctpi predict on health/slice.png:"
-  echo "$output" | sed 's/^/    /'
-  if [ "${1:-}" = bench ] && [ "$BENCH_RUNS" -gt 0 ]; then
-    say "health: ctpi bench --runs $BENCH_RUNS"
-    if ! "$current/bin/ctpi" bench --model "$current/model" --runs "$BENCH_RUNS" 2>&1 | sed 's/^/    /'; then
-      say "health: ctpi bench failed"
+  for model in "$current"/models/*/; do
+    [ -e "$model/manifest.json" ] || continue
+    found=1
+    model=${model%/}
+    if ! output=$("$current/bin/ctpi" predict --model "$model" "$current/health/slice.png" 2>&1); then
+      say "health: ctpi predict with models/${model##*/} on the release's known slice failed:"
+      echo "$output" | sed 's/^/    /'
       return 1
     fi
+    say "health: ctpi predict with models/${model##*/} on health/slice.png:"
+    echo "$output" | sed 's/^/    /'
+    if [ "${1:-}" = bench ] && [ "$BENCH_RUNS" -gt 0 ]; then
+      say "health: ctpi bench --runs $BENCH_RUNS"
+      if ! "$current/bin/ctpi" bench --model "$model" --runs "$BENCH_RUNS" 2>&1 | sed 's/^/    /'; then
+        say "health: ctpi bench failed"
+        return 1
+      fi
+    fi
+  done
+  if [ "$found" = 0 ]; then
+    say "health: the release has no model bundle under models/"
+    return 1
   fi
   # Once more: a unit that crashed right after starting is not healthy.
   units_active "$current" 0 || return 1
@@ -212,7 +222,7 @@ prune() { # keep current, previous and the newest KEEP_RELEASES; drop virtualenv
 
 lock() {
   install -d -m 0755 "$PREFIX"
-  exec 9>"$PREFIX/.lock"
+  exec 9>>"$PREFIX/.lock"
   flock -n 9 || die "another deploy or rollback is running on this Pi"
 }
 
@@ -240,6 +250,8 @@ cmd_install() {
     mv -T "$stage" "$release" # same filesystem (incoming/ is under the prefix): a rename
     ensure_venv "$release"
     write_launchers "$release"
+    # Bytecode now, so a release never changes on disk after it is installed (and starts faster).
+    "$release/venv/bin/python" -m compileall -q "$release/device" >/dev/null
     touch "$release/.complete"
     say "installed release $version"
   else

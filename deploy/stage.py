@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 RELEASE_SCRIPT = Path(__file__).resolve().parent / "release.sh"
-SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd")
+SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md")
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 HEALTH_SLICE = "health/slice.png"
@@ -176,13 +176,12 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
         target = work / path.relative_to(source)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)
-    for name in bundle.manifest["files"]:
-        (work / "model" / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(model / name, work / "model" / name)
-    shutil.copy2(model / "manifest.json", work / "model" / "manifest.json")
-    for extra_file in ("MODEL_CARD.md",):
-        if (model / extra_file).is_file():
-            shutil.copy2(model / extra_file, work / "model" / extra_file)
+    # models/<bundle folder name>/: the layout `ctpi ui --models` and find_bundles read.
+    shipped_model = work / "models" / model.resolve().name
+    for name in [*bundle.manifest["files"], "manifest.json", "MODEL_CARD.md"]:
+        if (model / name).is_file():
+            (shipped_model / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(model / name, shipped_model / name)
     shutil.copy2(RELEASE_SCRIPT, work / "release.sh")
     (work / HEALTH_SLICE).parent.mkdir()
     (work / HEALTH_SLICE).write_bytes(health_slice())
@@ -200,7 +199,12 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
             {
                 "version": version,
                 "git_describe": _git_describe(source),
-                "model": {"name": bundle.name, "version": bundle.manifest["version"], "sha256": bundle.sha256()},
+                "model": {
+                    "path": shipped_model.relative_to(work).as_posix(),
+                    "name": bundle.name,
+                    "version": bundle.manifest["version"],
+                    "sha256": bundle.sha256(),
+                },
                 "extras": extras,
                 "requirements_sha256": requirements_sha256,
             },

@@ -1,0 +1,378 @@
+"""Deploying to a Pi: versioned releases, atomic switch, idempotence, health check, rollback, fleet.
+
+The "Pi" is this machine through Debian's real OpenSSH server on 127.0.0.1 (throwaway host key,
+user key and config), installing into a temporary prefix with the real ``deploy/release.sh``,
+a real virtualenv made by the system python from a real wheelhouse, and the real ``ctpi predict``
+and ``ctpi bench`` on a tiny real bundle. Only service management is redirected (systemd cannot
+run here), through the documented ``CTPI_SERVICE_MANAGER``, to a stand-in script that records
+its calls and reports units active, or failed for one chosen release.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.stage import stage
+
+REPO = Path(__file__).resolve().parent.parent
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+ALIAS = "ctpi-loopback"
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.access(SSHD, os.X_OK), reason="OpenSSH server absent (tests/system-deps.sh installs openssh-server)"),
+    pytest.mark.skipif(shutil.which("ssh") is None or shutil.which("ssh-keygen") is None, reason="OpenSSH client absent"),
+]
+
+STAND_IN_SERVICE_MANAGER = """#!/bin/sh
+# Stand-in for systemctl: records every call; `is-active` fails while `current` is the release
+# named in the fail file, succeeds otherwise.
+echo "$*" >> "{log}"
+case "$1" in
+  is-active)
+    if [ -f "{fail}" ] && [ "$(readlink "$CTPI_PREFIX/current")" = "releases/$(cat "{fail}")" ]; then exit 3; fi ;;
+  status) echo "stand-in: unit failed" ;;
+esac
+exit 0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """A real sshd on 127.0.0.1 for the current user, and an ssh config naming it ``ctpi-loopback``."""
+    folder = tmp_path_factory.mktemp("ssh")
+    for key in ("host_key", "user_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / key)], check=True)
+    (folder / "authorized_keys").write_text((folder / "user_key.pub").read_text())
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder}/host_key\nPidFile {folder}/sshd.pid\n"
+        f"AuthorizedKeysFile {folder}/authorized_keys\nUsePAM no\nStrictModes no\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nSubsystem sftp internal-sftp\n"
+    )
+    (folder / "ssh_config").write_text(
+        f"Host {ALIAS}\n  HostName 127.0.0.1\n  Port {port}\n  User {getpass.getuser()}\n"
+        f"  IdentityFile {folder}/user_key\n  IdentitiesOnly yes\n  UserKnownHostsFile {folder}/known_hosts\n"
+        "  StrictHostKeyChecking accept-new\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(exist_ok=True)  # privilege separation folder; the Debian service makes it too
+    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(folder / "sshd_config")], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while True:
+        check = subprocess.run(["ssh", "-F", str(folder / "ssh_config"), "-o", "BatchMode=yes", ALIAS, "true"], capture_output=True)
+        if check.returncode == 0:
+            break
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"sshd did not start: {server.stderr.read()}")
+        time.sleep(0.2)
+    yield {"folder": folder, "config": folder / "ssh_config", "port": port, "key": folder / "user_key"}
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def remote_python() -> str:
+    """The interpreter the Pi side makes its virtualenv from: the system python3, as on
+    Raspberry Pi OS, when it has venv/ensurepip; else this one."""
+    system = "/usr/bin/python3"
+    if os.access(system, os.X_OK) and subprocess.run([system, "-c", "import ensurepip, venv"], capture_output=True).returncode == 0:
+        return system
+    return sys.executable
+
+
+def snapshot_source(target: Path, change: str | None = None) -> Path:
+    """A frozen copy of what a deploy ships (other people edit the working tree meanwhile);
+    ``change`` is appended to device/classifier.py to make a different release."""
+    for name in ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md"):
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.is_file():
+            shutil.copy2(source, target / name)
+    units = target / "systemd"
+    units.mkdir(exist_ok=True)
+    if not any(units.glob("*.service")):  # the deploy treats units generically; make sure there is one
+        (units / "ctpi-watch.service").write_text("[Service]\nExecStart=/opt/ctpi/current/bin/ctpi watch\n")
+    if change:
+        with open(target / "device" / "classifier.py", "a", encoding="utf-8") as handle:
+            handle.write(f"\n{change}\n")
+    return target
+
+
+class Pi:
+    """The loopback Pi: a prefix, unit and data folders, the stand-in service manager."""
+
+    def __init__(self, root: Path, sshd: dict, model: Path, work: Path):
+        self.root, self.sshd, self.model, self.work = root, sshd, model, work
+        self.prefix, self.units, self.data = root / "opt", root / "units", root / "data"
+        self.calls, self.fail = root / "service-manager.log", root / "fail-release"
+        self.service_manager = root / "service-manager"
+        self.service_manager.write_text(STAND_IN_SERVICE_MANAGER.format(log=self.calls, fail=self.fail))
+        self.service_manager.chmod(0o755)
+        self.env = {
+            **os.environ,
+            "CTPI_PREFIX": str(self.prefix),
+            "CTPI_SERVICE_MANAGER": str(self.service_manager),
+            "CTPI_UNIT_DIR": str(self.units),
+            "CTPI_DATA_DIR": str(self.data),
+            "CTPI_SERVICE_USER": getpass.getuser(),
+            "CTPI_PYTHON": remote_python(),
+            "CTPI_HEALTH_TIMEOUT": "2",
+            "CTPI_BENCH_RUNS": "20",
+        }
+
+    def version(self, source: Path) -> str:
+        return stage(source, self.model, self.work / "releases", []).version
+
+    def deploy(self, source: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "deploy.ship", "deploy", "--host", ALIAS, f"--ssh-options=-F {self.sshd['config']}"]
+        command += ["--model", str(self.model), "--extras=", "--source", str(source), "--work", str(self.work)]
+        started = time.monotonic()
+        done = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+        print(f"deploy took {time.monotonic() - started:.1f} s\n{done.stdout}{done.stderr}")
+        return done
+
+    def make(self, target: str) -> subprocess.CompletedProcess:
+        venv_stamp = os.path.relpath(Path(sys.executable).parent.parent / ".stamp-ui", REPO)
+        command = ["make", "-s", "-o", venv_stamp, target, f"PI={ALIAS}", f"SSH_OPTS=-F {self.sshd['config']}"]
+        command.append(f"VENV={os.path.relpath(Path(sys.executable).parent.parent, REPO)}")
+        done = subprocess.run(command, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=600)
+        print(done.stdout, done.stderr)
+        return done
+
+    def current(self) -> str:
+        return os.readlink(self.prefix / "current")
+
+    def previous(self) -> str:
+        return os.readlink(self.prefix / "previous")
+
+    def take_calls(self) -> list[str]:
+        calls = self.calls.read_text().splitlines() if self.calls.exists() else []
+        self.calls.write_text("")
+        return calls
+
+
+def result_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in done.stdout.splitlines() if "RESULT: " in line]
+    assert lines, done.stdout + done.stderr
+    return lines[-1].split("RESULT: ", 1)[1]
+
+
+def tree_state(folder: Path) -> dict:
+    """Every path under ``folder`` with its modification time, inode and link target."""
+    state = {}
+    for path in sorted(folder.rglob("*")):
+        info = path.lstat()
+        state[str(path.relative_to(folder))] = (info.st_mtime_ns, info.st_ino, os.readlink(path) if path.is_symlink() else None)
+    return state
+
+
+@pytest.fixture(scope="module")
+def pi(tmp_path_factory, sshd, tiny_bundle):
+    return Pi(tmp_path_factory.mktemp("pi"), sshd, tiny_bundle, tmp_path_factory.mktemp("desktop"))
+
+
+@pytest.fixture(scope="module")
+def release_a(pi, tmp_path_factory):
+    """The first release, deployed once for the whole module (a virtualenv install is slow)."""
+    source = snapshot_source(tmp_path_factory.mktemp("source-a"))
+    done = pi.deploy(source)
+    return {"source": source, "version": pi.version(source), "done": done, "calls": pi.take_calls()}
+
+
+@pytest.fixture
+def a_is_current(pi, release_a):
+    if pi.current() != f"releases/{release_a['version']}":
+        assert pi.deploy(release_a["source"]).returncode == 0
+    pi.fail.unlink(missing_ok=True)
+    pi.take_calls()
+    return release_a
+
+
+class LinkWatcher(threading.Thread):
+    """Reads the ``current`` link in a loop while a deploy runs: it must never be missing."""
+
+    def __init__(self, link: Path):
+        super().__init__(daemon=True)
+        self.link, self.seen, self.missing, self.running = link, set(), 0, True
+
+    def run(self):
+        while self.running:
+            try:
+                self.seen.add(os.readlink(self.link))
+            except FileNotFoundError:
+                self.missing += 1
+
+    def stop(self):
+        self.running = False
+        self.join()
+
+
+def test_deploy_installs_a_versioned_release_and_switches_current(pi, release_a):
+    done, version = release_a["done"], release_a["version"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert result_line(done) == f"deployed {version}"
+    release = pi.prefix / "releases" / version
+    assert pi.current() == f"releases/{version}"  # relative, so the prefix can move
+    assert not (pi.prefix / ".current.tmp").exists()
+    assert (release / "VERSION").read_text().strip() == version and (release / ".complete").exists()
+    for shipped in ("device/cli.py", "pyproject.toml", "systemd", "health/slice.png", "requirements.txt", "release.sh"):
+        assert (release / shipped).exists(), shipped
+    assert (release / "models" / pi.model.name / "manifest.json").is_file()
+    venv = (release / "venv").resolve()
+    assert venv.parent == (pi.prefix / "venvs").resolve() and (venv / ".complete").exists()
+    assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    for unit in (release / "systemd").glob("*.service"):
+        installed = (pi.units / unit.name).read_text()
+        assert "/opt/ctpi" not in installed or str(pi.prefix) in installed
+    assert (pi.data / "inbox").is_dir() and (pi.data / "state").is_dir()
+    units = sorted(p.name for p in (release / "systemd").glob("*.service"))
+    calls = release_a["calls"]
+    assert "daemon-reload" in calls and f"restart {' '.join(units)}" in calls
+    assert all(f"is-active --quiet {unit}" in calls for unit in units)
+    # the health check ran ctpi predict and ctpi bench --runs 20 and printed them back
+    assert "health/slice.png" in done.stdout and "ctpi bench --runs 20" in done.stdout
+    assert "20 runs" in done.stdout
+    # and the installed release really works from the Pi's side
+    predicted = subprocess.run(
+        [str(pi.prefix / "current" / "bin" / "ctpi"), "predict", "--json", "--model", str(release / "models" / pi.model.name), str(release / "health" / "slice.png")],
+        capture_output=True,
+        text=True,
+    )
+    assert predicted.returncode == 0 and '"positive_probability"' in predicted.stdout, predicted.stderr
+
+
+def test_redeploying_the_same_tree_changes_nothing(pi, a_is_current):
+    before = tree_state(pi.prefix)
+    units_before = tree_state(pi.units)
+    done = pi.deploy(a_is_current["source"])
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert result_line(done) == f"unchanged {a_is_current['version']}"
+    assert "uploading" not in done.stdout
+    assert tree_state(pi.prefix) == before  # no file written, not even the current link re-made
+    assert tree_state(pi.units) == units_before
+    calls = pi.take_calls()
+    assert calls and all(call.startswith("is-active") for call in calls), calls  # no restart, reload or enable
+
+
+def test_failed_health_check_rolls_back_automatically(pi, a_is_current, tmp_path):
+    broken = snapshot_source(tmp_path / "broken", change='raise RuntimeError("this release cannot classify")')
+    watcher = LinkWatcher(pi.prefix / "current")
+    watcher.start()
+    done = pi.deploy(broken)
+    watcher.stop()
+    version_a, version_b = a_is_current["version"], pi.version(broken)
+    assert done.returncode == 1
+    assert result_line(done) == f"rolled-back {version_b} -> {version_a}"
+    assert "this release cannot classify" in done.stdout  # the health check's own evidence is shown
+    assert pi.current() == f"releases/{version_a}"
+    assert watcher.missing == 0 and watcher.seen <= {f"releases/{version_a}", f"releases/{version_b}"}
+    assert f"releases/{version_b}" in watcher.seen  # the switch really happened, then went back
+    restarts = [call for call in pi.take_calls() if call.startswith("restart")]
+    assert len(restarts) == 2  # the new release, then the old one again
+
+
+def test_unit_that_fails_to_start_rolls_back_automatically(pi, a_is_current, tmp_path):
+    source = snapshot_source(tmp_path / "unit-fails", change="# a release whose service will not start")
+    version = pi.version(source)
+    pi.fail.write_text(version)
+    done = pi.deploy(source)
+    assert done.returncode == 1
+    assert result_line(done) == f"rolled-back {version} -> {a_is_current['version']}"
+    assert "is not active" in done.stdout
+    assert pi.current() == f"releases/{a_is_current['version']}"
+
+
+def test_make_rollback_returns_to_the_previous_release(pi, a_is_current, tmp_path):
+    source_b = snapshot_source(tmp_path / "b", change="# release b")
+    version_a, version_b = a_is_current["version"], pi.version(source_b)
+    deployed = pi.deploy(source_b)
+    assert result_line(deployed) == f"deployed {version_b} (previous {version_a})"
+    assert (pi.current(), pi.previous()) == (f"releases/{version_b}", f"releases/{version_a}")
+    pi.take_calls()
+
+    done = pi.make("rollback")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"rolled-back {version_b} -> {version_a}" in done.stdout
+    assert (pi.current(), pi.previous()) == (f"releases/{version_a}", f"releases/{version_b}")
+    assert any(call.startswith("restart") for call in pi.take_calls())
+
+    again = pi.make("rollback")  # a second rollback undoes the first
+    assert again.returncode == 0 and pi.current() == f"releases/{version_b}"
+
+
+def test_rollback_without_a_previous_release_is_refused(sshd, tiny_bundle, tmp_path):
+    fresh = Pi(tmp_path, sshd, tiny_bundle, tmp_path / "desktop")
+    (fresh.prefix / "releases" / "only").mkdir(parents=True)
+    (fresh.prefix / "current").symlink_to("releases/only")
+    shutil.copy2(REPO / "deploy" / "release.sh", fresh.prefix / "releases" / "only" / "release.sh")
+    done = fresh.make("rollback")
+    assert done.returncode != 0
+    assert "no previous release to roll back to" in done.stdout + done.stderr
+    assert fresh.current() == "releases/only"
+
+
+def fleet_inventory(folder: Path, sshd: dict, hosts: dict[str, Path]) -> Path:
+    lines = ["[ctpi]"]
+    lines += [f"{name} ansible_host=127.0.0.1 ansible_port={sshd['port']} ctpi_prefix={prefix}" for name, prefix in hosts.items()]
+    lines += [
+        "[ctpi:vars]",
+        f"ansible_user={getpass.getuser()}",
+        f"ansible_ssh_private_key_file={sshd['key']}",
+        f"ansible_ssh_common_args='-o UserKnownHostsFile={sshd['folder']}/known_hosts -o StrictHostKeyChecking=no'",
+        f"ansible_python_interpreter={remote_python()}",
+        "ctpi_become=false",
+    ]
+    path = folder / "hosts.ini"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_fleet_playbook_deploys_every_pi_and_reports_each(pi, a_is_current, tmp_path):
+    playbook_command = Path(sys.executable).parent / "ansible-playbook"
+    if not playbook_command.exists():
+        pytest.skip("ansible-core is not installed (it is in the dev extra: pip install -e '.[dev]')")
+    fresh_prefix = tmp_path / "second-pi"
+    inventory = fleet_inventory(tmp_path, pi.sshd, {"pi-current": pi.prefix, "pi-fresh": fresh_prefix})
+    env = {**pi.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+    env["ANSIBLE_LOCAL_TEMP"] = str(tmp_path / "ansible-local")
+    env.pop("CTPI_PREFIX")  # each host names its own
+    command = [str(playbook_command), "-i", str(inventory), str(REPO / "deploy" / "playbook.yml")]
+    command += ["-e", f"ctpi_model={pi.model}", "-e", "ctpi_extras=", "-e", f"ctpi_source={a_is_current['source']}"]
+    command += ["-e", f"ctpi_work={pi.work}"]
+    version = a_is_current["version"]
+
+    syntax = subprocess.run([*command, "--syntax-check"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stdout + syntax.stderr
+
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    print(done.stdout[-6000:], done.stderr)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr
+    assert f'"msg": "pi-current: unchanged {version} (exit 0)"' in done.stdout
+    assert f'"msg": "pi-fresh: deployed {version} (exit 0)"' in done.stdout
+    assert os.readlink(fresh_prefix / "current") == f"releases/{version}"
+    assert (fresh_prefix / "releases" / version / "venv" / "bin" / "python").exists()
+
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr
+    assert f'"msg": "pi-fresh: unchanged {version} (exit 0)"' in again.stdout
+    recap = again.stdout.split("PLAY RECAP", 1)[1]
+    assert all(" changed=0 " in line for line in recap.splitlines() if line.startswith("pi-"))
