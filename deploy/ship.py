@@ -2,9 +2,9 @@
 
 The desktop side only stages, uploads and reports; every step on the Pi is in ``release.sh``,
 which the Ansible playbook runs too. SSH runs with ``BatchMode=yes`` (keys or an agent, never a
-password prompt and never a secret in this repository); a non-root login uses ``sudo -n``.
-Uploads are tar streams (no rsync needed on either side), unpacked under the prefix so moving a
-staged release into ``releases/`` is a rename. Nothing is uploaded when the Pi already runs
+password prompt and never a secret in this repository); a login that is not root and cannot
+write the prefix uses ``sudo -n``. Uploads are tar streams (no rsync needed on either side),
+unpacked under the prefix so moving a staged release into ``releases/`` is a rename. Nothing is uploaded when the Pi already runs
 the staged version; only wheels the Pi lacks are sent.
 """
 
@@ -46,7 +46,7 @@ class Pi:
     port: int | None = None
     ssh_options: list[str] = field(default_factory=list)
     settings: dict[str, str] = field(default_factory=dict)
-    is_root: bool = True
+    use_sudo: bool = False
 
     @property
     def prefix(self) -> str:
@@ -58,7 +58,7 @@ class Pi:
         return ["ssh", "-o", "BatchMode=yes", *port, *self.ssh_options, destination, command]
 
     def as_root(self, command: str) -> str:
-        return command if self.is_root else f"sudo -n sh -c {shlex.quote(command)}"
+        return f"sudo -n sh -c {shlex.quote(command)}" if self.use_sudo else command
 
     def run(self, command: str, stdin=None) -> subprocess.CompletedProcess:
         done = subprocess.run(self.ssh_command(command), stdin=stdin, capture_output=True, text=True)
@@ -86,20 +86,21 @@ class Pi:
 @dataclass(frozen=True)
 class PiState:
     target: Target
-    is_root: bool
+    use_sudo: bool
     current: str
     current_complete: bool
     wheels: frozenset[str]
 
 
 def probe(pi: Pi) -> PiState:
-    """One round trip: the Pi's python and platform, whether we are root, the current
+    """One round trip: the Pi's python and platform, whether sudo is needed, the current
     release and the wheels it holds."""
     python = shlex.quote(pi.settings.get("CTPI_PYTHON", "python3"))
     prefix = shlex.quote(pi.prefix)
     script = (
         f'echo "probe: $({python} -c {shlex.quote(PROBE)})"; echo "uid: $(id -u)"; '
         f'echo "current: $(readlink {prefix}/current)"; '
+        f"p={prefix}; while [ ! -e \"$p\" ]; do p=$(dirname \"$p\"); done; test -w \"$p\" && echo 'writable: yes'; "
         f'test -e {prefix}/current/.complete && echo "complete: yes"; '
         f"ls -1 {prefix}/wheels 2>/dev/null | sed 's/^/wheel: /'; true"
     )
@@ -112,7 +113,8 @@ def probe(pi: Pi) -> PiState:
         raise DeployError(f"{pi.host} has no working {python} ({done.stderr.strip()}); install Raspberry Pi OS's python3")
     return PiState(
         target=Target.parse(fields["probe"][0]),
-        is_root=fields.get("uid", [""])[0] == "0",
+        # sudo only when needed: not root, and the prefix is not the login's own (a test prefix)
+        use_sudo=fields.get("uid", [""])[0] != "0" and fields.get("writable") != ["yes"],
         current=fields.get("current", [""])[0],
         current_complete=fields.get("complete") == ["yes"],
         wheels=frozenset(fields.get("wheel", [])),
@@ -131,7 +133,7 @@ def upload(pi: Pi, local_folder: Path, names: list[str], remote_folder: str, rep
 
 def deploy(pi: Pi, model: Path, extras: list[str], source: Path, work: Path, wheelhouse: bool) -> int:
     state = probe(pi)
-    pi.is_root = state.is_root
+    pi.use_sudo = state.use_sudo
     release = stage(source, model, work / "releases", extras)
     print(f"deploy: release {release.version} to {pi.host} ({state.target.tag}), current {Path(state.current).name or 'none'}")
     installed = f"{pi.prefix}/releases/{release.version}"
@@ -153,7 +155,7 @@ def deploy(pi: Pi, model: Path, extras: list[str], source: Path, work: Path, whe
 
 def rollback(pi: Pi) -> int:
     state = probe(pi)
-    pi.is_root = state.is_root
+    pi.use_sudo = state.use_sudo
     if not state.current:
         raise DeployError(f"{pi.host} has no release under {pi.prefix} to roll back from")
     code, result = pi.release_script(f"{pi.prefix}/current/release.sh", "rollback")
