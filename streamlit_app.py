@@ -142,6 +142,34 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+TABLE_STYLE = (
+    "<style>table.ctpi{border-collapse:collapse;width:100%;font-size:0.85rem}"
+    "table.ctpi th{text-align:left;font-weight:600;border-bottom:2px solid #d5d8dc;padding:0.3rem 0.6rem}"
+    "table.ctpi td{border-bottom:1px solid #eceef0;padding:0.25rem 0.6rem}"
+    "table.ctpi td.n{text-align:right;font-variant-numeric:tabular-nums}"
+    "table.ctpi tr.flag td{background:#fdecec}</style>"
+)
+
+
+def html_table(rows: list[dict], name: str, flag=None) -> str:
+    """Rows as an escaped HTML table. Streamlit's dataframe would pull in pandas and pyarrow
+    (about 80 MB more in the page process, a lot on a 1 GB Pi) for a few dozen rows."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(value) -> str:
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        text = "" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+        return f'<td class="n">{html.escape(text)}</td>' if numeric else f"<td>{html.escape(text)}</td>"
+
+    header = "".join(f"<th>{html.escape(str(column))}</th>" for column in columns)
+    body = "".join(
+        f'<tr{" class=flag" if flag and flag(row) else ""}>{"".join(cell(row[c]) for c in columns)}</tr>' for row in rows
+    )
+    return f'{TABLE_STYLE}<table class="ctpi" data-table="{html.escape(name)}"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
+
+
 # -- page sections ---------------------------------------------------------------------------
 
 
@@ -212,7 +240,7 @@ def choose_model(config: Config) -> Classifier | None:
         )
         metrics = flatten(manifest.get("metrics") or {})
         if metrics:
-            st.dataframe({"metric": list(metrics), "value": [str(v) for v in metrics.values()]}, hide_index=True)
+            st.html(html_table([{"metric": key, "value": str(value)} for key, value in metrics.items()], "metrics"))
         card = classifier.bundle.path / "MODEL_CARD.md"
         if card.is_file():
             st.markdown(card.read_text(encoding="utf-8"))
@@ -309,7 +337,7 @@ def bench_tab(classifier: Classifier) -> None:
         for failed in (r for r in report["results"] if "error" in r):
             st.error(f"threads={failed['threads']}: {failed['error']}")
         if rows:
-            st.dataframe(rows, hide_index=True)
+            st.html(html_table(rows, "bench"))
         st.code(format_table(report), language=None)
 
 
@@ -321,7 +349,8 @@ def open_journal(state: Path) -> Journal | None:
         return None
 
 
-def history_tab(config: Config, labels: list[str]) -> None:
+def history_tab(config: Config, classifier: Classifier) -> None:
+    labels, flagged_label = classifier.labels, classifier.bundle.positive_label
     journal = open_journal(config.watch.state)
     if journal is None:
         return
@@ -344,7 +373,7 @@ def history_tab(config: Config, labels: list[str]) -> None:
                 )
         page = slice_page(journal, chosen, st.session_state.history_page, config.ui.page_size)
         if page.rows:
-            st.dataframe(table_rows(page.rows), hide_index=True, key="history_table")
+            st.html(html_table(table_rows(page.rows), "history", flag=lambda row: row["label"] == flagged_label))
         else:
             st.info("No slices match these filters.")
         previous, where, following, download = st.columns([1, 2, 1, 2])
@@ -364,15 +393,12 @@ def history_tab(config: Config, labels: list[str]) -> None:
         download.download_button("Download CSV", csv_text, file_name="ctpi-history.csv", mime="text/csv", key="history_csv")
         if studies:
             with st.expander(f"Studies ({len(studies)})"):
-                st.dataframe(
-                    [
-                        {"study": s["name"], "verdict": s["label"], "probability": None if s["probability"] is None else round(s["probability"], 3),
-                         "slices": s["slices"], "over threshold": s["positive_slices"], "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19]}
-                        for s in studies
-                    ],
-                    hide_index=True,
-                    key="studies_table",
-                )  # fmt: skip
+                rows = [
+                    {"study": s["name"], "verdict": s["label"], "probability": None if s["probability"] is None else round(s["probability"], 3), "slices": s["slices"],
+                     "over threshold": s["positive_slices"], "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19]}
+                    for s in studies
+                ]  # fmt: skip
+                st.html(html_table(rows, "studies", flag=lambda row: row["verdict"] == flagged_label))
 
 
 def status_tab(config: Config, classifier: Classifier) -> None:
@@ -385,20 +411,20 @@ def status_tab(config: Config, classifier: Classifier) -> None:
     daemon, slices, disk, page = st.columns(4)
     if beat is not None:
         alive = beat["state"] == "running" and beat["age_seconds"] < 60
-        daemon.metric("Watch daemon", beat["state"] if alive or beat["state"] != "running" else "silent", f"beat {beat['age_seconds']:.0f} s ago", delta_color="off")
+        daemon.metric("Watch daemon", beat["state"] if alive or beat["state"] != "running" else "silent", f"beat {beat['age_seconds']:.0f} s ago", delta_color="off", delta_arrow="off", border=True)
         if beat.get("message"):
             st.error(f"Watch daemon: {beat['message']}")
         model = beat.get("model") or {}
         st.caption(f"daemon model: {model.get('name')} {model.get('format')} · sha256 `{str(model.get('sha256'))[:12]}` · {model.get('backend')} × {model.get('threads')} threads")
     else:
-        daemon.metric("Watch daemon", "no heartbeat")
+        daemon.metric("Watch daemon", "no heartbeat", border=True)
     if counts is not None:
-        slices.metric("Slices recorded", counts["slices"], f"{counts['positive']} positive · {counts['rejected']} rejected", delta_color="off")
+        slices.metric("Slices recorded", counts["slices"], f"{counts['positive']} positive · {counts['rejected']} rejected", delta_color="off", delta_arrow="off", border=True)
     free = disk_free(config.watch.state)
     if free is not None:
-        disk.metric("Disk free", f"{free['free_mb'] / 1000:.1f} GB", f"of {free['total_mb'] / 1000:.0f} GB", delta_color="off")
+        disk.metric("Disk free", f"{free['free_mb'] / 1000:.1f} GB", f"of {free['total_mb'] / 1000:.0f} GB", delta_color="off", delta_arrow="off", border=True)
     memory = process_memory_mb()
-    page.metric("Page memory", f"{memory:.0f} MB" if memory else "n/a", "this UI process (RSS)", delta_color="off")
+    page.metric("Page memory", f"{memory:.0f} MB" if memory else "n/a", "this UI process (RSS)", delta_color="off", delta_arrow="off", border=True)
     st.caption(
         f"page model: {classifier.bundle.describe(classifier.format)} on {classifier.backend.name} × {classifier.threads} threads · "
         f"state `{config.watch.state}` · inbox `{config.watch.inbox}`"
@@ -424,7 +450,7 @@ def main() -> None:
     with triage:
         triage_tab(classifier, config)
     with history:
-        history_tab(config, classifier.labels)
+        history_tab(config, classifier)
     with bench:
         bench_tab(classifier)
     with status:
