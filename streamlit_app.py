@@ -10,6 +10,7 @@ by ``ctpi ui`` (which passes the settings) or ``make run``. Never imports Tensor
 from __future__ import annotations
 
 import html
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,13 @@ def get_classifier(bundle_path: str, fmt: str | None, threads: int | None) -> Cl
 
 
 @st.cache_resource
+def interpreter_lock(sha256: str) -> threading.Lock:
+    """Sessions run in threads and a TFLite interpreter is not thread-safe: one invoke (or one
+    heatmap) at a time per model."""
+    return threading.Lock()
+
+
+@st.cache_resource
 def get_throttle(attempts: int, lockout_seconds: float) -> LoginThrottle:
     return LoginThrottle(attempts, lockout_seconds)
 
@@ -79,10 +87,11 @@ def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes
         return result
     result.source = {"format": decoded.format, "mode": decoded.mode, "width": decoded.width, "height": decoded.height}
     result.pixels = pixels
-    result.prediction = classifier.predict_pixels(
-        pixels, {"decode": (decoded_at - start) * 1000.0, "preprocess": (prepared_at - decoded_at) * 1000.0}
-    )
-    result.heatmap = occlusion_map(classifier, pixels, grid)
+    with interpreter_lock(classifier.sha256):
+        result.prediction = classifier.predict_pixels(
+            pixels, {"decode": (decoded_at - start) * 1000.0, "preprocess": (prepared_at - decoded_at) * 1000.0}
+        )
+        result.heatmap = occlusion_map(classifier, pixels, grid)
     return result
 
 
