@@ -100,6 +100,16 @@ def camera_available(spec: str | None = None) -> bool:
     return True
 
 
+def capture_once(inbox: Path, spec: str | None = None) -> Path:
+    """One still into ``inbox`` with the camera ``spec`` names, opened and closed around it:
+    what a capture button calls. Raises :class:`CameraError`."""
+    camera = open_camera(spec)
+    try:
+        return capture_stills(camera, Path(inbox), every=0.0, count=1)[0]
+    finally:
+        camera.close()
+
+
 def encode_png(frame: np.ndarray) -> bytes:
     """A frame as PNG bytes: 8-bit grey or RGB (a 4th channel, e.g. XRGB padding, is dropped)."""
     frame = np.asarray(frame)

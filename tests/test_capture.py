@@ -22,7 +22,7 @@ from PIL import Image
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from device.capture import capture_stills
+from device.capture import camera_available, capture_once, capture_stills
 from device.cli import main
 
 REPO = Path(__file__).resolve().parent.parent
@@ -190,3 +190,14 @@ def test_capture_stops_when_asked_between_stills(tmp_path):
     threading.Timer(0.35, stop.set).start()
     written = capture_stills(camera, tmp_path, every=0.2, count=0, stop=stop)
     assert 1 <= len(written) <= 3 and len(camera.times) == len(written)
+
+
+def test_a_capture_button_takes_one_still_and_knows_whether_a_camera_is_there(tmp_path, monkeypatch):
+    monkeypatch.delenv("CTPI_CAMERA", raising=False)
+    assert camera_available(SEAM)
+    path = capture_once(tmp_path / "inbox", SEAM)
+    assert path.parent == tmp_path / "inbox" and path.suffix == ".png"
+    assert np.array_equal(np.asarray(Image.open(path)), StandInCamera.instances[-1].frames[0])
+    assert all(camera.closed for camera in StandInCamera.instances)
+    if importlib.util.find_spec("picamera2") is None:
+        assert not camera_available("picamera2")
