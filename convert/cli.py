@@ -96,6 +96,46 @@ def _figure_table(keras: dict, formats: dict, split: str) -> str:
     return "\n".join(rows)
 
 
+def _run_gate(candidate: Path, formats, referee: Classifier, splits: dict, reference: dict):
+    """Keras figures per split, every format's figures per split, and the gate's reasons to refuse."""
+    keras_figures, keras_labels = {}, {}
+    for split, slices in splits.items():
+        keras_figures[split], keras_labels[split] = reference_figures(referee, slices, reference[split])
+    format_results, failures = {}, []
+    for fmt in formats:
+        classifier = Classifier(candidate, fmt)
+        format_results[fmt] = {
+            split: format_figures(classifier, slices, reference[split], keras_labels[split], f"gate {fmt} on {split}")
+            for split, slices in splits.items()
+        }
+        failures += check(format_results[fmt], keras_figures, fmt)
+    return keras_figures, format_results, failures
+
+
+def _check_reference(keras_figures: dict, recorded_auc: float | None) -> None:
+    """The Keras model must score val as training recorded it; otherwise DATA is not the same."""
+    measured = keras_figures[GATED_SPLIT]["auc"]
+    if recorded_auc is not None and measured is not None and abs(recorded_auc - measured) > 1e-3:
+        log.warning(
+            "the Keras model scores val AUC %.4f here but the training run recorded %.4f: "
+            "DATA/val or the preprocessing differs from what training used",
+            measured, recorded_auc,
+        )
+
+
+def _report_failure(failures: list[str], format_results: dict, model, referee, splits: dict, reference: dict) -> None:
+    print("\nconvert: the accuracy gate FAILED; no bundle was written.", file=sys.stderr)
+    for reason in failures:
+        print(f"  - {reason}", file=sys.stderr)
+    for fmt in dict.fromkeys(reason.split(":")[0] for reason in failures):
+        print(f"  what to try ({fmt}): {ADVICE[fmt]}", file=sys.stderr)
+    if any(reason.startswith("int8:") for reason in failures):
+        step("probing int8 weights alone (dynamic-range model) to tell weights from activations")
+        probe = weights_only_agreement(model, referee, splits[GATED_SPLIT], reference[GATED_SPLIT])
+        agreement = format_results["int8"][GATED_SPLIT]["agreement"] or 0.0
+        print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement)}", file=sys.stderr)
+
+
 def convert(args, argv: list[str]) -> int:
     formats = parse_formats(args.formats)
     default_format = args.default_format or ("int8" if "int8" in formats else formats[0])
@@ -160,38 +200,12 @@ def convert(args, argv: list[str]) -> int:
         assemble_bundle(candidate, models, metrics={}, **identity)
 
         referee = Classifier(candidate, default_format)  # any format: only its decision rule is used
-        keras_figures, keras_labels = {}, {}
-        for split, slices in splits.items():
-            keras_figures[split], keras_labels[split] = reference_figures(referee, slices, reference[split])
-        recorded_auc = run.info["metrics"].get("val", {}).get("auc")
-        if recorded_auc is not None and keras_figures[GATED_SPLIT]["auc"] is not None:
-            if abs(recorded_auc - keras_figures[GATED_SPLIT]["auc"]) > 1e-3:
-                log.warning(
-                    "the Keras model scores val AUC %.4f here but the training run recorded %.4f: "
-                    "DATA/val or the preprocessing differs from what training used",
-                    keras_figures[GATED_SPLIT]["auc"], recorded_auc,
-                )
-        format_results, failures = {}, []
-        for fmt in formats:
-            classifier = Classifier(candidate, fmt)
-            format_results[fmt] = {
-                split: format_figures(classifier, slices, reference[split], keras_labels[split], f"gate {fmt} on {split}")
-                for split, slices in splits.items()
-            }
-            failures += check(format_results[fmt], keras_figures, fmt)
+        keras_figures, format_results, failures = _run_gate(candidate, formats, referee, splits, reference)
+        _check_reference(keras_figures, run.info["metrics"].get("val", {}).get("auc"))
         for split in splits:
             print(_figure_table(keras_figures, format_results, split), file=sys.stderr)
         if failures:
-            print("\nconvert: the accuracy gate FAILED; no bundle was written.", file=sys.stderr)
-            for reason in failures:
-                print(f"  - {reason}", file=sys.stderr)
-            for fmt in dict.fromkeys(reason.split(":")[0] for reason in failures):
-                print(f"  what to try ({fmt}): {ADVICE[fmt]}", file=sys.stderr)
-            if any(reason.startswith("int8:") for reason in failures):
-                step("probing int8 weights alone (dynamic-range model) to tell weights from activations")
-                probe = weights_only_agreement(model, referee, splits[GATED_SPLIT], reference[GATED_SPLIT])
-                agreement = format_results["int8"][GATED_SPLIT]["agreement"] or 0.0
-                print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement)}", file=sys.stderr)
+            _report_failure(failures, format_results, model, referee, splits, reference)
             return EXIT_GATE_FAILED
         step(f"accuracy gate passed for {', '.join(formats)}")
 
