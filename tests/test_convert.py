@@ -231,3 +231,11 @@ def test_convert_refuses_a_run_folder_without_run_json(tmp_path, split_data, cap
     code = main(["--run", str(tmp_path / "run"), "--data", str(split_data), "--out", str(tmp_path / "out")])
     assert code == 2
     assert "no run.json" in capsys.readouterr().err
+
+
+def test_convert_refuses_an_unknown_format_before_converting(tmp_path, split_data, capsys):
+    from convert.cli import main
+
+    code = main(["--run", str(tmp_path), "--data", str(split_data), "--out", str(tmp_path / "out"), "--formats", "int8,int4"])
+    assert code == 2
+    assert "unknown formats ['int4']" in capsys.readouterr().err
