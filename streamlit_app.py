@@ -241,19 +241,61 @@ def choose_model(config: Config) -> Classifier | None:
         st.sidebar.error(f"This model cannot be used: {error}")
         return None
     manifest = classifier.bundle.manifest
-    with st.sidebar.expander("Model card", expanded=False):
-        st.markdown(
-            f"**{html.escape(manifest['name'])}** {html.escape(str(manifest['version']))} · {html.escape(manifest['architecture'])}  \n"
-            f"threshold **{classifier.threshold:.3f}** for {html.escape(classifier.bundle.positive_label)}  \n"
-            f"`{classifier.format}` · sha256 `{classifier.sha256[:16]}`"
+    st.sidebar.caption(
+        f"{manifest['name']} {manifest['version']} · {manifest['architecture']} · threshold {classifier.threshold:.3f} "
+        f"for {classifier.bundle.positive_label} · sha256 `{classifier.sha256[:12]}`"
+    )
+    figures = [row for row in model_figures(manifest.get("metrics") or {}) if row["model"] in (classifier.format, "model")]
+    if figures:
+        row = figures[0]
+        st.sidebar.caption(
+            f"val: accuracy {row['accuracy']:.3f} · sensitivity {row['sensitivity']:.3f} · "
+            f"specificity {row['specificity']:.3f} · ROC AUC {row['auc']:.3f} (n = {row['n']})"
         )
-        metrics = flatten(manifest.get("metrics") or {})
-        if metrics:
-            st.html(html_table([{"metric": key, "value": str(value)} for key, value in metrics.items()], "metrics"))
-        card = classifier.bundle.path / "MODEL_CARD.md"
-        if card.is_file():
-            st.markdown(card.read_text(encoding="utf-8"))
     return classifier
+
+
+FIGURES = ("accuracy", "sensitivity", "specificity", "auc")
+
+
+def model_figures(metrics: dict, split: str = "val") -> list[dict]:
+    """The model card's headline figures from a manifest's ``metrics``: the reference model's
+    and each format's on ``split`` (as ``python -m convert`` records them)."""
+    rows = []
+
+    def add(name: str, figures) -> None:
+        if isinstance(figures, dict) and all(isinstance(figures.get(key), (int, float)) for key in FIGURES):
+            rows.append({"model": name, "n": figures.get("n"), **{key: float(figures[key]) for key in FIGURES}})
+
+    add("reference (Keras float)" if "formats" in metrics else "model", metrics.get(split))
+    for fmt, figures in (metrics.get("formats") or {}).items():
+        if isinstance(figures, dict):
+            add(fmt, figures.get(split))
+    return rows
+
+
+def model_card_tab(classifier: Classifier) -> None:
+    bundle = classifier.bundle
+    manifest = bundle.manifest
+    st.markdown(
+        f"**{manifest['name']}** {manifest['version']} · {manifest['architecture']} · labels {', '.join(bundle.labels)} · "
+        f"threshold **{bundle.threshold:.3f}** for {bundle.positive_label} · formats {', '.join(bundle.formats)}"
+    )
+    metrics = manifest.get("metrics") or {}
+    figures = model_figures(metrics)
+    if figures:
+        st.caption("Figures on the validation split, from the bundle's manifest")
+        st.html(html_table([{("ROC AUC" if key == "auc" else key): value for key, value in row.items()} for row in figures], "figures"))
+    elif metrics:
+        st.html(html_table([{"metric": key, "value": str(value)} for key, value in flatten(metrics).items()], "metrics"))
+    else:
+        st.info("This bundle's manifest records no metrics.")
+    card = bundle.path / "MODEL_CARD.md"
+    if card.is_file():
+        with st.expander("MODEL_CARD.md", expanded=True):
+            st.markdown(card.read_text(encoding="utf-8"))
+    else:
+        st.caption("This bundle has no MODEL_CARD.md.")
 
 
 def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: bytes, key: str) -> None:
@@ -455,13 +497,15 @@ def main() -> None:
     if classifier is None:
         st.error("No usable model: see the sidebar.")
         return
-    triage, history, bench, status = st.tabs(["Triage", "History", "Bench", "Status"])
+    triage, history, bench, card, status = st.tabs(["Triage", "History", "Bench", "Model card", "Status"])
     with triage:
         triage_tab(classifier, config)
     with history:
         history_tab(config, classifier)
     with bench:
         bench_tab(classifier)
+    with card:
+        model_card_tab(classifier)
     with status:
         status_tab(config, classifier)
 

@@ -195,6 +195,37 @@ def test_bench_panel_runs_ctpi_bench_on_the_chosen_model(settings, monkeypatch):
     assert "tiny-texture" in page.code[-1].value and "slices/s" in page.code[-1].value
 
 
+def test_model_selector_shows_each_bundles_model_card(settings, monkeypatch, tiny_bundle, tmp_path):
+    import json
+    import shutil
+
+    from device.bundle import write_manifest
+
+    models = tmp_path / "models"
+    shutil.copytree(tiny_bundle, models / "carded")
+    shutil.copytree(tiny_bundle, models / "plain")
+    manifest = json.loads((models / "carded" / "manifest.json").read_text())
+    val = {"n": 118, "accuracy": 0.763, "sensitivity": 0.867, "specificity": 0.655, "auc": 0.783}
+    manifest["metrics"] = {"val": val, "formats": {"int8": {"val": {**val, "accuracy": 0.754}}, "float32": {"val": val}}}
+    manifest["name"] = "carded-model"
+    (models / "carded" / "MODEL_CARD.md").write_text("# Model card\n\nIntended use: triage support only.\n")
+    write_manifest(models / "carded", manifest)
+    watch = dataclasses.replace(settings.watch, model=models / "carded")
+    page = logged_in_page(dataclasses.replace(settings, watch=watch, ui=dataclasses.replace(settings.ui, models_dir=models)), monkeypatch)
+    assert page.selectbox(key="bundle").options == ["carded", "plain"]
+    figures = table(page, "figures")
+    assert [row["model"] for row in figures] == ["reference (Keras float)", "int8", "float32"]
+    assert figures[1]["accuracy"] == "0.754" and figures[1]["ROC AUC"] == "0.783"
+    assert any("Intended use: triage support only." in m.value for m in page.markdown)
+    assert any("val: accuracy 0.754" in c.value for c in page.sidebar.caption)  # the selected format's figures
+
+    page.selectbox(key="bundle").set_value(models / "plain").run()
+    assert not page.exception, page.exception
+    assert table(page, "figures") == []
+    assert any("records no metrics" in info.value for info in page.info)
+    assert any("This bundle has no MODEL_CARD.md" in c.value for c in page.caption)
+
+
 # -- history and status, against a journal written by the real watch daemon ------------------
 
 
