@@ -319,6 +319,21 @@ def test_make_rollback_returns_to_the_previous_release(pi, a_is_current, tmp_pat
     assert again.returncode == 0 and pi.current() == f"releases/{version_b}"
 
 
+def test_old_releases_are_pruned_but_current_and_previous_stay(pi, a_is_current, tmp_path):
+    (pi.prefix / "releases" / "0.0.0-old").mkdir()  # an old release from long ago, never current again
+    source = snapshot_source(tmp_path / "c", change="# release c")
+    pi.env["CTPI_KEEP_RELEASES"] = "1"
+    try:
+        done = pi.deploy(source)
+    finally:
+        del pi.env["CTPI_KEEP_RELEASES"]
+    assert done.returncode == 0, done.stdout + done.stderr
+    on_disk = {p.name for p in (pi.prefix / "releases").iterdir()}
+    assert on_disk == {pi.version(source), a_is_current["version"]}  # current and previous
+    assert "pruned release 0.0.0-old" in done.stdout
+    assert {p.name for p in (pi.prefix / "venvs").iterdir()} == {(pi.prefix / "current" / "venv").resolve().name}
+
+
 def test_rollback_without_a_previous_release_is_refused(sshd, tiny_bundle, tmp_path):
     fresh = Pi(tmp_path, sshd, tiny_bundle, tmp_path / "desktop")
     (fresh.prefix / "releases" / "only").mkdir(parents=True)
