@@ -70,8 +70,8 @@ def get_throttle(attempts: int, lockout_seconds: float) -> LoginThrottle:
 
 
 def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes: int) -> SliceResult:
-    """Prediction and heatmap for one uploaded file; a bad file becomes a result with its
-    error, never an exception, so the other files and the page keep working."""
+    """Prediction and heatmap (``grid`` 0: none) for one uploaded file; a bad file becomes a
+    result with its error, never an exception, so the other files and the page keep working."""
     result = SliceResult(name=name, size_bytes=len(data))
     if len(data) > max_bytes:
         result.error, result.reason = f"file is {len(data) / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB", "too-large"
@@ -91,7 +91,8 @@ def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes
         result.prediction = classifier.predict_pixels(
             pixels, {"decode": (decoded_at - start) * 1000.0, "preprocess": (prepared_at - decoded_at) * 1000.0}
         )
-        result.heatmap = occlusion_map(classifier, pixels, grid)
+        if grid > 0:
+            result.heatmap = occlusion_map(classifier, pixels, grid)
     return result
 
 
@@ -110,6 +111,11 @@ def probability_bar(probability: float, threshold: float, positive_label: str) -
         f'<div style="position:relative;height:1.1rem"><span style="position:absolute;left:{threshold * 100:.1f}%;'
         f'transform:translateX(-50%);color:#555">threshold {threshold:.2f}</span></div></div>'
     )
+
+
+def md_escape(text: str) -> str:
+    """A file name as literal Markdown text (a name like ``[x](http://…)`` must not become a link)."""
+    return "".join("\\" + c if c in "\\`*_{}[]()<>#+!|~" else c for c in text)
 
 
 def safe_name(name: str) -> str:
@@ -301,27 +307,34 @@ def model_card_tab(classifier: Classifier) -> None:
 def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: bytes, key: str) -> None:
     with st.container(border=True):
         if result.error:
-            st.error(f"**{result.name}**: cannot be read — {result.error} (`{result.reason}`)")
+            st.error(f"**{md_escape(result.name)}**: cannot be read — {md_escape(result.error)} (`{result.reason}`)")
             return
         prediction, heatmap = result.prediction, result.heatmap
         positive = classifier.bundle.positive_label
         flagged = prediction.label == positive
         badge = f":red-background[**{prediction.label}**]" if flagged else f":green-background[**{prediction.label}**]"
         st.markdown(
-            f"#### {result.name}\n{badge} · P({positive}) = **{prediction.positive_probability:.3f}** "
+            f"#### {md_escape(result.name)}\n{badge} · P({positive}) = **{prediction.positive_probability:.3f}** "
             f"(threshold {prediction.threshold:.2f}) · {prediction.latency_ms['total']:.0f} ms"
         )
         original, explained, figures = st.columns([1, 1, 1.2], gap="medium")
         original.image(result.pixels[..., 0], caption="model input", width=DISPLAY_WIDTH, clamp=True)
-        explained.image(overlay(result.pixels, heatmap.sensitivity), caption="occlusion heatmap", width=DISPLAY_WIDTH)
+        if heatmap is not None:
+            explained.image(overlay(result.pixels, heatmap.sensitivity), caption="occlusion heatmap", width=DISPLAY_WIDTH)
+            explanation = (
+                f"heatmap: {heatmap.invokes} invokes in {heatmap.seconds:.1f} s; red = hiding it lowers P({positive}), "
+                "blue = raises it  \n"
+            )
+        else:
+            explained.caption("Heatmaps are off (switch above the uploader).")
+            explanation = ""
         with figures:
             st.html(probability_bar(prediction.positive_probability, prediction.threshold, positive))
             latency = prediction.latency_ms
             st.caption(
                 f"latency: decode {latency.get('decode', 0):.1f} · preprocess {latency.get('preprocess', 0):.1f} · "
                 f"invoke {latency['invoke']:.1f} ms  \n"
-                f"heatmap: {heatmap.invokes} invokes in {heatmap.seconds:.1f} s; red = hiding it lowers P({positive}), "
-                f"blue = raises it  \n"
+                f"{explanation}"
                 f"{result.source['format']} {result.source['width']}×{result.source['height']} "
                 f"({result.size_bytes / 1024:.0f} KB) · model sha256 `{prediction.model_sha256[:12]}`"
             )
@@ -340,18 +353,25 @@ def triage_tab(classifier: Classifier, config: Config) -> None:
         accept_multiple_files=True,
         key="uploads",
     )
+    heatmaps = st.toggle(
+        "Occlusion heatmaps",
+        value=True,
+        key="heatmaps",
+        help=f"{settings.heatmap_grid ** 2 + 1} extra invokes per slice; switch off to triage many slices quickly on a Pi",
+    )
     if not uploads:
         st.info("Drop one or more slices here. They stay in this page's memory; nothing is written to the inbox unless you ask.")
         return
     cache = st.session_state.setdefault("results", {})
+    grid = settings.heatmap_grid if heatmaps else 0
     wanted = set()
     for upload in uploads:
-        key = f"{upload.file_id}:{classifier.sha256}:{settings.heatmap_grid}"
+        key = f"{upload.file_id}:{classifier.sha256}:{grid}"
         wanted.add(key)
         data = upload.getvalue()
         if key not in cache:
             with st.spinner(f"Analysing {upload.name}…"):
-                cache[key] = analyse(classifier, upload.name, data, settings.heatmap_grid, settings.max_upload_mb * 1024 * 1024)
+                cache[key] = analyse(classifier, upload.name, data, grid, settings.max_upload_mb * 1024 * 1024)
         show_result(cache[key], classifier, config.watch.inbox, data, upload.file_id)
     for stale in set(cache) - wanted:  # removed uploads or another model: free their arrays
         del cache[stale]

@@ -146,6 +146,24 @@ def test_bad_file_shows_its_error_and_the_page_keeps_working(settings, monkeypat
     assert any(m.value.startswith("#### next.png") and f"**{NEGATIVE}**" in m.value for m in page.markdown)
 
 
+def test_heatmaps_can_be_switched_off_for_large_batches(settings, monkeypatch):
+    page = logged_in_page(settings, monkeypatch)
+    page.toggle(key="heatmaps").set_value(False)
+    page.file_uploader[0].set_value([(f"s{i}.png", synthetic_png(POSITIVE, 50 + i), "image/png") for i in range(3)])
+    page.run()
+    assert not page.exception, page.exception
+    assert [c for image in page.get("image") for c in image.captions] == ["model input"] * 3
+    assert "heatmap:" not in page_text(page) and page_text(page).count("Heatmaps are off") == 3
+
+
+def test_file_names_are_shown_as_text_not_markdown(settings, monkeypatch):
+    page = logged_in_page(settings, monkeypatch)
+    page.file_uploader[0].set_value(("[open me](http://example.invalid).png", synthetic_png(NEGATIVE, 8), "image/png"))
+    page.run()
+    headline = next(m.value for m in page.markdown if m.value.startswith("#### "))
+    assert headline.startswith("#### \\[open me\\]\\(http://example.invalid\\).png\n")
+
+
 def test_dicom_upload_shows_no_patient_fields(settings, monkeypatch):
     pydicom = pytest.importorskip("pydicom")
     from pydicom.data import get_testdata_file
