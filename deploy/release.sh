@@ -25,7 +25,9 @@
 #   CTPI_HEALTH_TIMEOUT   30                    seconds a unit may take to become active
 #   CTPI_BENCH_RUNS       20                    `ctpi bench --runs` in the health check (0: skip)
 #   CTPI_KEEP_RELEASES    3                     releases kept besides current and previous
-set -euo pipefail
+set -Eeuo pipefail
+# A step that fails outside the guarded switch below still ends with a RESULT line.
+trap '[ -n "${RESULTED:-}" ] || result "failed (line $LINENO: $BASH_COMMAND)"' ERR
 
 PREFIX=${CTPI_PREFIX:-/opt/ctpi}
 SERVICE_MANAGER=${CTPI_SERVICE_MANAGER:-systemctl}
@@ -38,7 +40,8 @@ BENCH_RUNS=${CTPI_BENCH_RUNS:-20}
 KEEP_RELEASES=${CTPI_KEEP_RELEASES:-3}
 
 say() { echo "ctpi-release: $*"; }
-die() { echo "ctpi-release: error: $*" >&2; echo "RESULT: failed ($*)"; exit 1; }
+result() { echo "RESULT: $*"; RESULTED=1; }
+die() { echo "ctpi-release: error: $*" >&2; result "failed ($*)"; exit 1; }
 # Word splitting is wanted: CTPI_SERVICE_MANAGER may be "systemctl --user".
 sm() { $SERVICE_MANAGER "$@"; }
 
@@ -226,6 +229,19 @@ lock() {
   flock -n 9 || die "another deploy or rollback is running on this Pi"
 }
 
+activate() { # release old-current: units in, links switched, units restarted; 1 on any failure
+  local release=$1 old_current=$2
+  retire_units "${old_current:+$PREFIX/$old_current}" "$release" || return 1
+  install_units "$release" || return 1
+  if [ -n "$old_current" ]; then switch_link previous "$old_current" || return 1; fi
+  switch_link current "releases/$(basename "$release")" || return 1
+  say "current -> releases/$(basename "$release")"
+  if ! restart_units "$release"; then
+    say "restart failed"
+    return 1
+  fi
+}
+
 cmd_install() {
   local stage=${1:?usage: release.sh install STAGE}
   [ -f "$stage/VERSION" ] || die "$stage is not a staged release (no VERSION)"
@@ -239,8 +255,8 @@ cmd_install() {
   if [ "$old_current" = "releases/$version" ] && [ -e "$release/.complete" ]; then
     [ "$(readlink -f "$stage")" = "$(readlink -f "$release")" ] || rm -rf "$stage"
     say "release $version is already current: nothing to change"
-    if health; then echo "RESULT: unchanged $version"; return 0; fi
-    echo "RESULT: failed (release $version is current but unhealthy; nothing was changed)"
+    if health; then result "unchanged $version"; return 0; fi
+    result "failed (release $version is current but unhealthy; nothing was changed)"
     return 1
   fi
 
@@ -259,32 +275,27 @@ cmd_install() {
     say "release $version is on disk already (deployed before); switching back to it"
   fi
 
-  retire_units "${old_current:+$PREFIX/$old_current}" "$release"
-  install_units "$release"
-  if [ -n "$old_current" ]; then switch_link previous "$old_current"; fi
-  switch_link current "releases/$version"
-  say "current -> releases/$version"
-  restart_units "$release"
-
-  if health bench; then
+  # From here on every failure (units that will not enable or restart, as `systemctl restart`
+  # reports for a unit that fails to start, or a failed health check) leads to the rollback.
+  if activate "$release" "$old_current" && health bench; then
     prune
-    echo "RESULT: deployed $version${old_current:+ (previous $(basename "$old_current"))}"
+    result "deployed $version${old_current:+ (previous $(basename "$old_current"))}"
     return 0
   fi
   if [ -z "$old_current" ]; then
-    echo "RESULT: failed $version (health check failed; no previous release to roll back to)"
+    result "failed $version (health check failed; no previous release to roll back to)"
     return 1
   fi
   say "health check failed: rolling back to $(basename "$old_current")"
-  retire_units "$release" "$PREFIX/$old_current"
-  install_units "$PREFIX/$old_current"
+  retire_units "$release" "$PREFIX/$old_current" || true
+  install_units "$PREFIX/$old_current" || true
   switch_link current "$old_current"
   if [ -n "$old_previous" ]; then switch_link previous "$old_previous"; else rm -f "$PREFIX/previous"; fi
-  restart_units "$PREFIX/$old_current"
+  restart_units "$PREFIX/$old_current" || true
   if health; then
-    echo "RESULT: rolled-back $version -> $(basename "$old_current")"
+    result "rolled-back $version -> $(basename "$old_current")"
   else
-    echo "RESULT: rolled-back $version -> $(basename "$old_current") (which is unhealthy too)"
+    result "rolled-back $version -> $(basename "$old_current") (which is unhealthy too)"
   fi
   return 1
 }
@@ -300,12 +311,12 @@ cmd_rollback() {
   switch_link current "$previous"
   switch_link previous "$current"
   say "current -> $previous"
-  restart_units "$PREFIX/$previous"
+  restart_units "$PREFIX/$previous" || say "restart failed"
   if health; then
-    echo "RESULT: rolled-back $(basename "$current") -> $(basename "$previous")"
+    result "rolled-back $(basename "$current") -> $(basename "$previous")"
     return 0
   fi
-  echo "RESULT: failed (rolled back to $(basename "$previous"), but it is unhealthy)"
+  result "failed (rolled back to $(basename "$previous"), but it is unhealthy)"
   return 1
 }
 

@@ -47,6 +47,7 @@ SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 HEALTH_SLICE = "health/slice.png"
+KEEP_STAGED = 5  # staged releases kept on the desktop
 # One line the Pi's python3 prints: major minor machine libc libc-version, e.g. "3 11 aarch64 glibc 2.36".
 PROBE = "import sys, platform; print(sys.version_info[0], sys.version_info[1], platform.machine(), *platform.libc_ver())"
 
@@ -216,10 +217,20 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
     final = out / version
     if final.is_dir():
         shutil.rmtree(work)
+        final.touch()  # newest again, for the pruning below
     else:
         work.rename(final)
     log.info("staged release %s in %s", version, final)
+    _prune_staged(out, keep=KEEP_STAGED)
     return Release(version=version, path=final, requirements_sha256=requirements_sha256)
+
+
+def _prune_staged(out: Path, keep: int) -> None:
+    """Keep the ``keep`` most recently staged releases (and their archives) on the desktop."""
+    staged = sorted((p for p in out.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in staged[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+        (out / f"{old.name}.tar").unlink(missing_ok=True)
 
 
 def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Path:

@@ -36,12 +36,14 @@ pytestmark = [
 ]
 
 STAND_IN_SERVICE_MANAGER = """#!/bin/sh
-# Stand-in for systemctl: records every call; `is-active` fails while `current` is the release
-# named in the fail file, succeeds otherwise.
+# Stand-in for systemctl: records every call. While `current` is the release named in the fail
+# file, its units fail as systemd's do: `restart` exits 1 ("Job failed"), `is-active` exits 3.
 echo "$*" >> "{log}"
+failing=no
+if [ -f "{fail}" ] && [ "$(readlink "$CTPI_PREFIX/current")" = "releases/$(cat "{fail}")" ]; then failing=yes; fi
 case "$1" in
-  is-active)
-    if [ -f "{fail}" ] && [ "$(readlink "$CTPI_PREFIX/current")" = "releases/$(cat "{fail}")" ]; then exit 3; fi ;;
+  restart) if [ $failing = yes ]; then echo "Job for $2 failed." >&2; exit 1; fi ;;
+  is-active) if [ $failing = yes ]; then exit 3; fi ;;
   status) echo "stand-in: unit failed" ;;
 esac
 exit 0
@@ -297,7 +299,7 @@ def test_unit_that_fails_to_start_rolls_back_automatically(pi, a_is_current, tmp
     done = pi.deploy(source)
     assert done.returncode == 1
     assert result_line(done) == f"rolled-back {version} -> {a_is_current['version']}"
-    assert "is not active" in done.stdout
+    assert "restart failed" in done.stdout
     assert pi.current() == f"releases/{a_is_current['version']}"
 
 
