@@ -374,6 +374,7 @@ def test_fleet_playbook_deploys_every_pi_and_reports_each(pi, a_is_current, tmp_
     inventory = fleet_inventory(tmp_path, pi.sshd, hosts, unreachable="pi-off")
     env = {**pi.env, "ANSIBLE_NOCOLOR": "1", "ANSIBLE_HOST_KEY_CHECKING": "False", "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
     env["ANSIBLE_LOCAL_TEMP"] = str(tmp_path / "ansible-local")
+    env["ANSIBLE_SSH_ARGS"] = "-o ControlMaster=auto -o ControlPersist=2s"  # no ssh session outlives the test
     env.pop("CTPI_PREFIX")  # each host names its own
     command = [str(playbook_command), str(REPO / "deploy" / "playbook.yml")]
     command += ["-e", f"ctpi_model={pi.model}", "-e", "ctpi_extras=", "-e", f"ctpi_source={a_is_current['source']}"]
