@@ -7,11 +7,14 @@ kept in ``test-artifacts/`` (git-ignored) for people to look at.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -57,23 +60,25 @@ def ctpi(*args: str) -> list[str]:
     return [sys.executable, "-m", "device.cli", *args]
 
 
-@pytest.fixture
-def served_page(tmp_path, tiny_bundle):
-    """``ctpi ui`` on a free localhost port with a password set by ``ctpi passwd``."""
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium not installed (tests/system-deps.sh installs it as root)")
-    pytest.importorskip("playwright.sync_api", reason="playwright missing: pip install -e '.[dev]'")
-    password_file = tmp_path / "config" / "ui-password"
-    environment = dict(os.environ, HOME=str(tmp_path / "home"))
-    subprocess.run(ctpi("passwd", "--password-file", str(password_file), "--stdin"), input=PASSWORD + "\n", text=True, check=True, env=environment)
+class ServerDidNotStart(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def serve_ui(bundle: Path, workdir: Path, max_upload_mb: int = MAX_UPLOAD_MB):
+    """``ctpi ui`` for ``bundle`` on a free localhost port, with a password set by
+    ``ctpi passwd``; yields ``(url, server process)`` and stops the server afterwards."""
+    password_file = workdir / "config" / "ui-password"
+    environment = dict(os.environ, HOME=str(workdir / "home"))
+    subprocess.run(ctpi("passwd", "--password-file", str(password_file), "--stdin"), input=PASSWORD + "\n", text=True, check=True, env=environment, capture_output=True)
     port = free_port()
-    log = open(tmp_path / "ui.log", "w+")
+    log = open(workdir / "ui.log", "w+")
     command = ctpi(
-        "ui", "--host", "127.0.0.1", "--port", str(port), "--models", str(tiny_bundle.parent), "--model", str(tiny_bundle),
-        "--state", str(tmp_path / "state"), "--inbox", str(tmp_path / "inbox"), "--password-file", str(password_file),
-        "--max-upload-mb", str(MAX_UPLOAD_MB),
+        "ui", "--host", "127.0.0.1", "--port", str(port), "--models", str(bundle.parent), "--model", str(bundle),
+        "--state", str(workdir / "state"), "--inbox", str(workdir / "inbox"), "--password-file", str(password_file),
+        "--max-upload-mb", str(max_upload_mb),
     )  # fmt: skip
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=tmp_path)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -86,7 +91,7 @@ def served_page(tmp_path, tiny_bundle):
                 pass
             if server.poll() is not None or time.monotonic() > deadline:
                 log.seek(0)
-                pytest.fail(f"ctpi ui did not come up (exit {server.poll()}):\n{log.read()}")
+                raise ServerDidNotStart(f"ctpi ui did not come up (exit {server.poll()}):\n{log.read()}")
             time.sleep(0.3)
         yield url, server
     finally:
@@ -96,6 +101,34 @@ def served_page(tmp_path, tiny_bundle):
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
+
+
+def launch_chromium(playwright):
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+
+
+def log_in(page, url: str, password: str = PASSWORD):
+    """Open the page and log in; returns the file input once the page is open."""
+    from playwright.sync_api import expect
+
+    page.goto(url)
+    page.get_by_label("Password", exact=True).fill(password)
+    page.get_by_role("button", name="Log in").click()
+    uploader = page.locator("input[type=file]")
+    expect(uploader).to_be_attached(timeout=60_000)
+    return uploader
+
+
+@pytest.fixture
+def served_page(tmp_path, tiny_bundle):
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("chromium not installed (tests/system-deps.sh installs it as root)")
+    pytest.importorskip("playwright.sync_api", reason="playwright missing: pip install -e '.[dev]'")
+    try:
+        with serve_ui(tiny_bundle, tmp_path) as served:
+            yield served
+    except ServerDidNotStart as error:
+        pytest.fail(str(error))
 
 
 def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tmp_path, tiny_bundle):
@@ -112,7 +145,7 @@ def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tm
     ARTIFACTS.mkdir(exist_ok=True)
     outside = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        browser = launch_chromium(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.on("request", lambda request: urlparse(request.url).hostname not in ("127.0.0.1", None) and outside.append(request.url))
@@ -150,3 +183,33 @@ def test_served_page_refuses_uploads_without_xsrf_token(served_page):
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(request, timeout=10)
     assert refused.value.code == 403
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Page memory, the figure the issue asks for: ``python -m tests.test_browser --model
+    models/mobilenetv2 --slice FILE`` serves the page, logs in with Chromium, uploads FILE and
+    prints the server process's RSS at each step."""
+    from playwright.sync_api import expect, sync_playwright
+
+    parser = argparse.ArgumentParser(prog="python -m tests.test_browser", description=main.__doc__)
+    parser.add_argument("--model", type=Path, required=True, help="bundle folder")
+    parser.add_argument("--slice", type=Path, required=True, help="a slice file to upload")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ctpi-ui-memory-") as workdir, serve_ui(args.model.resolve(), Path(workdir), 32) as (url, server):
+        print(f"idle page process:                   {rss_mb(server.pid):6.0f} MB RSS")
+        with sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            uploader = log_in(page, url)
+            print(f"logged in, model loaded:             {rss_mb(server.pid):6.0f} MB RSS")
+            uploader.set_input_files(str(args.slice))
+            expect(page.get_by_text("occlusion heatmap")).to_be_visible(timeout=300_000)
+            print(f"after one prediction with heatmap:   {rss_mb(server.pid):6.0f} MB RSS")
+            print(page.get_by_text("P(COVID) =").first.inner_text())
+            print(page.get_by_text("heatmap:").first.inner_text().replace("\n", " / "))
+            browser.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
