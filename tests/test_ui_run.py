@@ -101,3 +101,21 @@ def test_run_refuses_a_missing_model_before_starting_anything(tmp_path):
     assert done.returncode == 2
     assert "no-such-bundle does not exist" in done.stderr
     assert not (tmp_path / "inbox").exists()
+
+
+def test_run_stops_the_daemon_when_the_page_cannot_start(tmp_path, tiny_bundle):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "device.cli", "run", "--model", str(tiny_bundle), "--inbox", str(tmp_path / "inbox"),
+             "--state", str(tmp_path / "state"), "--port", str(port), "--password-file", str(tmp_path / "pw")],
+            capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120, env=dict(os.environ, HOME=str(tmp_path)),
+        )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "the web page exited with status 1; stopping the other" in done.stderr
+    pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", done.stderr)]
+    assert len(pids) == 2 and not any(alive(pid) for pid in pids)
