@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--bench-threads", default="1,2", help="thread counts for the model card's ctpi bench (default 1,2)")
     parser.add_argument("--bench-runs", type=int, default=50, help="timed runs per bench configuration (default 50)")
     parser.add_argument("--no-bench", action="store_true", help="skip ctpi bench (the model card says so)")
+    parser.add_argument("--note", default=None, help="a paragraph for MODEL_CARD.md, e.g. why a format is left out")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
@@ -250,6 +251,7 @@ def convert(args, argv: list[str]) -> int:
             bench=bench,
             sizes={fmt: len(content) for fmt, content in models.items()},
             command=command,
+            note=args.note,
         )
     step(f"writing {args.out}")
     bundle = assemble_bundle(
@@ -258,7 +260,7 @@ def convert(args, argv: list[str]) -> int:
         metrics=metrics,
         extra={
             "training": run.provenance,
-            "conversion": {"calibration": calibration_info, "command": command, "bench": bench},
+            "conversion": {"calibration": calibration_info, "command": command, "note": args.note, "bench": bench},
         },
         extra_files={CARD: card.encode("utf-8")},
         **identity,

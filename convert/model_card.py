@@ -107,6 +107,19 @@ def _initial_weights(weights) -> str:
     return str(weights)
 
 
+def _calibration_line(calibration: dict, has_int8: bool) -> str:
+    if has_int8:
+        return (
+            f"- int8 calibration: {calibration['samples']} training slices drawn stratified by label "
+            f"(seed {calibration['seed']}), {calibration['weights']} weights; the other "
+            f"{calibration['holdout']} training slices are the second gate split below."
+        )
+    return (
+        f"- No int8 model in this bundle. The second gate split below is the {calibration['holdout']} training "
+        f"slices outside the {calibration['samples']} that int8 calibration draws (seed {calibration['seed']})."
+    )
+
+
 def render_model_card(
     *,
     manifest: dict,
@@ -118,6 +131,7 @@ def render_model_card(
     bench: dict,
     sizes: dict,
     command: str,
+    note: str | None = None,
 ) -> str:
     """The card as Markdown. ``manifest`` holds name/version/architecture/labels/threshold/
     training_data; ``data`` the slice counts per split and label that were scored."""
@@ -161,11 +175,10 @@ def render_model_card(
         f"- Seed {provenance.get('seed')}, {(provenance.get('wall_seconds') or 0) / 60:.0f} min of training, "
         f"TensorFlow {provenance.get('tensorflow_version')}, Keras {provenance.get('keras_version')}",
         f"- Trained with: `{provenance.get('command') or 'not recorded'}`",
-        f"- int8 calibration: {calibration['samples']} training slices drawn stratified by label "
-        f"(seed {calibration['seed']}), {calibration['weights']} weights; the other "
-        f"{calibration['holdout']} training slices are the second gate split below.",
+        _calibration_line(calibration, "int8" in manifest["formats"]),
         f"- Converted with: `{command}`",
         "",
+        *([f"**Note.** {note}", ""] if note else []),
         "## Accuracy per format",
         "",
         "Every format is scored through `device.classifier.Classifier`, the code the Pi runs, with the "

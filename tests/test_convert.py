@@ -170,7 +170,7 @@ def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path,
     run = write_run(tmp_path / "run", tiny_keras_model, split_data)
     out = tmp_path / "models" / "tiny"
     argv = ["--run", str(run), "--data", str(split_data), "--out", str(out), "--calibration-samples", "8"]
-    code = main(argv + ["--name", "tiny", "--version", "9.9", "--bench-threads", "1", "--bench-runs", "3"])
+    code = main(argv + ["--name", "tiny", "--version", "9.9", "--bench-threads", "1", "--bench-runs", "3", "--note", "Made by the test suite."])
     assert code == 0, capsys.readouterr().err
     bundle = load_bundle(out)
     manifest = bundle.manifest
@@ -187,6 +187,7 @@ def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path,
     card = (out / "MODEL_CARD.md").read_text()
     assert manifest["files"]["MODEL_CARD.md"] == file_sha256(out / "MODEL_CARD.md")
     assert "not a diagnostic device" in card and "hand-set" in card
+    assert "**Note.** Made by the test suite." in card and manifest["conversion"]["note"] == "Made by the test suite."
     assert "| int8 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in card
     bench = manifest["conversion"]["bench"]
     assert "error" not in bench, bench
@@ -239,3 +240,11 @@ def test_convert_refuses_an_unknown_format_before_converting(tmp_path, split_dat
     code = main(["--run", str(tmp_path), "--data", str(split_data), "--out", str(tmp_path / "out"), "--formats", "int8,int4"])
     assert code == 2
     assert "unknown formats ['int4']" in capsys.readouterr().err
+
+
+def test_onnx_export_is_byte_reproducible(tiny_keras_model):
+    """tf2onnx numbers its constants from a process-wide counter; the export canonicalizes
+    them so the same model always gives the same file (and sha256)."""
+    from convert.onnx_export import to_onnx
+
+    assert to_onnx(tiny_keras_model) == to_onnx(tiny_keras_model)
