@@ -1,0 +1,217 @@
+"""Training pipeline: a tiny real run on synthetic slices proves the loop and the RUN_DIR contract
+that ``python -m convert`` reads. No ../shared data or weights, no network."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from device.metrics import binary_metrics, choose_threshold  # noqa: E402
+from device.preprocess import PreprocessSpec, load_slice  # noqa: E402
+from tests.synthetic import write_image_folder  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+IMG = 32
+RUN_KEYS = {
+    "architecture", "labels", "positive_label", "threshold", "threshold_rule", "preprocessing", "img_size",
+    "initial_weights", "training_data", "metrics", "seed", "wall_seconds", "tensorflow_version", "keras_version",
+    "recipe",
+}
+OUTPUTS = [
+    "model.keras", "run.json", "history.csv", "metrics.json", "val_scores.csv", "report.md",
+    "training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png", "gradcam.png",
+]
+# Tests do not enable TensorFlow's global op determinism: it would stay on for every later test
+# in the same process. The seeded path is the same otherwise.
+COMMON = ["--img-size", str(IMG), "--head-epochs", "1", "--cache", "", "--no-determinism", "-q", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def split_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("covidlike")
+    write_image_folder(root / "train", per_class=10, seed=11)
+    write_image_folder(root / "val", per_class=6, seed=12)
+    return root
+
+
+def _train(args: list[str]) -> int:
+    from train.cli import main
+
+    return main(args)
+
+
+@pytest.fixture(scope="module")
+def finished_run(split_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cache = tmp_path_factory.mktemp("cache")
+    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", "none", "--out", str(out),
+            *COMMON, "--fine-epochs", "1", "--unfreeze-from", "block_16_expand"]
+    args[args.index("--cache") + 1] = str(cache)
+    assert _train(args) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_weights_file(tmp_path_factory, split_data) -> tuple[Path, list[np.ndarray]]:
+    """A MobileNetV2 backbone with random weights whose BatchNorm statistics were set from
+    synthetic slices (one training-mode pass at momentum 0), saved as a Keras weights file:
+    unlike a bare random init, its features vary from slice to slice."""
+    import keras
+
+    from train.data import load_split
+
+    keras.utils.set_random_seed(123)
+    base = keras.applications.MobileNetV2(input_shape=(IMG, IMG, 3), include_top=False, weights=None)
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 0.0
+    split = load_split(split_data / "train", ["COVID", "NonCOVID"], PreprocessSpec(IMG, IMG, 1), None, False)
+    grey = split.pixels.astype(np.float32) / 127.5 - 1.0
+    base(np.repeat(grey, 3, axis=-1), training=True)
+    path = tmp_path_factory.mktemp("weights") / "tiny_mobilenetv2_notop.weights.h5"
+    base.save_weights(path)
+    return path, [w.copy() for w in base.get_weights()]
+
+
+@pytest.fixture(scope="module")
+def file_run(tiny_weights_file, split_data, tmp_path_factory) -> Path:
+    """Both stages from a weights file: head on the frozen backbone, then block 16 unfrozen."""
+    path, _ = tiny_weights_file
+    out = tmp_path_factory.mktemp("runs") / "from_file"
+    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out),
+            *COMMON, "--fine-epochs", "1", "--unfreeze-from", "block_16_expand"]
+    args[args.index("--cache") + 1] = str(tmp_path_factory.mktemp("cache"))
+    assert _train(args) == 0
+    return out
+
+
+def _scores(run: Path) -> tuple[list[str], list[str], np.ndarray]:
+    with open(run / "val_scores.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [r["path"] for r in rows], [r["label"] for r in rows], np.array([float(r["positive_probability"]) for r in rows])
+
+
+def test_training_run_writes_every_output(finished_run):
+    from PIL import Image
+
+    for name in OUTPUTS:
+        assert (finished_run / name).stat().st_size > 0, name
+    for name in OUTPUTS:
+        if name.endswith(".png"):
+            with Image.open(finished_run / name) as image:
+                assert image.format == "PNG" and min(image.size) >= 100
+    run = json.loads((finished_run / "run.json").read_text())
+    assert RUN_KEYS <= set(run)
+    assert run["architecture"] == "mobilenetv2" and run["labels"] == ["COVID", "NonCOVID"] and run["positive_label"] == "COVID"
+    assert PreprocessSpec.from_manifest(run["preprocessing"]) == PreprocessSpec(height=IMG, width=IMG, channels=1)
+    assert run["initial_weights"] == {"kind": "none", "file": None, "sha256": None,
+                                      "description": "none: trained from scratch (random initialisation)"}
+    assert run["training_data"]["counts"] == {"train": {"COVID": 10, "NonCOVID": 10}, "val": {"COVID": 6, "NonCOVID": 6}}
+    assert len(run["training_data"]["fingerprint"]) == 64
+    assert run["recipe"]["head_epochs"] == 1 and run["recipe"]["fine_epochs"] == 1
+    with open(finished_run / "history.csv", newline="") as handle:
+        history = list(csv.DictReader(handle))
+    assert [row["stage"] for row in history] == ["head", "fine"]
+    assert all(0.0 <= float(row["val_auc"]) <= 1.0 for row in history)
+    report = (finished_run / "report.md").read_text()
+    for picture in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png", "gradcam.png"):
+        assert f"({picture})" in report
+    assert "trained from scratch" in report
+
+
+def test_threshold_is_chosen_on_val_by_youdens_j(file_run):
+    finished_run = file_run
+    run = json.loads((finished_run / "run.json").read_text())
+    _, labels, scores = _scores(finished_run)
+    y_true = np.array([label == "COVID" for label in labels], dtype=np.int64)
+    assert np.ptp(scores) > 1e-4  # the scores discriminate, so the threshold is a real choice
+    assert run["threshold_rule"] == "youden"
+    assert run["threshold"] == choose_threshold(y_true, scores, "youden")
+    expected = binary_metrics(y_true, scores, run["threshold"])
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    for source in (run["metrics"]["val"], metrics["val"]):
+        for key in ("accuracy", "sensitivity", "specificity", "auc", "confusion"):
+            assert source[key] == pytest.approx(expected[key], abs=1e-6), key
+        assert 0.0 <= source["ece"] <= 1.0
+
+
+def test_saved_model_loads_without_custom_objects_and_reproduces_val_scores(file_run, split_data):
+    import keras
+
+    finished_run = file_run
+    model = keras.models.load_model(finished_run / "model.keras")
+    spec = PreprocessSpec.from_manifest(json.loads((finished_run / "run.json").read_text())["preprocessing"])
+    paths, _, scores = _scores(finished_run)
+    pixels = np.stack([load_slice(split_data / "val" / path, spec) for path in paths]).astype(np.float32)
+    assert model.input_shape == (None, IMG, IMG, 1)
+    predicted = np.asarray(model.predict(pixels, verbose=0))
+    assert predicted.shape == (len(paths), 2)
+    np.testing.assert_allclose(predicted[:, 0], scores, atol=1e-5)
+
+
+def test_evaluate_scores_a_run_with_the_device_metrics(file_run, split_data, capsys):
+    from train.evaluate import main
+
+    finished_run = file_run
+    assert main(["--run", str(finished_run), "--data", str(split_data / "val"), "--json", "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((finished_run / "run.json").read_text())["metrics"]["val"]
+    for key in ("n", "accuracy", "sensitivity", "specificity", "auc", "confusion", "threshold"):
+        assert printed[key] == pytest.approx(stored[key], abs=1e-6), key
+
+
+def test_backbone_starts_from_a_weights_file(tiny_weights_file):
+    from train.model import backbone, build_model, resolve_weights
+
+    path, saved = tiny_weights_file
+    initial, weights_path = resolve_weights(str(path))
+    assert initial.kind == "file" and initial.file == path.name
+    assert initial.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    model = build_model("mobilenetv2", IMG, ["COVID", "NonCOVID"], initial, weights_path)
+    loaded = backbone(model).get_weights()
+    assert len(loaded) == len(saved)
+    for before, after in zip(saved, loaded):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_run_from_a_weights_file_records_it_and_trains_only_what_it_unfroze(tiny_weights_file, file_run):
+    import keras
+
+    from train.model import backbone
+
+    path, saved = tiny_weights_file
+    run = json.loads((file_run / "run.json").read_text())
+    assert run["initial_weights"]["kind"] == "file" and run["initial_weights"]["file"] == path.name
+    assert run["initial_weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    trained = backbone(keras.models.load_model(file_run / "model.keras"))
+    fresh = keras.applications.MobileNetV2(input_shape=(IMG, IMG, 3), include_top=False, weights=None)
+    fresh.set_weights(saved)
+    names = [layer.name for layer in trained.layers]
+    unfrozen = names.index("block_16_expand")
+    changed = []
+    for index, (before, after) in enumerate(zip(fresh.layers, trained.layers)):
+        same = all(np.array_equal(a, b) for a, b in zip(before.get_weights(), after.get_weights()))
+        if isinstance(after, keras.layers.BatchNormalization) or index < unfrozen:
+            assert same, f"{after.name} is frozen but changed"
+        elif after.get_weights() and not same:
+            changed.append(after.name)
+    if run["metrics"] and json.loads((file_run / "metrics.json").read_text())["best_stage"] == "fine":
+        assert changed, "the best checkpoint is from fine-tuning, yet no unfrozen layer changed"
+
+
+def test_unusable_weights_are_refused_with_a_clear_error(tiny_weights_file, split_data, tmp_path, capsys):
+    path, _ = tiny_weights_file
+    base = ["--data", str(split_data), "--out", str(tmp_path / "never"), *COMMON]
+    assert _train(["--arch", "mobilenetv2", "--weights", str(tmp_path / "missing.weights.h5"), *base]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert _train(["--arch", "resnet50", "--weights", str(path), *base]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not (tmp_path / "never" / "run.json").exists()

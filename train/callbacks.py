@@ -1,0 +1,82 @@
+"""Model selection on val ROC AUC: a Keras callback that scores val with ``device.metrics``.
+
+Keras' own AUC metric approximates the curve with 200 buckets and runs inside the graph; the
+selection criterion must be the same figure ``ctpi evaluate`` prints, so the callback predicts
+val after every epoch and computes the Mann-Whitney AUC with the one metrics implementation.
+It checkpoints the best model to disk and stops a stage after ``patience`` epochs without
+improvement. Ties in AUC (common on 118 slices) go to the lower val loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from device.metrics import roc_auc
+
+log = logging.getLogger(__name__)
+
+
+def predict_positive(model, pixels: np.ndarray, positive_index: int, batch_size: int = 64) -> np.ndarray:
+    """Positive-class probabilities of uint8 pixels (float32 cast per batch to bound memory)."""
+    out = []
+    for start in range(0, len(pixels), batch_size):
+        batch = pixels[start : start + batch_size].astype(np.float32)
+        out.append(np.asarray(model(batch, training=False))[:, positive_index])
+    return np.concatenate(out).astype(np.float64)
+
+
+def cross_entropy(y_true: np.ndarray, positive_probability: np.ndarray) -> float:
+    p = np.clip(positive_probability, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y_true * np.log(p) + (1 - y_true) * np.log(1 - p)))
+
+
+class ValAUCCheckpoint(keras.callbacks.Callback):
+    """Adds ``val_auc`` and ``val_loss`` to the epoch logs, saves the best model to
+    ``checkpoint``, and stops training after ``patience`` epochs without a better AUC.
+
+    The best score persists across stages (one instance per run; call :meth:`start_stage`
+    before each ``fit``), so stage 2 only replaces the stage 1 checkpoint when it beats it."""
+
+    def __init__(self, pixels: np.ndarray, y_true: np.ndarray, positive_index: int, checkpoint: Path):
+        super().__init__()
+        self.pixels, self.y_true, self.positive_index = pixels, y_true, positive_index
+        self.checkpoint = Path(checkpoint)
+        self.best = (-math.inf, -math.inf)  # (auc, -loss)
+        self.best_epoch: int | None = None
+        self.best_stage: str | None = None
+        self.best_weights = None
+        self.stage = ""
+        self.epoch_offset = 0
+        self.patience = 0
+        self.waited = 0
+
+    def start_stage(self, stage: str, epoch_offset: int, patience: int) -> None:
+        self.stage, self.epoch_offset, self.patience, self.waited = stage, epoch_offset, patience, 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        scores = predict_positive(self.model, self.pixels, self.positive_index)
+        auc, loss = roc_auc(self.y_true, scores), cross_entropy(self.y_true, scores)
+        logs["val_auc"], logs["val_loss"] = auc, loss
+        logs["val_accuracy_at_half"] = float(np.mean((scores >= 0.5) == (self.y_true == 1)))
+        key = (auc if not math.isnan(auc) else -math.inf, -loss)
+        if key > self.best:
+            self.best, self.best_epoch, self.best_stage = key, self.epoch_offset + epoch + 1, self.stage
+            self.best_weights = self.model.get_weights()
+            self.model.save(self.checkpoint)
+            self.waited = 0
+            log.info("epoch %d (%s): val AUC %.4f, loss %.4f: new best, saved", epoch + 1, self.stage, auc, loss)
+        else:
+            self.waited += 1
+            if self.patience and self.waited >= self.patience:
+                log.info("no better val AUC for %d epochs: %s stage stops", self.waited, self.stage)
+                self.model.stop_training = True
+
+    def restore_best(self) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)

@@ -1,0 +1,89 @@
+"""``python -m train``: fine-tune a backbone on an ImageFolder into a run folder.
+
+Exit status: 0 the run is complete, 2 bad arguments, data or weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from train.data import DataError
+from train.model import WeightsError
+from train.recipe import ARCHITECTURES, THRESHOLD_RULES, default_recipe
+
+log = logging.getLogger(__name__)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Fine-tune MobileNetV2 or ResNet50 on CT slices (DATA/train, DATA/val) into RUN_DIR.",
+    )
+    parser.add_argument("--arch", choices=ARCHITECTURES, required=True)
+    parser.add_argument("--data", type=Path, required=True, help="ImageFolder with train/<label>/ and val/<label>/")
+    parser.add_argument("--weights", required=True,
+                        help="imagenet (Keras' own download), none (from scratch), or a Keras .weights.h5 file of the backbone")
+    parser.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR) to write")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--positive-label", default=None, help="positive label (default: COVID)")
+    parser.add_argument("--cache", type=Path, default=Path(".cache/train"), help="preprocessed-slice cache folder")
+    parser.add_argument("--threads", type=int, default=2, help="TensorFlow intra-op threads")
+    parser.add_argument("--no-determinism", action="store_true", help="skip tf op determinism (faster on some ops)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    knobs = parser.add_argument_group("recipe (defaults depend on --arch and on pretrained vs from scratch)")
+    knobs.add_argument("--img-size", type=int, help="square input side (default 224; 128 for ResNet50 from scratch)")
+    knobs.add_argument("--batch-size", type=int)
+    knobs.add_argument("--head-epochs", type=int, help="stage 1 epochs, backbone frozen")
+    knobs.add_argument("--head-lr", dest="head_learning_rate", type=float)
+    knobs.add_argument("--fine-epochs", type=int, help="stage 2 epochs at most, top of the backbone unfrozen")
+    knobs.add_argument("--fine-lr", dest="fine_learning_rate", type=float)
+    knobs.add_argument("--unfreeze-from", help="first backbone layer trained in stage 2, or 'all'")
+    knobs.add_argument("--patience", type=int, help="stage 2 early stopping on val ROC AUC")
+    knobs.add_argument("--dropout", type=float)
+    knobs.add_argument("--label-smoothing", type=float)
+    knobs.add_argument("--weight-decay", type=float)
+    knobs.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    knobs.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
+    knobs.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
+    return parser
+
+
+RECIPE_FLAGS = (
+    "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
+    "unfreeze_from", "patience", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
+    "threshold_rule",
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from train.model import resolve_weights
+    from train.run import RunConfig, train_run
+
+    started = time.perf_counter()
+    try:
+        initial, _ = resolve_weights(args.weights)
+        recipe = default_recipe(args.arch, initial.pretrained).override(**{k: getattr(args, k) for k in RECIPE_FLAGS})
+        command = " ".join(["python -m train", *(argv if argv is not None else sys.argv[1:])])
+        config = RunConfig(
+            arch=args.arch, data=args.data, weights=args.weights, out=args.out, recipe=recipe, seed=args.seed,
+            positive_label=args.positive_label, cache_dir=args.cache, threads=args.threads,
+            deterministic=not args.no_determinism, show_progress=not args.quiet, command=command,
+        )
+        run = train_run(config)
+    except (DataError, WeightsError) as error:
+        print(f"train: {error}", file=sys.stderr)
+        return 2
+    val = run["metrics"]["val"]
+    print(
+        f"{args.out}: val accuracy {val['accuracy']:.3f}, sensitivity {val['sensitivity']:.3f}, "
+        f"specificity {val['specificity']:.3f}, AUC {val['auc']:.3f}, ECE {val['ece']:.3f}, "
+        f"threshold {run['threshold']:.4f} ({run['threshold_rule']})"
+    )
+    print(f"wall time {time.perf_counter() - started:.0f} s ({(time.perf_counter() - started) / 60:.1f} min)")
+    return 0

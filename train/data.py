@@ -1,0 +1,151 @@
+"""Training data: ImageFolder splits through the device preprocessing, decoded once and cached.
+
+Every slice goes through :func:`device.preprocess.load_slice`, the exact function the Pi runs,
+so the model trains on what it will see. Decoding ~550 figure crops costs more than an epoch on
+two cores, so the uint8 tensors are cached in one ``.npz`` per split, keyed by the split's
+content fingerprint and the preprocessing spec: a changed file or spec is a new cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from device.dataset import fingerprint, list_examples, list_labels
+from device.preprocess import BadSliceError, PreprocessSpec, load_slice
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The data folder cannot be used for training (missing split, wrong labels, no slices)."""
+
+
+@dataclass
+class Split:
+    """One split as arrays: ``pixels`` N x H x W x C uint8, ``targets`` label indices."""
+
+    name: str
+    root: Path
+    paths: list[str]  # relative to root, POSIX
+    labels: list[str]
+    targets: np.ndarray
+    pixels: np.ndarray
+    fingerprint: str
+    skipped: list[tuple[str, str]]
+
+    def counts(self, labels: list[str]) -> dict[str, int]:
+        return {label: int(sum(1 for value in self.labels if value == label)) for label in labels}
+
+
+def split_labels(data: Path) -> list[str]:
+    """Labels of an ImageFolder with ``train/`` and ``val/``; both must have the same folders."""
+    data = Path(data)
+    for split in ("train", "val"):
+        if not (data / split).is_dir():
+            raise DataError(f"{data} has no {split}/ folder (expected {data}/train/<label>/... and {data}/val/<label>/...)")
+    try:
+        train_labels, val_labels = list_labels(data / "train"), list_labels(data / "val")
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    if train_labels != val_labels:
+        raise DataError(f"train labels {train_labels} differ from val labels {val_labels}")
+    if len(train_labels) != 2:
+        raise DataError(f"training is binary (one positive label); {data}/train has labels {train_labels}")
+    return train_labels
+
+
+def load_split(root: Path, labels: list[str], spec: PreprocessSpec, cache_dir: Path | None, show_progress: bool = True) -> Split:
+    """Preprocess every slice of ``root`` (or read them from the cache). Slices that the device
+    would refuse are skipped with a warning and listed in ``skipped``."""
+    root = Path(root)
+    try:
+        examples = list_examples(root, labels)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    data_fingerprint = fingerprint(examples, root)
+    key = hashlib.sha256(
+        (data_fingerprint + json.dumps(spec.to_manifest(), sort_keys=True)).encode()
+    ).hexdigest()[:20]
+    cache_file = Path(cache_dir) / f"{root.name}-{key}.npz" if cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        with np.load(cache_file, allow_pickle=False) as cached:
+            log.info("%s: %d slices from cache %s", root, len(cached["paths"]), cache_file)
+            skipped = [tuple(pair) for pair in cached["skipped"].tolist()]
+            return Split(
+                root.name, root, cached["paths"].tolist(), cached["labels"].tolist(),
+                cached["targets"], cached["pixels"], data_fingerprint, skipped,
+            )
+    from tqdm.auto import tqdm
+
+    paths, names, pixels, skipped = [], [], [], []
+    for example in tqdm(examples, desc=f"preprocessing {root.name}", unit="slice", disable=not show_progress):
+        relative = example.path.relative_to(root).as_posix()
+        try:
+            pixels.append(load_slice(example.path, spec))
+        except BadSliceError as error:
+            log.warning("%s: skipped, %s", relative, error)
+            skipped.append((relative, str(error)))
+            continue
+        paths.append(relative)
+        names.append(example.label)
+    if not pixels:
+        raise DataError(f"no slice under {root} could be read")
+    targets = np.array([labels.index(label) for label in names], dtype=np.int64)
+    array = np.stack(pixels)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache_file.with_name(cache_file.name + ".part.npz")
+        np.savez(
+            partial, paths=np.array(paths), labels=np.array(names), targets=targets, pixels=array,
+            skipped=np.array(skipped, dtype=str).reshape(-1, 2),
+        )
+        partial.replace(cache_file)  # atomic: an interrupted run never leaves a half cache
+    return Split(root.name, root, paths, names, targets, array, data_fingerprint, skipped)
+
+
+def augmenter(recipe, seed: int):
+    """Train-only augmentation as Keras preprocessing layers, run inside ``tf.data`` (never in
+    the saved model). Geometry fills with black, like the letterbox padding. Horizontal flips
+    only: a CT slice mirrored left-right is still a plausible slice, one upside down is not."""
+    import keras
+
+    fill = {"fill_mode": "constant", "fill_value": 0.0}
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal", seed=seed),
+            keras.layers.RandomRotation(recipe.rotation / 360.0, seed=seed + 1, **fill),
+            keras.layers.RandomZoom((-recipe.zoom, recipe.zoom), seed=seed + 2, **fill),
+            keras.layers.RandomTranslation(recipe.shift, recipe.shift, seed=seed + 3, **fill),
+            keras.layers.RandomBrightness(recipe.brightness, value_range=(0.0, 255.0), seed=seed + 4),
+            keras.layers.RandomContrast(recipe.contrast, value_range=(0.0, 255.0), seed=seed + 5),
+        ],
+        name="augmentation",
+    )
+
+
+def train_dataset(split: Split, n_labels: int, recipe, seed: int):
+    """Shuffled, augmented, batched train split: float32 pixels 0..255 and one-hot targets."""
+    import tensorflow as tf
+
+    onehot = np.eye(n_labels, dtype=np.float32)[split.targets]
+    dataset = tf.data.Dataset.from_tensor_slices((split.pixels, onehot))
+    dataset = dataset.shuffle(len(split.targets), seed=seed, reshuffle_each_iteration=True)
+    dataset = dataset.batch(recipe.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if recipe.augment:
+        augment = augmenter(recipe, seed)
+        dataset = dataset.map(lambda x, y: (augment(x, training=True), y))
+    return dataset.prefetch(2)
+
+
+def class_weights(targets: np.ndarray, n_labels: int) -> dict[int, float]:
+    """Inverse-frequency weights normalised so a balanced set gets 1.0 for every class."""
+    counts = np.bincount(targets, minlength=n_labels).astype(np.float64)
+    if (counts == 0).any():
+        raise DataError(f"every label needs training slices; counts are {counts.astype(int).tolist()}")
+    return {index: float(len(targets) / (n_labels * count)) for index, count in enumerate(counts)}

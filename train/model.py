@@ -1,0 +1,161 @@
+"""The classifier graph: raw grey 0..255 pixels in, softmax over the labels out.
+
+Everything the device needs sits inside the graph, in built-in layers only (no Lambda, no
+custom classes), so ``keras.models.load_model`` works without ``custom_objects`` and the
+converter exports it as is: grey repeated to three channels, the backbone's own input
+scaling, the backbone, pooling, dropout, softmax in label order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BACKBONE_NAME = "backbone"
+
+# Weights files whose provenance we know, by sha256: the description a report prints for them.
+KNOWN_WEIGHTS = {
+    "22f873a4f165c75daab229267e8ade97d1e5e2a12c47a25f4a9eaf17b8e8313d": (
+        "ImageNet MobileNetV2 1.0/224 weights (no top) dequantized from the google-coral/test_data "
+        "int8 model tf2_mobilenet_v2_1.0_224_ptq.tflite, BatchNorm folded (see the shared weights README)"
+    ),
+}
+
+
+class WeightsError(ValueError):
+    """Initial weights that cannot be used: missing file, wrong architecture, bad option."""
+
+
+@dataclass(frozen=True)
+class InitialWeights:
+    """Where the backbone's starting weights came from, as ``run.json`` records it."""
+
+    kind: str  # imagenet | file | none
+    file: str | None = None
+    sha256: str | None = None
+    description: str = ""
+
+    @property
+    def pretrained(self) -> bool:
+        return self.kind != "none"
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "file": self.file, "sha256": self.sha256, "description": self.description}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_weights(option: str) -> tuple[InitialWeights, Path | None]:
+    """``imagenet`` | ``none`` | a path to a Keras weights file, as an :class:`InitialWeights`."""
+    if option == "imagenet":
+        return InitialWeights("imagenet", description="ImageNet weights from Keras' own download (keras.applications)"), None
+    if option == "none":
+        return InitialWeights("none", description="none: trained from scratch (random initialisation)"), None
+    path = Path(option)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist (use --weights imagenet, none, or a Keras .weights.h5 file)")
+    if not path.name.endswith(".weights.h5"):
+        raise WeightsError(f"{path.name}: expected a Keras weights file ending in .weights.h5 (from model.save_weights)")
+    digest = sha256_file(path)
+    description = KNOWN_WEIGHTS.get(digest, f"Keras weights file {path.name} (sha256 {digest[:12]}...)")
+    return InitialWeights("file", path.name, digest, description), path
+
+
+def build_backbone(arch: str, img_size: int, weights: InitialWeights, weights_path: Path | None = None):
+    """The ImageNet backbone without its top, with the requested starting weights, named
+    ``backbone`` whatever the architecture so stages and Grad-CAM find it."""
+    import keras
+
+    shape = (img_size, img_size, 3)
+    keras_weights = "imagenet" if weights.kind == "imagenet" else None
+    if arch == "mobilenetv2":
+        base = keras.applications.MobileNetV2(
+            input_shape=shape, alpha=1.0, include_top=False, weights=keras_weights, name=BACKBONE_NAME
+        )
+    elif arch == "resnet50":
+        base = keras.applications.ResNet50(input_shape=shape, include_top=False, weights=keras_weights, name=BACKBONE_NAME)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}")
+    if weights.kind == "file":
+        load_backbone_weights(base, weights_path)
+    return base
+
+
+def load_backbone_weights(base, path: Path) -> None:
+    """Load a Keras ``save_weights`` file into a backbone, with an error that names the cause."""
+    try:
+        base.load_weights(path)
+    except (ValueError, KeyError, OSError) as error:
+        raise WeightsError(
+            f"{Path(path).name} does not fit a {base.name} backbone without top ({error}); "
+            "the file must come from save_weights of the same architecture"
+        ) from None
+
+
+def build_model(arch: str, img_size: int, labels: list[str], weights: InitialWeights, weights_path: Path | None = None,
+                dropout: float = 0.3, batchnorm_training: bool = False):
+    """The full classifier on ``img_size x img_size x 1`` raw pixels (the device spec)."""
+    import keras
+
+    base = build_backbone(arch, img_size, weights, weights_path)
+    pixels = keras.Input((img_size, img_size, 1), name="pixels")
+    x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([pixels, pixels, pixels])
+    if arch == "mobilenetv2":
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")(x)
+    else:  # Keras ResNet50 'caffe' mode: BGR minus ImageNet means; grey input makes BGR == RGB
+        x = keras.layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0], name="imagenet_means")(x)
+    # Pretrained: BatchNorm stays in inference mode whatever fit() says (the shared weights have
+    # BN folded in; batch statistics would throw the learned scales away). From scratch, BN
+    # follows the training flag like any normal network.
+    if batchnorm_training:
+        # From scratch only: Keras' MobileNetV2 BN momentum 0.999 would need ~1000 steps (70
+        # epochs of 425 slices) before the inference statistics match the trained network, and
+        # until then inference outputs are near-constant; 0.9 settles within a few epochs.
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = min(layer.momentum, 0.9)
+    x = base(x, training=None if batchnorm_training else False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(len(labels), activation="softmax", name="probabilities")(x)
+    return keras.Model(pixels, outputs, name=f"ctpi_{arch}")
+
+
+def backbone(model):
+    return model.get_layer(BACKBONE_NAME)
+
+
+def set_stage(model, stage: str, unfreeze_from: str = "all", batchnorm_training: bool = False) -> int:
+    """Make the layers of a stage trainable: ``head`` freezes the backbone, ``fine`` unfreezes
+    it from layer ``unfreeze_from`` on. BatchNorm stays frozen unless ``batchnorm_training``.
+    Returns the number of trainable backbone layers."""
+    import keras
+
+    base = backbone(model)
+    if stage == "head":
+        base.trainable = False
+        return 0
+    base.trainable = True
+    names = [layer.name for layer in base.layers]
+    if unfreeze_from == "all":
+        start = 0
+    elif unfreeze_from in names:
+        start = names.index(unfreeze_from)
+    else:
+        raise ValueError(f"--unfreeze-from {unfreeze_from!r} is not a layer of {model.name}'s backbone")
+    trainable = 0
+    for index, layer in enumerate(base.layers):
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = index >= start and (batchnorm_training or not is_bn)
+        trainable += int(layer.trainable and bool(layer.weights))
+    return trainable

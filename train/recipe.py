@@ -1,0 +1,99 @@
+"""The training recipe: every hyper-parameter of a run in one dataclass, with its reason.
+
+A run records ``asdict(recipe)`` in ``run.json``, so a figure can always be traced back to the
+exact knobs that produced it. Defaults depend on the architecture and on whether the backbone
+starts from pretrained weights (:func:`default_recipe`); CLI flags override single fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+ARCHITECTURES = ("mobilenetv2", "resnet50")
+THRESHOLD_RULES = ("youden", "sensitivity95")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Hyper-parameters of one training run (all have defended defaults, see ``default_recipe``)."""
+
+    img_size: int = 224
+    """Square model input side. 224 is the resolution the ImageNet weights were trained at;
+    the device letterboxes every slice to it."""
+    batch_size: int = 32
+    head_epochs: int = 6
+    """Stage 1: only the new classifier head learns, on a frozen backbone, so the random head
+    does not send large gradients into pretrained filters."""
+    head_learning_rate: float = 1e-3
+    fine_epochs: int = 30
+    """Stage 2: the top of the backbone is unfrozen too (at most this many epochs; early
+    stopping usually ends it sooner)."""
+    fine_learning_rate: float = 1e-4
+    """Stage 2 peak learning rate, cosine-decayed to zero: low, so pretrained filters adapt
+    rather than get overwritten by 425 images."""
+    unfreeze_from: str = "block_11_expand"
+    """First backbone layer trained in stage 2 (Keras layer name); ``all`` unfreezes everything.
+    BatchNormalization layers stay frozen and in inference mode in any case."""
+    batchnorm_training: bool = False
+    """Whether BatchNorm uses batch statistics while training. False for pretrained weights
+    (the shared MobileNetV2 weights have BN folded in, and 425 images would corrupt the
+    running statistics); True only for a backbone trained from scratch, which has no
+    statistics to protect and needs normalisation to train at all."""
+    patience: int = 8
+    """Early stopping: epochs without a better val ROC AUC before stage 2 ends."""
+    dropout: float = 0.3
+    label_smoothing: float = 0.05
+    """Mild smoothing: the labels are noisy (two NonCOVID training images are COVID figures)."""
+    weight_decay: float = 1e-4
+    """Decoupled weight decay (AdamW) on the trainable weights."""
+    class_weights: bool = True
+    """Weight the loss by inverse class frequency (train is 191 COVID / 234 NonCOVID)."""
+    augment: bool = True
+    """Train-only augmentation: horizontal flip, rotation, zoom, shift, brightness, contrast."""
+    rotation: float = 10.0
+    """Maximum rotation in degrees."""
+    zoom: float = 0.1
+    shift: float = 0.1
+    brightness: float = 0.1
+    contrast: float = 0.2
+    threshold_rule: str = "youden"
+    """Decision threshold rule on val (``device.metrics.choose_threshold``): Youden's J, the
+    best balanced accuracy, because val is small and balanced."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def override(self, **changes) -> Recipe:
+        """A copy with the non-``None`` values in ``changes`` applied; unknown names are errors."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown recipe fields {sorted(unknown)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def default_recipe(arch: str, pretrained: bool) -> Recipe:
+    """The defended defaults for an architecture and a start (pretrained or from scratch).
+
+    Pretrained: head on the frozen backbone, then the top blocks at a low learning rate.
+    From scratch there is nothing to protect, so stage 1 is skipped and every layer trains
+    from the start at a normal learning rate, with BatchNorm using batch statistics; the
+    input is smaller so a ResNet50 fits an hour on two CPU cores.
+    """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    if arch == "mobilenetv2":
+        recipe = Recipe()
+        if not pretrained:
+            recipe = replace(
+                recipe, head_epochs=0, fine_epochs=60, fine_learning_rate=1e-3, unfreeze_from="all",
+                batchnorm_training=True, patience=15,
+            )
+        return recipe
+    recipe = Recipe(unfreeze_from="conv5_block1_1_conv")
+    if not pretrained:
+        recipe = replace(
+            recipe, img_size=128, head_epochs=0, fine_epochs=60, fine_learning_rate=1e-3, unfreeze_from="all",
+            batchnorm_training=True, patience=15, dropout=0.5,
+        )
+    return recipe

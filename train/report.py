@@ -1,0 +1,175 @@
+"""The pictures and the ``report.md`` of a run: training curves, ROC, confusion matrix,
+reliability diagram and Grad-CAM overlays, all computed from ``device.metrics`` figures."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from device.metrics import reliability_bins, roc_curve
+
+log = logging.getLogger(__name__)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(rows: list[dict], path: Path) -> None:
+    plt = _pyplot()
+    epochs = [row["epoch"] for row in rows]
+    fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
+    ax_loss.plot(epochs, [row["loss"] for row in rows], label="train loss (augmented, weighted)")
+    ax_loss.plot(epochs, [row["val_loss"] for row in rows], label="val loss")
+    ax_auc.plot(epochs, [row["val_auc"] for row in rows], label="val ROC AUC", color="C2")
+    ax_auc.plot(epochs, [row["val_accuracy_at_half"] for row in rows], label="val accuracy at 0.5", color="C3")
+    stage_changes = [rows[i]["epoch"] - 0.5 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
+    for ax in (ax_loss, ax_auc):
+        for x in stage_changes:
+            ax.axvline(x, color="grey", linestyle=":", label="head → fine-tune")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax_loss.set_title("loss")
+    ax_auc.set_title("validation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_roc(y_true, scores, metrics: dict, path: Path) -> None:
+    plt = _pyplot()
+    fpr, tpr, _ = roc_curve(y_true, scores)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC {metrics['auc']:.3f}")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.scatter([1 - metrics["specificity"]], [metrics["sensitivity"]], color="C3", zorder=3,
+               label=f"threshold {metrics['threshold']:.3f}")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("ROC, val")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(metrics: dict, positive: str, negative: str, path: Path) -> None:
+    plt = _pyplot()
+    c = metrics["confusion"]
+    matrix = np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]])
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(matrix, cmap="Blues")
+    for (i, j), value in np.ndenumerate(matrix):
+        ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
+                color="white" if value > matrix.max() / 2 else "black")
+    ax.set_xticks([0, 1], [positive, negative])
+    ax.set_yticks([0, 1], [positive, negative])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"val, threshold {metrics['threshold']:.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(y_true, scores, ece: float, positive: str, path: Path) -> None:
+    plt = _pyplot()
+    bins = [b for b in reliability_bins(y_true, scores) if b["count"]]
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["observed_rate"] for b in bins], width=0.09,
+           alpha=0.7, label="observed rate")
+    ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", color="C3",
+            label="mean predicted")
+    for b in bins:
+        ax.text((b["low"] + b["high"]) / 2, 0.02, str(b["count"]), ha="center", fontsize=7)
+    ax.set_xlabel(f"predicted P({positive})")
+    ax.set_ylabel(f"fraction {positive}")
+    ax.set_title(f"reliability, val (ECE {ece:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_gradcam(pixels: np.ndarray, cams: np.ndarray, titles: list[str], path: Path, columns: int = 4) -> None:
+    plt = _pyplot()
+    rows = max(1, int(np.ceil(len(pixels) / columns)))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image, cam, title in zip(axes.ravel(), pixels, cams, titles):
+        ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
+        ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, command: str, extra: list[str]) -> None:
+    """``report.md``: the figures, their provenance and the pictures, for a person to read."""
+    val = metrics["val"]
+    c = val["confusion"]
+    weights = run["initial_weights"]
+    lines = [
+        f"# Training run: {run['architecture']} ({run['img_size']}×{run['img_size']})",
+        "",
+        f"- Initial weights: **{weights['kind']}** — {weights['description']}"
+        + (f" (file `{weights['file']}`, sha256 `{weights['sha256']}`)" if weights["file"] else ""),
+        f"- Data: `{run['training_data']['name']}`, train fingerprint `{run['training_data']['fingerprint'][:16]}…`, "
+        f"counts {run['training_data']['counts']}",
+        f"- Command: `{command}`",
+        f"- Seed {run['seed']}, wall time {run['wall_seconds'] / 60:.1f} min, TensorFlow {run['tensorflow_version']}, "
+        f"Keras {run['keras_version']}",
+        f"- Best checkpoint: epoch {metrics['best_epoch']} ({metrics['best_stage']} stage), selected on val ROC AUC",
+        "",
+        "## Validation figures",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| slices | {val['n']} |",
+        f"| accuracy | {val['accuracy']:.3f} |",
+        f"| sensitivity ({run['positive_label']}) | {val['sensitivity']:.3f} |",
+        f"| specificity | {val['specificity']:.3f} |",
+        f"| precision | {val['precision']:.3f} |",
+        f"| F1 | {val['f1']:.3f} |",
+        f"| ROC AUC | {val['auc']:.3f} |",
+        f"| expected calibration error (10 bins) | {val['ece']:.3f} |",
+        f"| threshold ({run['threshold_rule']}) | {val['threshold']:.4f} |",
+        f"| confusion (tp, fn, fp, tn) | {c['tp']}, {c['fn']}, {c['fp']}, {c['tn']} |",
+        "",
+        "Val chose the checkpoint and the threshold, so these figures are optimistic for unseen data; "
+        "the held-back official test split is the honest measure.",
+        "",
+        *extra,
+        "## Training curves",
+        "",
+        "![training curves](training_curves.png)",
+        "",
+        "## ROC, confusion matrix, reliability",
+        "",
+        "![ROC](roc.png) ![confusion matrix](confusion_matrix.png) ![reliability](reliability.png)",
+        "",
+        "## Grad-CAM (val)",
+        "",
+        gradcam_note,
+        "",
+        "![Grad-CAM](gradcam.png)",
+        "",
+        "## Recipe",
+        "",
+        "| field | value |",
+        "|---|---|",
+        *[f"| {key} | {value} |" for key, value in run["recipe"].items()],
+        "",
+    ]
+    path.write_text("\n".join(lines))

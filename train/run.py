@@ -1,0 +1,266 @@
+"""One training run, from an ImageFolder to a complete ``RUN_DIR``.
+
+``RUN_DIR`` is the contract ``python -m convert`` reads: ``model.keras`` (best checkpoint by val
+ROC AUC) and ``run.json`` (labels, positive label, threshold, preprocessing spec, provenance,
+val metrics, recipe), plus ``history.csv``, ``metrics.json``, ``val_scores.csv``, the plots,
+Grad-CAM overlays and ``report.md``. ``run.json`` is written last and removed first, so its
+presence means the run is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from device.metrics import binary_metrics, choose_threshold, expected_calibration_error
+from device.preprocess import PreprocessSpec
+from train import report
+from train.data import DataError, class_weights, load_split, split_labels, train_dataset
+from train.gradcam import border_share, gradcam, uniform_border_share
+from train.model import InitialWeights, build_model, resolve_weights, set_stage
+from train.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POSITIVE = "COVID"
+
+
+@dataclass
+class RunConfig:
+    """What a run needs besides the recipe."""
+
+    arch: str
+    data: Path
+    weights: str  # imagenet | none | path
+    out: Path
+    recipe: Recipe
+    seed: int = 42
+    positive_label: str | None = None
+    cache_dir: Path | None = Path(".cache/train")
+    threads: int = 2
+    deterministic: bool = True
+    show_progress: bool = True
+    command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["python", "-m", "train", *sys.argv[1:]]))
+
+
+def configure_tensorflow(seed: int, threads: int, deterministic: bool) -> None:
+    """Seeds and threads before any graph exists (TensorFlow refuses thread changes later)."""
+    import keras
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        log.debug("TensorFlow already initialised; thread settings unchanged")
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def pick_positive(labels: list[str], requested: str | None) -> str:
+    if requested is not None:
+        if requested not in labels:
+            raise DataError(f"--positive-label {requested!r} is not one of the labels {labels}")
+        return requested
+    if DEFAULT_POSITIVE in labels:
+        return DEFAULT_POSITIVE
+    raise DataError(f"no {DEFAULT_POSITIVE!r} folder; say which of {labels} is positive with --positive-label")
+
+
+def _compile(model, learning_rate, recipe: Recipe) -> None:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
+        metrics=["accuracy"],
+    )
+
+
+def train_run(config: RunConfig) -> dict:
+    """Train, select, evaluate and write ``config.out``; returns the ``run.json`` content."""
+    started = time.perf_counter()
+    recipe = config.recipe
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stale = out / "run.json"
+    if stale.exists():
+        log.warning("%s exists from an earlier run; removed so nobody converts a half-written run", stale)
+        stale.unlink()
+
+    labels = split_labels(config.data)
+    positive = pick_positive(labels, config.positive_label)
+    positive_index = labels.index(positive)
+    spec = PreprocessSpec(height=recipe.img_size, width=recipe.img_size, channels=1)
+    weights, weights_path = resolve_weights(config.weights)
+
+    train = load_split(Path(config.data) / "train", labels, spec, config.cache_dir, config.show_progress)
+    val = load_split(Path(config.data) / "val", labels, spec, config.cache_dir, config.show_progress)
+    y_val = (val.targets == positive_index).astype(np.int64)
+    if y_val.min() == y_val.max():
+        raise DataError("val needs slices of both labels to select a model and a threshold")
+
+    configure_tensorflow(config.seed, config.threads, config.deterministic)
+    import keras
+    import tensorflow as tf
+
+    from train.callbacks import ValAUCCheckpoint, predict_positive
+
+    model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
+    dataset = train_dataset(train, len(labels), recipe, config.seed)
+    weights_by_class = class_weights(train.targets, len(labels)) if recipe.class_weights else None
+    checkpoint = out / "model.keras"
+    selector = ValAUCCheckpoint(val.pixels, y_val, positive_index, checkpoint)
+    verbose = 1 if sys.stdout.isatty() else 2
+    history: list[dict] = []
+    steps = int(np.ceil(len(train.targets) / recipe.batch_size))
+
+    stages = [("head", recipe.head_epochs, recipe.head_learning_rate), ("fine", recipe.fine_epochs, recipe.fine_learning_rate)]
+    for stage, epochs, learning_rate in stages:
+        if epochs <= 0:
+            continue
+        if stage == "head":
+            trainable = set_stage(model, "head")
+            rate = learning_rate
+        else:
+            trainable = set_stage(model, "fine", recipe.unfreeze_from, recipe.batchnorm_training)
+            rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps)
+        _compile(model, rate, recipe)
+        log.info("stage %s: %d epochs, learning rate %g, %d trainable backbone layers", stage, epochs, learning_rate, trainable)
+        print(f"stage {stage}: up to {epochs} epochs at learning rate {learning_rate:g}, {trainable} backbone layers trainable", flush=True)
+        selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0)
+        fitted = model.fit(dataset, epochs=epochs, class_weight=weights_by_class, callbacks=[selector], verbose=verbose)
+        for epoch, _ in enumerate(fitted.history["loss"]):
+            row = {"epoch": len(history) + 1, "stage": stage}
+            row.update({key: float(values[epoch]) for key, values in fitted.history.items()})
+            history.append(row)
+        print(f"stage {stage}: best val AUC so far {selector.best[0]:.4f} (epoch {selector.best_epoch})", flush=True)
+    if selector.best_epoch is None:
+        raise DataError("no epoch was trained (head and fine-tune epochs are both 0)")
+
+    # Everything below is computed from the saved checkpoint, so what ships is what was measured.
+    best = keras.models.load_model(checkpoint)
+    val_scores = predict_positive(best, val.pixels, positive_index)
+    threshold = choose_threshold(y_val, val_scores, recipe.threshold_rule)
+    val_metrics = binary_metrics(y_val, val_scores, threshold)
+    val_metrics["ece"] = expected_calibration_error(y_val, val_scores)
+
+    _write_history(out / "history.csv", history)
+    _write_scores(out / "val_scores.csv", val, labels, val_scores)
+    report.plot_history(history, out / "training_curves.png")
+    report.plot_roc(y_val, val_scores, val_metrics, out / "roc.png")
+    negative = labels[1 - positive_index]
+    report.plot_confusion(val_metrics, positive, negative, out / "confusion_matrix.png")
+    report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png")
+    cam_summary = _gradcam_figures(best, val, labels, positive_index, y_val, val_scores, threshold, out, config.seed)
+
+    metrics = {
+        "val": val_metrics,
+        "threshold_rule": recipe.threshold_rule,
+        "best_epoch": selector.best_epoch,
+        "best_stage": selector.best_stage,
+        "epochs_trained": len(history),
+        "gradcam": cam_summary,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    run = {
+        "architecture": config.arch,
+        "labels": labels,
+        "positive_label": positive,
+        "threshold": threshold,
+        "threshold_rule": recipe.threshold_rule,
+        "preprocessing": spec.to_manifest(),
+        "img_size": recipe.img_size,
+        "initial_weights": weights.to_dict(),
+        "training_data": {
+            "name": Path(config.data).resolve().name,
+            "fingerprint": train.fingerprint,
+            "val_fingerprint": val.fingerprint,
+            "counts": {"train": train.counts(labels), "val": val.counts(labels)},
+            "skipped": {"train": len(train.skipped), "val": len(val.skipped)},
+        },
+        "metrics": {"val": val_metrics},
+        "seed": config.seed,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+        "recipe": recipe.to_dict(),
+        "command": config.command,
+    }
+    report.write_report(out / "report.md", run, metrics, _gradcam_note(cam_summary, weights), config.command, [])
+    run["wall_seconds"] = round(time.perf_counter() - started, 1)
+    partial = out / "run.json.part"
+    partial.write_text(json.dumps(run, indent=2))
+    partial.replace(out / "run.json")  # last, and atomic: its presence means the run is complete
+    return run
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    keys = ["epoch", "stage"] + sorted({key for row in rows for key in row} - {"epoch", "stage"})
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_scores(path: Path, split, labels: list[str], scores: np.ndarray) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "positive_probability"])
+        for relative, label, score in zip(split.paths, split.labels, scores):
+            writer.writerow([relative, label, repr(float(score))])
+
+
+def _gradcam_figures(model, val, labels, positive_index, y_val, scores, threshold, out: Path, seed: int, per_group: int = 3) -> dict:
+    """Grad-CAM for a sample of val slices: right and wrong, both classes (up to ``per_group``
+    each), plus the mean share of heatmap mass on the image border over all of val."""
+    predicted_positive = scores >= threshold
+    predicted_index = np.where(predicted_positive, positive_index, 1 - positive_index)
+    all_cams = np.concatenate([
+        gradcam(model, val.pixels[start : start + 32], predicted_index[start : start + 32])
+        for start in range(0, len(val.pixels), 32)
+    ])
+    shares = border_share(all_cams)
+    rng = np.random.default_rng(seed)
+    chosen, titles = [], []
+    for truth in (1, 0):
+        for correct in (True, False):
+            members = np.flatnonzero((y_val == truth) & ((predicted_positive == (truth == 1)) == correct))
+            for index in rng.permutation(members)[:per_group]:
+                chosen.append(int(index))
+                name = labels[positive_index] if truth else labels[1 - positive_index]
+                verdict = "right" if correct else "WRONG"
+                titles.append(f"{name}, {verdict}, P={scores[index]:.2f}\n{val.paths[index][-28:]}")
+    if chosen:
+        report.plot_gradcam(val.pixels[chosen], all_cams[chosen], titles, out / "gradcam.png")
+    return {
+        "class": "predicted class",
+        "shown": [val.paths[i] for i in chosen],
+        "border_band": 0.125,
+        "mean_border_share": float(np.nanmean(shares)),
+        "uniform_border_share": uniform_border_share(),
+        "mean_border_share_right": float(np.nanmean(shares[predicted_positive == (y_val == 1)])),
+    }
+
+
+def _gradcam_note(summary: dict, weights: InitialWeights) -> str:
+    share, uniform = summary["mean_border_share"], summary["uniform_border_share"]
+    verdict = (
+        "more than a uniform map would: check the overlays for text, arrows or letterbox edges"
+        if share > uniform
+        else "less than a uniform map would, i.e. the heatmaps concentrate on the image centre, where the lungs are"
+    )
+    return (
+        f"Heatmaps for the predicted class on a random sample of val slices (right and wrong, both classes). "
+        f"Over all of val, {share:.0%} of the heatmap mass lies in the outer 12.5 % frame ({uniform:.0%} for a "
+        f"uniform map): {verdict}."
+    )
