@@ -271,7 +271,7 @@ def model_figures(metrics: dict, split: str = "val") -> list[dict]:
 
     def add(name: str, figures) -> None:
         if isinstance(figures, dict) and all(isinstance(figures.get(key), (int, float)) for key in FIGURES):
-            rows.append({"model": name, "n": figures.get("n"), **{key: float(figures[key]) for key in FIGURES}})
+            rows.append({"model": name, "n": figures.get("n"), **{key: round(float(figures[key]), 3) for key in FIGURES}})
 
     add("reference (Keras float)" if "formats" in metrics else "model", metrics.get(split))
     for fmt, figures in (metrics.get("formats") or {}).items():
