@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--label-smoothing", type=float)
     knobs.add_argument("--weight-decay", type=float)
     knobs.add_argument("--no-augment", dest="augment", action="store_false", default=None)
+    knobs.add_argument("--rotation", type=float, help="augmentation: maximum rotation in degrees")
+    knobs.add_argument("--zoom", type=float, help="augmentation: maximum zoom in or out (fraction)")
+    knobs.add_argument("--shift", type=float, help="augmentation: maximum shift (fraction of the side)")
+    knobs.add_argument("--brightness", type=float, help="augmentation: maximum brightness change (fraction)")
+    knobs.add_argument("--contrast", type=float, help="augmentation: maximum contrast change (fraction)")
     knobs.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     knobs.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
     return parser
@@ -55,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
-    "threshold_rule",
+    "threshold_rule", "rotation", "zoom", "shift", "brightness", "contrast",
 )
 
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.scores, "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["path", "label", "positive_probability"])
-            for relative, label, score in zip(split.paths, split.labels, scores):
+            for relative, label, score in zip(split.paths, split.labels, scores, strict=True):
                 writer.writerow([relative, label, repr(float(score))])
     if args.json:
         print(json.dumps({**metrics, "skipped": [list(pair) for pair in split.skipped]}, indent=2))

@@ -93,7 +93,7 @@ def default_recipe(arch: str, pretrained: bool) -> Recipe:
     recipe = Recipe(unfreeze_from="conv5_block1_1_conv")
     if not pretrained:
         recipe = replace(
-            recipe, img_size=128, head_epochs=0, fine_epochs=60, fine_learning_rate=1e-3, unfreeze_from="all",
-            batchnorm_training=True, patience=15, dropout=0.5,
+            recipe, img_size=128, head_epochs=0, fine_epochs=45, fine_learning_rate=1e-3, unfreeze_from="all",
+            batchnorm_training=True, patience=12, dropout=0.5,
         )
     return recipe

@@ -106,7 +106,7 @@ def plot_gradcam(pixels: np.ndarray, cams: np.ndarray, titles: list[str], path: 
     fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.2 * rows), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, image, cam, title in zip(axes.ravel(), pixels, cams, titles):
+    for ax, image, cam, title in zip(axes.ravel()[: len(pixels)], pixels, cams, titles, strict=True):
         ax.imshow(image[:, :, 0], cmap="gray", vmin=0, vmax=255)
         ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1)
         ax.set_title(title, fontsize=7)

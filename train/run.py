@@ -216,7 +216,7 @@ def _write_scores(path: Path, split, labels: list[str], scores: np.ndarray) -> N
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "positive_probability"])
-        for relative, label, score in zip(split.paths, split.labels, scores):
+        for relative, label, score in zip(split.paths, split.labels, scores, strict=True):
             writer.writerow([relative, label, repr(float(score))])
 
 
