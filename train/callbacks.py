@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 import keras
@@ -42,8 +43,11 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
     The best score persists across stages (one instance per run; call :meth:`start_stage`
     before each ``fit``), so stage 2 only replaces the stage 1 checkpoint when it beats it."""
 
-    def __init__(self, pixels: np.ndarray, y_true: np.ndarray, positive_index: int, checkpoint: Path):
+    def __init__(self, pixels: np.ndarray, y_true: np.ndarray, positive_index: int, checkpoint: Path,
+                 deadline: float | None = None):
         super().__init__()
+        self.deadline = deadline  # time.monotonic() after which no new epoch starts
+        self.out_of_time = False
         self.pixels, self.y_true, self.positive_index = pixels, y_true, positive_index
         self.checkpoint = Path(checkpoint)
         self.best = (-math.inf, -math.inf)  # (auc, -loss)
@@ -76,6 +80,10 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
             if self.patience and self.waited >= self.patience:
                 log.info("no better val AUC for %d epochs: %s stage stops", self.waited, self.stage)
                 self.model.stop_training = True
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            log.warning("time budget reached after epoch %d (%s): training stops", epoch + 1, self.stage)
+            self.out_of_time = True
+            self.model.stop_training = True
 
     def restore_best(self) -> None:
         if self.best_weights is not None:

@@ -54,13 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--contrast", type=float, help="augmentation: maximum contrast change (fraction)")
     knobs.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     knobs.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
+    knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
 
 
 RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
-    "threshold_rule", "rotation", "zoom", "shift", "brightness", "contrast",
+    "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast",
 )
 
 

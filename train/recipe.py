@@ -56,6 +56,10 @@ class Recipe:
     shift: float = 0.1
     brightness: float = 0.1
     contrast: float = 0.2
+    max_minutes: float | None = None
+    """Wall-time budget for the whole run: training stops after the epoch that crosses
+    ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way
+    depends on the machine's speed (the report says so); ``None`` means no budget."""
     threshold_rule: str = "youden"
     """Decision threshold rule on val (``device.metrics.choose_threshold``): Youden's J, the
     best balanced accuracy, because val is small and balanced."""
@@ -94,6 +98,6 @@ def default_recipe(arch: str, pretrained: bool) -> Recipe:
     if not pretrained:
         recipe = replace(
             recipe, img_size=128, head_epochs=0, fine_epochs=45, fine_learning_rate=1e-3, unfreeze_from="all",
-            batchnorm_training=True, patience=12, dropout=0.5,
+            batchnorm_training=True, patience=12, dropout=0.5, max_minutes=55.0,
         )
     return recipe

@@ -119,7 +119,11 @@ def train_run(config: RunConfig) -> dict:
     dataset = train_dataset(train, len(labels), recipe, config.seed)
     weights_by_class = class_weights(train.targets, len(labels)) if recipe.class_weights else None
     checkpoint = out / "model.keras"
-    selector = ValAUCCheckpoint(val.pixels, y_val, positive_index, checkpoint)
+    # The budget keeps a margin for loading the checkpoint, Grad-CAM, plots and the report.
+    deadline = None
+    if recipe.max_minutes:
+        deadline = time.monotonic() - (time.perf_counter() - started) + recipe.max_minutes * 60 * 0.95 - 60
+    selector = ValAUCCheckpoint(val.pixels, y_val, positive_index, checkpoint, deadline)
     verbose = 1 if sys.stdout.isatty() else 2
     history: list[dict] = []
     steps = int(np.ceil(len(train.targets) / recipe.batch_size))
@@ -144,6 +148,8 @@ def train_run(config: RunConfig) -> dict:
             row.update({key: float(values[epoch]) for key, values in fitted.history.items()})
             history.append(row)
         print(f"stage {stage}: best val AUC so far {selector.best[0]:.4f} (epoch {selector.best_epoch})", flush=True)
+        if selector.out_of_time:
+            break
     if selector.best_epoch is None:
         raise DataError("no epoch was trained (head and fine-tune epochs are both 0)")
 
@@ -169,6 +175,7 @@ def train_run(config: RunConfig) -> dict:
         "best_epoch": selector.best_epoch,
         "best_stage": selector.best_stage,
         "epochs_trained": len(history),
+        "stopped_by_time_budget": selector.out_of_time,
         "gradcam": cam_summary,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -196,12 +203,22 @@ def train_run(config: RunConfig) -> dict:
         "recipe": recipe.to_dict(),
         "command": config.command,
     }
-    report.write_report(out / "report.md", run, metrics, _gradcam_note(cam_summary, weights), config.command, [])
+    report.write_report(out / "report.md", run, metrics, _gradcam_note(cam_summary, weights), config.command, _notes(selector, recipe, weights))
     run["wall_seconds"] = round(time.perf_counter() - started, 1)
     partial = out / "run.json.part"
     partial.write_text(json.dumps(run, indent=2))
     partial.replace(out / "run.json")  # last, and atomic: its presence means the run is complete
     return run
+
+
+def _notes(selector, recipe: Recipe, weights: InitialWeights) -> list[str]:
+    notes = []
+    if selector.out_of_time:
+        notes += [f"Training stopped at the {recipe.max_minutes:g}-minute time budget, not by early stopping: "
+                  "another machine may stop at another epoch.", ""]
+    if not weights.pretrained:
+        notes += ["The backbone was **trained from scratch** (no pretrained weights); this is not a fine-tuned model.", ""]
+    return notes
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
