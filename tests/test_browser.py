@@ -81,7 +81,7 @@ def serve_ui(bundle: Path, workdir: Path, max_upload_mb: int = MAX_UPLOAD_MB):
     server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment, cwd=workdir)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
@@ -153,16 +153,16 @@ def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tm
             password = page.get_by_label("Password", exact=True)
             password.fill("wrong password")
             page.get_by_role("button", name="Log in").click()
-            expect(page.get_by_text("Wrong password")).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("Wrong password")).to_be_visible(timeout=90_000)
             password.fill(PASSWORD)
             page.get_by_role("button", name="Log in").click()
             uploader = page.locator("input[type=file]")
-            expect(uploader).to_be_attached(timeout=30_000)
+            expect(uploader).to_be_attached(timeout=90_000)
             uploader.set_input_files(str(slice_file))
             headline = page.get_by_text(f"P({POSITIVE}) = {expected.positive_probability:.3f}")
-            expect(headline).to_be_visible(timeout=60_000)
+            expect(headline).to_be_visible(timeout=120_000)
             expect(page.get_by_text(expected.label, exact=True).first).to_be_visible()
-            expect(page.get_by_text("occlusion heatmap")).to_be_visible()
+            expect(page.get_by_text("occlusion heatmap", exact=True)).to_be_visible()
             page.wait_for_timeout(500)  # let the images finish painting
             page.screenshot(path=str(ARTIFACTS / "ui-after-upload.png"), full_page=True)
             memory = rss_mb(server.pid)
@@ -170,7 +170,7 @@ def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tm
             print(f"\nUI process RSS after one prediction: {memory:.0f} MB")
 
             uploader.set_input_files(str(too_big))  # the browser refuses it before sending
-            expect(page.get_by_text(f"{MAX_UPLOAD_MB}.0MB or smaller", exact=False).first).to_be_visible(timeout=30_000)
+            expect(page.get_by_text(f"{MAX_UPLOAD_MB}.0MB or smaller", exact=False).first).to_be_visible(timeout=90_000)
         finally:
             browser.close()
     assert outside == [], f"the page contacted hosts other than the appliance: {outside}"
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
             uploader = log_in(page, url)
             print(f"logged in, model loaded:             {rss_mb(server.pid):6.0f} MB RSS")
             uploader.set_input_files(str(args.slice))
-            expect(page.get_by_text("occlusion heatmap")).to_be_visible(timeout=300_000)
+            expect(page.get_by_text("occlusion heatmap", exact=True)).to_be_visible(timeout=300_000)
             print(f"after one prediction with heatmap:   {rss_mb(server.pid):6.0f} MB RSS")
             print(page.get_by_text("P(COVID) =").first.inner_text())
             print(page.get_by_text("heatmap:").first.inner_text().replace("\n", " / "))

@@ -60,7 +60,7 @@ def test_run_starts_daemon_and_page_on_first_use_and_ctrl_c_stops_both(tmp_path,
     with open(log, "w") as output:
         supervisor = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=str(tmp_path)))
     try:
-        wait_for(lambda: page_answers(f"http://127.0.0.1:{port}"), 60, "the page answering", supervisor, log)
+        wait_for(lambda: page_answers(f"http://127.0.0.1:{port}"), 120, "the page answering", supervisor, log)
         assert inbox.is_dir() and state.is_dir()
         text = log.read_text()
         assert "no UI password is set yet" in text and f"ctpi passwd --password-file {password_file}" in text
@@ -77,7 +77,7 @@ def test_run_starts_daemon_and_page_on_first_use_and_ctrl_c_stops_both(tmp_path,
             except JournalError:
                 return False
 
-        wait_for(recorded, 60, "the dropped slice being recorded", supervisor, log)
+        wait_for(recorded, 120, "the dropped slice being recorded", supervisor, log)
 
         supervisor.send_signal(signal.SIGINT)  # what Ctrl-C sends to the foreground process
         assert supervisor.wait(timeout=40) == 0, log.read_text()
