@@ -142,7 +142,9 @@ def train_run(config: RunConfig) -> dict:
         log.info("stage %s: %d epochs, learning rate %g, %d trainable backbone layers", stage, epochs, learning_rate, trainable)
         print(f"stage {stage}: up to {epochs} epochs at learning rate {learning_rate:g}, {trainable} backbone layers trainable", flush=True)
         selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0)
-        fitted = model.fit(dataset, epochs=epochs, class_weight=weights_by_class, callbacks=[selector], verbose=verbose)
+        fitted = model.fit(
+            dataset, epochs=epochs, class_weight=weights_by_class, callbacks=[selector], verbose=verbose, shuffle=False
+        )  # the tf.data pipeline shuffles, with the run's seed
         for epoch, _ in enumerate(fitted.history["loss"]):
             row = {"epoch": len(history) + 1, "stage": stage}
             row.update({key: float(values[epoch]) for key, values in fitted.history.items()})
@@ -263,14 +265,22 @@ def _gradcam_figures(model, val, labels, positive_index, y_val, scores, threshol
         "class": "predicted class",
         "shown": [val.paths[i] for i in chosen],
         "border_band": 0.125,
-        "mean_border_share": float(np.nanmean(shares)),
+        "mean_border_share": _mean(shares),
         "uniform_border_share": uniform_border_share(),
-        "mean_border_share_right": float(np.nanmean(shares[predicted_positive == (y_val == 1)])),
+        "mean_border_share_right": _mean(shares[predicted_positive == (y_val == 1)]),
     }
+
+
+def _mean(values: np.ndarray) -> float | None:
+    """Mean over defined values; None (JSON null) when a heatmap is empty everywhere."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else None
 
 
 def _gradcam_note(summary: dict, weights: InitialWeights) -> str:
     share, uniform = summary["mean_border_share"], summary["uniform_border_share"]
+    if share is None:
+        return "Every Grad-CAM heatmap is empty (the model's output does not depend on its last feature map)."
     verdict = (
         "more than a uniform map would: check the overlays for text, arrows or letterbox edges"
         if share > uniform
