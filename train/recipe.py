@@ -21,25 +21,27 @@ class Recipe:
     """Square model input side. 224 is the resolution the ImageNet weights were trained at;
     the device letterboxes every slice to it."""
     batch_size: int = 32
-    head_epochs: int = 6
+    head_epochs: int = 3
     """Stage 1: only the new classifier head learns, on a frozen backbone, so the random head
     does not send large gradients into pretrained filters."""
     head_learning_rate: float = 1e-3
-    fine_epochs: int = 30
+    fine_epochs: int = 45
     """Stage 2: the top of the backbone is unfrozen too (at most this many epochs; early
     stopping usually ends it sooner)."""
     fine_learning_rate: float = 1e-4
     """Stage 2 peak learning rate, cosine-decayed to zero: low, so pretrained filters adapt
     rather than get overwritten by 425 images."""
-    unfreeze_from: str = "block_11_expand"
+    unfreeze_from: str = "all"
     """First backbone layer trained in stage 2 (Keras layer name); ``all`` unfreezes everything.
-    BatchNormalization layers stay frozen and in inference mode in any case."""
+    BatchNormalization layers stay frozen and in inference mode in any case. ImageNet features
+    fit these figure crops poorly (a head on the frozen backbone reaches val AUC 0.63), so the
+    whole backbone adapts: from ``block_11_expand`` on, val AUC was 0.78; with ``all``, 0.85."""
     batchnorm_training: bool = False
     """Whether BatchNorm uses batch statistics while training. False for pretrained weights
     (the shared MobileNetV2 weights have BN folded in, and 425 images would corrupt the
     running statistics); True only for a backbone trained from scratch, which has no
     statistics to protect and needs normalisation to train at all."""
-    patience: int = 8
+    patience: int = 12
     """Early stopping: epochs without a better val ROC AUC before stage 2 ends."""
     dropout: float = 0.3
     label_smoothing: float = 0.05
@@ -50,12 +52,12 @@ class Recipe:
     """Weight the loss by inverse class frequency (train is 191 COVID / 234 NonCOVID)."""
     augment: bool = True
     """Train-only augmentation: horizontal flip, rotation, zoom, shift, brightness, contrast."""
-    rotation: float = 10.0
+    rotation: float = 15.0
     """Maximum rotation in degrees."""
-    zoom: float = 0.1
+    zoom: float = 0.2
     shift: float = 0.1
-    brightness: float = 0.1
-    contrast: float = 0.2
+    brightness: float = 0.2
+    contrast: float = 0.3
     max_minutes: float | None = None
     """Wall-time budget for the whole run: training stops after the epoch that crosses
     ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way
@@ -99,5 +101,6 @@ def default_recipe(arch: str, pretrained: bool) -> Recipe:
         recipe = replace(
             recipe, img_size=128, head_epochs=0, fine_epochs=45, fine_learning_rate=1e-3, unfreeze_from="all",
             batchnorm_training=True, patience=12, dropout=0.5, max_minutes=55.0,
+            rotation=10.0, zoom=0.1, brightness=0.1, contrast=0.2,
         )
     return recipe
