@@ -22,6 +22,7 @@ from pathlib import Path
 
 from convert.assemble import FILE_OF_FORMAT, assemble_bundle
 from convert.benchmark import bench_formats
+from convert.bias_correction import correct_biases
 from convert.calibration import load_slices, stratified_split
 from convert.diagnose import explain, weights_only_agreement
 from convert.export import DEFAULT_FORMATS, export_formats, parse_formats
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES, help=f"training slices for int8 calibration (default {DEFAULT_CALIBRATION_SAMPLES})")
     parser.add_argument("--seed", type=int, default=None, help="calibration draw seed (default: the run's seed)")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor int8 weights instead of per-channel")
+    parser.add_argument("--no-bias-correction", action="store_true", help="convert int8 without bias correction (for comparison)")
     parser.add_argument("--onnx-opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     parser.add_argument("--name", default=None, help="bundle name (default: the run folder's name)")
     parser.add_argument("--version", default=None, help="bundle version (default: today's date)")
@@ -172,8 +174,19 @@ def convert(args, argv: list[str]) -> int:
 
     step(f"loading {run.model_path}")
     model = run.load_model()
+    int8_model = None
+    if "int8" in formats and not args.no_bias_correction:
+        step("bias correction of a copy for int8 (the mean shift of 8-bit weight rounding, measured on calibration)")
+        int8_model = run.load_model()
+        correct_biases(int8_model, calibration.pixels, per_channel=not args.per_tensor)
     models, format_extras = export_formats(
-        model, formats, list(calibration.pixels), per_channel=not args.per_tensor, opset=args.onnx_opset, on_step=step
+        model,
+        formats,
+        list(calibration.pixels),
+        per_channel=not args.per_tensor,
+        opset=args.onnx_opset,
+        int8_model=int8_model,
+        on_step=step,
     )
     for fmt, content in models.items():
         step(f"  {fmt}: {len(content) / 1e6:.2f} MB")
@@ -206,7 +219,7 @@ def convert(args, argv: list[str]) -> int:
         for split in splits:
             print(_figure_table(keras_figures, format_results, split), file=sys.stderr)
         if failures:
-            _report_failure(failures, format_results, model, referee, splits, reference)
+            _report_failure(failures, format_results, int8_model or model, referee, splits, reference)
             return EXIT_GATE_FAILED
         step(f"accuracy gate passed for {', '.join(formats)}")
 

@@ -36,29 +36,34 @@ def export_formats(
     *,
     per_channel: bool = True,
     opset: int = ONNX_OPSET,
+    int8_model=None,
     on_step: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, bytes], dict[str, dict]]:
     """``({format: model bytes}, {format: manifest extras})``.
 
     ``representative`` are ``H x W x C`` uint8 slices from the training split (int8 only);
-    the extras record how each file was made, so a bundle explains its own quantization."""
+    ``int8_model``, when given, is what int8 converts instead of ``model`` (a bias-corrected
+    copy, see :mod:`convert.bias_correction`). The extras record how each file was made, so a
+    bundle explains its own quantization."""
     models: dict[str, bytes] = {}
     extras: dict[str, dict] = {}
     for fmt in formats:
         if on_step:
             on_step(f"converting to {fmt}")
         if fmt in TFLITE_FORMATS:
-            models[fmt] = to_tflite(model, fmt, representative if fmt == "int8" else None, per_channel=per_channel)
             if fmt == "int8":
+                source = model if int8_model is None else int8_model
+                models[fmt] = to_tflite(source, fmt, representative, per_channel=per_channel)
                 extras[fmt] = {
                     "quantization": "full-integer int8 (weights, activations, input and output)",
                     "weights": "per-channel" if per_channel else "per-tensor",
+                    "bias_correction": int8_model is not None,
                     "calibration_samples": len(representative or ()),
                 }
-            elif fmt == "float16":
-                extras[fmt] = {"quantization": "float16 weights, float32 activations"}
             else:
-                extras[fmt] = {"quantization": None}
+                models[fmt] = to_tflite(model, fmt, per_channel=per_channel)
+                float16 = {"quantization": "float16 weights, float32 activations"}
+                extras[fmt] = float16 if fmt == "float16" else {"quantization": None}
         elif fmt == "onnx":
             models[fmt] = to_onnx(model, opset)
             extras[fmt] = {"opset": onnx_opset(models[fmt]), "quantization": None}

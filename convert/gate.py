@@ -42,7 +42,8 @@ GATE_RULES = {
 ADVICE = {
     "int8": (
         "int8 calibration lost accuracy. Try, in this order: more calibration slices "
-        "(--calibration-samples 400, or all of train); per-channel weights (drop --per-tensor); "
+        "(--calibration-samples 400, or all of train); per-channel weights (drop --per-tensor) and bias "
+        "correction (drop --no-bias-correction); "
         "a float fallback: convert without int8 (--formats float16,float32,onnx; float16 becomes the "
         "bundle's default). Also check that DATA/train is the data the model was trained on."
     ),

@@ -177,6 +177,7 @@ def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path,
     assert (manifest["name"], manifest["version"], manifest["default_format"]) == ("tiny", "9.9", "int8")
     assert set(manifest["formats"]) == set(ALL_FORMATS)
     assert manifest["formats"]["int8"]["calibration_samples"] == 8
+    assert manifest["formats"]["int8"]["bias_correction"] is True
     metrics = manifest["metrics"]
     assert metrics["val"]["n"] == 16 and metrics["train_holdout"]["n"] == 12
     for fmt in ALL_FORMATS:
@@ -248,3 +249,56 @@ def test_onnx_export_is_byte_reproducible(tiny_keras_model):
     from convert.onnx_export import to_onnx
 
     assert to_onnx(tiny_keras_model) == to_onnx(tiny_keras_model)
+
+
+def _rounded_copy(model):
+    """``model``'s function with every kernel rounded as TFLite rounds int8 weights."""
+    import keras
+
+    from convert.bias_correction import round_like_tflite
+
+    copy = keras.models.clone_model(model)
+    copy.set_weights(model.get_weights())
+    stack = [copy]
+    while stack:
+        for layer in stack.pop().layers:
+            if isinstance(layer, keras.Model):
+                stack.append(layer)
+            elif isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+                weights = layer.get_weights()
+                weights[0] = round_like_tflite(weights[0], -1)
+                layer.set_weights(weights)
+    return copy
+
+
+def test_bias_correction_cancels_the_mean_shift_of_int8_weight_rounding():
+    """A nested block with a biased convolution and a bias-free one followed by BatchNorm,
+    kernels with outliers so that 8-bit rounding visibly shifts the mean output: after
+    correction the rounded model's mean output on the calibration data is the float one's."""
+    import keras
+
+    from convert.bias_correction import correct_biases
+
+    rng = np.random.default_rng(0)
+    inner_input = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(6, 3, use_bias=True, name="biased")(inner_input)
+    x = keras.layers.Conv2D(5, 3, use_bias=False, name="bias_free")(x)
+    inner = keras.Model(inner_input, keras.layers.BatchNormalization(name="bn")(x), name="block")
+    outer_input = keras.Input((12, 12, 3))
+    features = keras.layers.GlobalAveragePooling2D()(inner(keras.layers.Rescaling(1 / 255.0)(outer_input)))
+    model = keras.Model(outer_input, features)
+    for name in ("biased", "bias_free"):
+        layer = inner.get_layer(name)
+        kernel = rng.normal(0, 0.05, layer.get_weights()[0].shape).astype(np.float32)
+        kernel[0, 0, 0, :] = 3.0  # one outlier per output channel coarsens the int8 grid
+        layer.set_weights([kernel, *layer.get_weights()[1:]])
+    samples = rng.integers(60, 255, (16, 12, 12, 3)).astype(np.uint8)
+
+    reference = model.predict(samples.astype(np.float32), verbose=0).mean(axis=0)
+    shift_before = np.abs(_rounded_copy(model).predict(samples.astype(np.float32), verbose=0).mean(axis=0) - reference)
+    corrected = keras.models.clone_model(model)
+    corrected.set_weights(model.get_weights())
+    assert correct_biases(corrected, list(samples)) == {"bias": 1, "batchnorm": 1, "left": 0}
+    shift_after = np.abs(_rounded_copy(corrected).predict(samples.astype(np.float32), verbose=0).mean(axis=0) - reference)
+    assert shift_before.max() > 1e-3
+    assert shift_after.max() < shift_before.max() / 50
