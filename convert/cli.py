@@ -242,6 +242,7 @@ def convert(args, argv: list[str]) -> int:
             "samples": len(calibration.examples),
             "seed": seed,
             "weights": "per-tensor" if args.per_tensor else "per-channel",
+            "bias_correction": int8_model is not None,
             "holdout": len(splits["train_holdout"].examples),
             "train_fingerprint_matches_run": recorded == train_fingerprint,
         }

@@ -111,7 +111,8 @@ def _calibration_line(calibration: dict, has_int8: bool) -> str:
     if has_int8:
         return (
             f"- int8 calibration: {calibration['samples']} training slices drawn stratified by label "
-            f"(seed {calibration['seed']}), {calibration['weights']} weights; the other "
+            f"(seed {calibration['seed']}), {calibration['weights']} weights, "
+            f"{'with' if calibration.get('bias_correction') else 'without'} bias correction; the other "
             f"{calibration['holdout']} training slices are the second gate split below."
         )
     return (

@@ -187,7 +187,7 @@ def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path,
     assert metrics["gate"]["passed"] and metrics["gate"]["int8"] == {"min_agreement": 0.98, "max_auc_change": 0.01}
     card = (out / "MODEL_CARD.md").read_text()
     assert manifest["files"]["MODEL_CARD.md"] == file_sha256(out / "MODEL_CARD.md")
-    assert "not a diagnostic device" in card and "hand-set" in card
+    assert "not a diagnostic device" in card and "hand-set" in card and "with bias correction" in card
     assert "**Note.** Made by the test suite." in card and manifest["conversion"]["note"] == "Made by the test suite."
     assert "| int8 | 1.000 | 1.000 | 1.000 | 1.000 | 1.000 |" in card
     bench = manifest["conversion"]["bench"]
