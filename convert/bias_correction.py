@@ -108,7 +108,7 @@ def _following_batchnorm(container, layer):
     return None
 
 
-def correct_biases(model, samples: Sequence[np.ndarray], per_channel: bool = True, batch_size: int = 8) -> dict:
+def correct_biases(model, samples: Sequence[np.ndarray], per_channel: bool = True, batch_size: int = 4) -> dict:
     """Apply bias correction to ``model`` in place; returns counts of what was corrected.
 
     ``samples`` are preprocessed ``H x W x C`` uint8 calibration slices (the model takes raw
