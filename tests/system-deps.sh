@@ -3,7 +3,7 @@
 # Each feature adds its package here; tests that need one skip with a reason if it is absent.
 set -euo pipefail
 need=()
-for pair in chromium:chromium /usr/sbin/sshd:openssh-server; do
+for pair in chromium:chromium /usr/sbin/sshd:openssh-server systemd-analyze:systemd; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
