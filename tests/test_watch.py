@@ -125,7 +125,7 @@ def test_bad_inputs_are_rejected_with_a_reason_and_the_daemon_keeps_working(fold
         drop(inbox, "one_pixel.png", image_bytes(np.zeros((1, 1), np.uint8)))
         drop(inbox, "bomb.png", png_header(30000, 30000))
         (inbox / "link_outside.png").symlink_to(outside)
-        drop(inbox, "sixteen_bit.png", image_bytes((grey.astype(np.uint16) * 200)))
+        drop(inbox, "sixteen_bit.png", image_bytes(grey.astype(np.uint16) * 200))
         drop(inbox, "rgba.png", image_bytes(np.dstack([grey, grey, grey, np.full_like(grey, 200)])))
         drop(inbox, "palette.png", image_bytes(np.dstack([grey] * 3), mode="P"))
         drop(inbox, "photo.jpg", image_bytes(grey, "JPEG"))

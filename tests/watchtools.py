@@ -89,8 +89,6 @@ class NotifySocket:
                 self.messages.append(self.socket.recv(4096).decode())
             except TimeoutError:
                 break
-            except socket.timeout:  # pragma: no cover - Python < 3.10
-                break
         return self.messages
 
     def wait(self, text: str, timeout: float) -> None:

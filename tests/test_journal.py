@@ -1,0 +1,77 @@
+"""The journal of record: idempotent recording, moves, study verdicts, and a read API that never writes."""
+
+from __future__ import annotations
+
+import pytest
+
+from device.journal import Journal, JournalError, SliceResult, stored_name
+from device.studies import aggregate
+
+
+def ok(path: str, probability: float, sha: str) -> SliceResult:
+    label = "COVID" if probability >= 0.5 else "NonCOVID"
+    return SliceResult(path=path, sha256=sha, size=10, status="ok", seen_at=1.0, label=label, positive=label == "COVID",
+                       positive_probability=probability, probabilities={"COVID": probability, "NonCOVID": 1 - probability},
+                       threshold=0.5, model_name="m", model_sha256="f" * 64)
+
+
+def test_recording_the_same_unmoved_drop_twice_keeps_one_record(tmp_path):
+    with Journal.open(tmp_path) as journal:
+        (first,) = journal.record([ok("s/a.png", 0.9, "1" * 64)], "COVID", "NonCOVID")
+        (again,) = journal.record([ok("s/a.png", 0.9, "1" * 64)], "COVID", "NonCOVID")
+        assert again.id == first.id and first.stored_as == stored_name(first.id, "s/a.png", "ok")
+        assert [r["id"] for r in journal.unmoved()] == [first.id]
+        journal.mark_moved([first.id])
+        assert journal.unmoved() == []
+        (later,) = journal.record([ok("s/a.png", 0.9, "1" * 64)], "COVID", "NonCOVID")  # dropped again later
+        assert later.id != first.id
+        assert journal.counts()["slices"] == 2
+
+
+def test_a_file_that_vanished_is_recorded_as_already_moved(tmp_path):
+    gone = SliceResult(path="x.png", sha256=None, size=None, status="rejected", seen_at=1.0, reason="missing", message="gone")
+    with Journal.open(tmp_path) as journal:
+        (record,) = journal.record([gone], "COVID", "NonCOVID")
+        assert record.moved and record.stored_as is None and journal.unmoved() == []
+
+
+def test_study_verdict_is_the_highest_slice_probability_against_the_threshold(tmp_path):
+    with Journal.open(tmp_path) as journal:
+        journal.record([ok("p/a.png", 0.2, "a" * 64), ok("p/b.png", 0.3, "b" * 64)], "COVID", "NonCOVID")
+        assert journal.study("p")["label"] == "NonCOVID" and journal.study("p")["probability"] == pytest.approx(0.3)
+        journal.record([ok("p/c.png", 0.7, "c" * 64), ok("top.png", 0.99, "d" * 64)], "COVID", "NonCOVID")
+        study = journal.study("p")
+        assert study["label"] == "COVID" and study["positive"] and study["positive_slices"] == 1 and study["slices"] == 3
+        assert [s["name"] for s in journal.studies()] == ["p"]  # top-level files belong to no study
+        assert journal.counts()["positive_studies"] == 1
+
+
+def test_aggregate_rule_is_monotone_and_not_inflated_by_many_slices():
+    assert aggregate([0.05] * 300, 0.5, "COVID", "NonCOVID").label == "NonCOVID"  # noisy-OR would say ~1.0
+    flagged = aggregate([0.1, 0.8], 0.5, "COVID", "NonCOVID")
+    assert flagged.label == "COVID" and flagged.top_index == 1
+    assert aggregate([0.1, 0.8] + [0.01] * 50, 0.5, "COVID", "NonCOVID").label == "COVID"
+    assert aggregate([], 0.5, "COVID", "NonCOVID").label is None
+
+
+def test_read_api_filters_and_never_writes(tmp_path):
+    with Journal.open(tmp_path) as journal:
+        journal.record([ok("s1/a.png", 0.9, "a" * 64), ok("s2/b.png", 0.1, "b" * 64)], "COVID", "NonCOVID")
+        journal.beat({"state": "running", "heartbeat_seconds": 5})
+    with Journal.open_readonly(tmp_path) as reader:
+        assert [r["path"] for r in reader.query_slices(study="s1")] == ["s1/a.png"]
+        assert [r["path"] for r in reader.query_slices(label="NonCOVID")] == ["s2/b.png"]
+        assert reader.query_slices(since="2999-01-01T00:00:00") == []
+        assert [r["path"] for r in reader.query_slices(limit=1, offset=1)] == ["s1/a.png"]
+        record = reader.query_slices(limit=1)[0]
+        assert record["probabilities"]["COVID"] == pytest.approx(0.1) and record["recorded_at"].endswith("+00:00")
+        assert reader.heartbeat()["state"] == "running" and reader.heartbeat()["age_seconds"] < 60
+        assert reader.counts()["ok"] == 2
+        with pytest.raises(JournalError):
+            reader.beat({"state": "forged"})
+
+
+def test_opening_a_missing_journal_read_only_says_what_to_do(tmp_path):
+    with pytest.raises(JournalError, match="has `ctpi watch"):
+        Journal.open_readonly(tmp_path)
+    assert not (tmp_path / "journal.sqlite").exists()
