@@ -116,6 +116,7 @@ class SliceResult:
     format: str | None = None
     mode: str | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
+    movable: bool = True  # False when there is no file left in the inbox to move
 
     @property
     def study(self) -> str | None:
@@ -253,7 +254,7 @@ class Journal:
                     ),
                 )
                 record_id = cursor.lastrowid
-                if result.sha256 is None:  # nothing was read, nothing to move
+                if not result.movable:  # the file is gone: nothing to move
                     db.execute("UPDATE slices SET moved_at = ? WHERE id = ?", (now, record_id))
                     recorded.append(Recorded(record_id, result.path, None, True))
                 else:

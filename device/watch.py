@@ -315,7 +315,8 @@ class Reader(threading.Thread):
             if info.st_size > 0 and not os.access(path, os.R_OK):
                 raise BadSliceError("unreadable", "permission denied")
             data = read_source(path)
-            item.sha256 = hashlib.sha256(data).hexdigest()
+            # a link inside the inbox keeps its link identity: that is what recovery compares
+            item.sha256 = item.sha256 or hashlib.sha256(data).hexdigest()
             item.size = len(data)
             read_at = time.perf_counter()
             decoded = decode_slice(data)
@@ -332,8 +333,8 @@ class Reader(threading.Thread):
         except Exception as error:  # one odd file must not stop the appliance
             log.exception("unexpected failure reading %s", relative)
             item.error = BadSliceError("decode-failed", f"could not be decoded ({type(error).__name__}: {error})")
-        if item.error is not None and item.sha256 is None and item.movable:
-            item.sha256 = file_identity(path)
+        if item.error is not None and item.movable:
+            item.sha256 = item.sha256 or file_identity(path)
             item.movable = os.path.lexists(path)
         return item
 
@@ -361,7 +362,8 @@ class Daemon:
         self.arrivals = Arrivals(self.inbox, config.ignore, config.settle_seconds)
         self.reader = Reader(self.inbox, bundle.spec, config.queue_size)
         self.in_flight: set[str] = set()
-        self.batch: list[tuple[SliceResult, float]] = []
+        self.batch: list[SliceResult] = []
+        self.batch_started = 0.0
         self.stop_requested = False
         self.blocked: str | None = None
         self.processed = {"ok": 0, "rejected": 0}
@@ -500,7 +502,8 @@ class Daemon:
     # -- processing -------------------------------------------------------------------------
 
     def infer(self, item: Decoded) -> SliceResult:
-        result = SliceResult(path=item.path, sha256=item.sha256, size=item.size, status="rejected", seen_at=item.seen_at)
+        result = SliceResult(path=item.path, sha256=item.sha256, size=item.size, status="rejected", seen_at=item.seen_at,
+                             movable=item.movable)
         if item.error is not None:
             result.reason, result.message = item.error.reason, str(item.error)
             return result
@@ -521,8 +524,7 @@ class Daemon:
         """Commit the group, move its files, fsync the folders, mark them moved."""
         if not self.batch or self.journal is None:
             return
-        results = [result for result, _ in self.batch]
-        movable = {result.path: movable for result, movable in self.batch}
+        results = list(self.batch)
         try:
             recorded = self.journal.record(results, self.positive_label, self.negative_label)
         except JournalError as error:
@@ -536,8 +538,7 @@ class Daemon:
                     continue
                 source = self.inbox / record.path
                 target = self.state / record.stored_as
-                if movable.get(record.path, True):
-                    move_file(source, target)
+                if move_file(source, target):
                     folders.update({source.parent, target.parent})
                 moved.append(record.id)
             for folder in folders:  # the renames must be durable before the journal says so
@@ -574,7 +575,9 @@ class Daemon:
                 item = self.reader.done.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 break
-            self.batch.append((self.infer(item), item.movable))
+            if not self.batch:
+                self.batch_started = time.monotonic()
+            self.batch.append(self.infer(item))
             if len(self.batch) >= self.config.batch_size:
                 self.flush()
             if time.monotonic() >= deadline:
@@ -583,7 +586,7 @@ class Daemon:
             self.flush()
 
     def batch_age(self) -> float:
-        return time.time() - min(result.seen_at for result, _ in self.batch) if self.batch else 0.0
+        return time.monotonic() - self.batch_started if self.batch else 0.0
 
     def start_observer(self):
         from watchdog.events import DirCreatedEvent, DirMovedEvent, FileSystemEventHandler

@@ -29,7 +29,8 @@ def test_recording_the_same_unmoved_drop_twice_keeps_one_record(tmp_path):
 
 
 def test_a_file_that_vanished_is_recorded_as_already_moved(tmp_path):
-    gone = SliceResult(path="x.png", sha256=None, size=None, status="rejected", seen_at=1.0, reason="missing", message="gone")
+    gone = SliceResult(path="x.png", sha256=None, size=None, status="rejected", seen_at=1.0, reason="missing", message="gone",
+                        movable=False)
     with Journal.open(tmp_path) as journal:
         (record,) = journal.record([gone], "COVID", "NonCOVID")
         assert record.moved and record.stored_as is None and journal.unmoved() == []
