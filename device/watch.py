@@ -258,6 +258,7 @@ class Decoded:
     mode: str | None = None
     error: BadSliceError | None = None
     latency_ms: dict = field(default_factory=dict)
+    signature: tuple | None = None  # (size, mtime, inode) when read: a changed file is not moved
 
 
 class Reader(threading.Thread):
@@ -304,6 +305,7 @@ class Reader(threading.Thread):
                 item.movable = False
                 raise BadSliceError("missing", "file disappeared before it could be read") from None
             item.size = info.st_size
+            item.signature = (info.st_size, info.st_mtime_ns, info.st_ino)
             if stat.S_ISLNK(info.st_mode):
                 item.sha256 = file_identity(path)
                 target = path.resolve()
@@ -362,6 +364,7 @@ class Daemon:
         self.arrivals = Arrivals(self.inbox, config.ignore, config.settle_seconds)
         self.reader = Reader(self.inbox, bundle.spec, config.queue_size)
         self.in_flight: set[str] = set()
+        self.signatures: dict[str, tuple | None] = {}
         self.batch: list[SliceResult] = []
         self.batch_started = 0.0
         self.stop_requested = False
@@ -416,7 +419,10 @@ class Daemon:
         try:
             self.journal.beat(self.heartbeat_data(state))
         except JournalError as error:
-            self.block(str(error))
+            if self.blocked is None:
+                self.block(str(error))
+            else:  # already blocked: the heartbeat goes stale, which `ctpi status` reports
+                log.debug("heartbeat not written: %s", error)
 
     # -- storage ----------------------------------------------------------------------------
 
@@ -455,6 +461,7 @@ class Daemon:
         self.blocked = message
         self.batch.clear()
         self.in_flight.clear()
+        self.signatures.clear()
         while True:  # drain what the reader already decoded; the files will be read again
             try:
                 self.reader.done.get_nowait()
@@ -506,7 +513,9 @@ class Daemon:
                              movable=item.movable)
         if item.error is not None:
             result.reason, result.message = item.error.reason, str(item.error)
+            self.signatures[item.path] = item.signature
             return result
+        self.signatures[item.path] = item.signature
         prediction = self.classifier.predict_pixels(item.pixels, item.latency_ms)
         result.status = "ok"
         result.label = prediction.label
@@ -538,7 +547,10 @@ class Daemon:
                     continue
                 source = self.inbox / record.path
                 target = self.state / record.stored_as
-                if move_file(source, target):
+                if self.changed_since_read(record.path):
+                    log.warning("%s changed after it was read; the recorded version is gone and the new one will be a "
+                                "new drop", record.path, extra={"event": "replaced", "record": record.id})
+                elif move_file(source, target):
                     folders.update({source.parent, target.parent})
                 moved.append(record.id)
             for folder in folders:  # the renames must be durable before the journal says so
@@ -562,6 +574,14 @@ class Daemon:
             else:
                 extra.update(reason=result.reason)
                 log.warning("%s: rejected (%s) %s", result.path, result.reason, result.message, extra=extra)
+
+    def changed_since_read(self, relative: str) -> bool:
+        expected = self.signatures.pop(relative, None)
+        try:
+            info = os.lstat(self.inbox / relative)
+        except FileNotFoundError:
+            return False
+        return expected is not None and (info.st_size, info.st_mtime_ns, info.st_ino) != expected
 
     def step(self) -> None:
         """One turn of the loop: feed settled files to the reader, infer what is decoded,
@@ -658,7 +678,8 @@ class Daemon:
                     return EXIT_STORAGE
                 if now >= next_retry:
                     next_retry = now + self.config.retry_seconds
-                    self.try_resume()
+                    if not self.try_resume():
+                        self.beat("blocked")
                 time.sleep(TICK_SECONDS)
                 continue
             if now >= next_scan and not self.once:

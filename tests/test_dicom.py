@@ -52,6 +52,7 @@ def test_truncated_dicom_is_rejected_with_a_reason():
 
 def test_dicom_patient_fields_never_reach_logs_or_the_journal(tmp_path, tiny_bundle, caplog):
     from device.config import WatchConfig
+    from device.journal import Journal
     from device.watch import Daemon
 
     inbox, state = tmp_path / "inbox", tmp_path / "state"
@@ -61,5 +62,8 @@ def test_dicom_patient_fields_never_reach_logs_or_the_journal(tmp_path, tiny_bun
     with caplog.at_level(logging.DEBUG):
         assert Daemon(config, once=True).run() == 0
     assert "ct.dcm" in caplog.text and "SECRET" not in caplog.text
+    with Journal.open_readonly(state) as reader:
+        (record,) = reader.query_slices()
+    assert record["status"] == "ok" and record["format"] == "DICOM" and record["study"] == "study"
     journal = (state / "journal.sqlite").read_bytes() + b"".join(p.read_bytes() for p in state.glob("journal.sqlite-*"))
     assert b"SECRET" not in journal

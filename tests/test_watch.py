@@ -226,6 +226,7 @@ def test_read_only_state_folder_stops_intake_and_loses_nothing(folders, tiny_bun
 
 
 def test_low_disk_space_pauses_intake_until_space_returns(folders, tiny_bundle, caplog):
+    from device.results import gather_status
     from device.watch import Daemon
 
     inbox, state = folders
@@ -243,6 +244,7 @@ def test_low_disk_space_pauses_intake_until_space_returns(folders, tiny_bundle, 
             drop(inbox, "b.png", slice_png(NEGATIVE, 2))
             time.sleep(1.5)
             checks["paused"] = (rows(state), sorted(p.name for p in inbox_files(inbox)), daemon.blocked)
+            checks["status"] = gather_status(state)
             daemon.config = config  # space is back
             wait_for(lambda: not inbox_files(inbox), 30, what="the inbox to empty")
             wait_for(lambda: len(rows(state)) == 2, 10, what="two records")
@@ -259,6 +261,8 @@ def test_low_disk_space_pauses_intake_until_space_returns(folders, tiny_bundle, 
     assert recorded == [] and waiting == ["a.png", "b.png"]
     assert "min_free_mb" in message and any("stopped taking files" in r.getMessage() for r in caplog.records)
     assert sorted(r["path"] for r in rows(state)) == ["a.png", "b.png"]
+    status = checks["status"]
+    assert status["daemon"] == "blocked" and not status["healthy"] and "min_free_mb" in status["heartbeat"]["message"]
 
 
 def test_study_verdict_follows_its_slices_as_they_arrive(folders, tiny_bundle):
