@@ -24,7 +24,7 @@ from convert.assemble import FILE_OF_FORMAT, assemble_bundle
 from convert.benchmark import bench_formats
 from convert.bias_correction import correct_biases
 from convert.calibration import load_slices, stratified_split
-from convert.diagnose import explain, weights_only_agreement
+from convert.diagnose import explain, threshold_resolution, weights_only_agreement
 from convert.export import DEFAULT_FORMATS, export_formats, parse_formats
 from convert.gate import (
     ADVICE,
@@ -136,7 +136,9 @@ def _report_failure(failures: list[str], format_results: dict, model, referee, s
         step("probing int8 weights alone (dynamic-range model) to tell weights from activations")
         probe = weights_only_agreement(model, referee, splits[GATED_SPLIT], reference[GATED_SPLIT])
         agreement = format_results["int8"][GATED_SPLIT]["agreement"] or 0.0
-        print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement)}", file=sys.stderr)
+        output = referee.bundle.format_info("int8")["output"]
+        resolution = threshold_resolution(referee.threshold, (output.get("quantization") or {}).get("scale"))
+        print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement, resolution)}", file=sys.stderr)
 
 
 def convert(args, argv: list[str]) -> int:

@@ -43,12 +43,34 @@ def weights_only_agreement(model, referee: Classifier, slices: Slices, reference
     }
 
 
-def explain(probe: dict, int8_agreement: float, min_agreement: float) -> str:
+OUTPUT_STEPS_NEEDED = 8  # output quantization steps between the threshold and 0 or 1
+
+
+def threshold_resolution(threshold: float, output_step: float | None) -> str | None:
+    """Why no int8 model can keep the labels when the threshold sits on the coarse end of the
+    int8 output grid (softmax outputs are quantized in steps of 1/256)."""
+    if not output_step:
+        return None
+    margin = min(threshold, 1.0 - threshold)
+    if margin >= OUTPUT_STEPS_NEEDED * output_step:
+        return None
+    return (
+        f"The decision threshold {threshold:.4f} is {margin / output_step:.1f} output steps from the end of "
+        f"the int8 probability grid (step {output_step:.5f}): slices near it collapse onto the same few "
+        "int8 values, which costs label agreement and ties in the ROC AUC whatever the calibration. "
+        "Such a threshold comes from an over- or under-confident model (see the run's ECE); "
+        "retrain or recalibrate it, or ship a float model."
+    )
+
+
+def explain(probe: dict, int8_agreement: float, min_agreement: float, resolution: str | None = None) -> str:
     figures = (
         f"int8 weights with float activations agree with Keras on {probe['agreement']:.1%} of val slices "
         f"(max |Δp| {probe['max_abs_delta']:.3f}, mean {probe['mean_abs_delta']:.4f}); full-integer int8 "
         f"on {int8_agreement:.1%}."
     )
+    if resolution:
+        return f"{figures} {resolution}"
     if probe["agreement"] < min_agreement:
         return (
             figures + " The weights alone already lose the agreement: the model is fragile to 8-bit "

@@ -302,3 +302,13 @@ def test_bias_correction_cancels_the_mean_shift_of_int8_weight_rounding():
     shift_after = np.abs(_rounded_copy(corrected).predict(samples.astype(np.float32), verbose=0).mean(axis=0) - reference)
     assert shift_before.max() > 1e-3
     assert shift_after.max() < shift_before.max() / 50
+
+
+def test_diagnosis_blames_a_threshold_on_the_coarse_end_of_the_int8_output_grid():
+    from convert.diagnose import threshold_resolution
+
+    step = 1 / 256
+    assert "1.0 output steps" in threshold_resolution(step, step)
+    assert threshold_resolution(1 - 2 * step, step) is not None
+    assert threshold_resolution(0.5, step) is None
+    assert threshold_resolution(0.01, None) is None  # float output: no grid
