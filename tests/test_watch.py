@@ -364,3 +364,22 @@ def test_config_file_sets_the_daemon_and_flags_override_it(folders, tiny_bundle,
     config.write_text('[watch]\nsettle_secnds = 1\n')
     bad = ctpi("watch", "--config", str(config), "--once")
     assert bad.returncode == 2 and "settle_secnds" in bad.stderr
+
+
+def test_a_file_rewritten_after_it_was_read_is_not_moved_under_the_old_record(folders, tiny_bundle):
+    from device.watch import Daemon
+
+    inbox, state = folders
+    first, second = slice_png(POSITIVE, 1), slice_png(NEGATIVE, 2)
+    drop(inbox, "a.png", first)
+    daemon = Daemon(WatchConfig(inbox=inbox, state=state, model=tiny_bundle, threads=1, settle_seconds=0.1))
+    daemon.check_storage()
+    item = daemon.reader.read("a.png", time.time())
+    drop(inbox, "a.png", second)  # the writer came back after the settle time
+    daemon.batch = [daemon.infer(item)]
+    daemon.flush()
+    daemon.journal.close()
+    (record,) = rows(state)
+    assert record["sha256"] == sha256(first) and record["moved_at"] and (inbox / "a.png").read_bytes() == second
+    assert run_once(inbox, state, tiny_bundle).returncode == 0
+    assert [r["sha256"] for r in rows(state)] == [sha256(first), sha256(second)] and inbox_files(inbox) == []
