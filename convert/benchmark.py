@@ -47,5 +47,7 @@ def bench_formats(
             return {"error": f"ctpi bench --format {fmt} failed (exit {completed.returncode}): {detail}"}
         report["machine"] = output.get("machine", {})
         report["settings"] = output.get("settings", {})
-        report["results"].extend(output.get("results", []))
+        for result in output.get("results", []):
+            result.pop("bundle", None)  # the candidate's scratch folder, not where the bundle lives
+            report["results"].append(result)
     return report

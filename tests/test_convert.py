@@ -196,6 +196,7 @@ def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path,
     int8_latency = next(r for r in bench["results"] if r["format"] == "int8")["invoke_ms"]["mean"]
     assert "| int8 | 1 | ai-edge-litert" in card and f"{int8_latency:.2f}" in card
     assert not list(out.parent.glob("*.partial"))
+    assert "ctpi-convert-" not in (out / "manifest.json").read_text()  # no scratch paths recorded
 
 
 @pytest.mark.slow
