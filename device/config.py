@@ -64,6 +64,9 @@ class WatchConfig:
     """A partial group is committed after this long, so results appear promptly."""
     queue_size: int = 4
     """Decoded slices waiting for inference (bounds memory: each holds one model input)."""
+    max_attempts: int = 3
+    """A file that was being decoded when the daemon died this many times is rejected
+    (``crashed-daemon``) instead of being read again: no restart loop on one poison file."""
     heartbeat_seconds: float = 5.0
     """Interval of the heartbeat row that ``ctpi status`` and the UI read."""
     retry_seconds: float = 10.0

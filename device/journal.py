@@ -20,6 +20,12 @@ The exactly-once protocol (one record per dropped file, whatever instant the pow
 3. the file is **moved** to ``STATE/done/`` or ``STATE/rejected/`` (name prefixed by the
    record id) and the record is marked moved.
 
+Before decoding, the reader **claims** the file (``claims`` table, attempts counted per
+path and size/mtime/inode); recording deletes the claim. A file whose claim reaches
+``max_attempts`` took the daemon down that often (a decoder crash, the memory limit): it is
+rejected as ``crashed-daemon`` without being decoded again, so one poison file cannot hold
+the appliance in a restart loop.
+
 A restart finds records that are not marked moved (:meth:`Journal.unmoved`) and finishes
 their moves; :meth:`Journal.record` reuses an unmoved record with the same path and sha256
 instead of inserting a second one. The same content dropped again later, or under another
@@ -82,6 +88,12 @@ CREATE TABLE IF NOT EXISTS studies (
     model_sha256 TEXT,
     first_at REAL NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS claims (
+    path TEXT PRIMARY KEY,              -- a file the reader started on, not yet recorded
+    signature TEXT NOT NULL,            -- size/mtime/inode: a changed file starts again at 1
+    attempts INTEGER NOT NULL,
+    claimed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS heartbeat (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -170,13 +182,14 @@ class Journal:
     # -- opening ---------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, state_dir: str | Path) -> Journal:
-        """Open (creating if needed) for writing; WAL, ``synchronous=FULL``."""
+    def open(cls, state_dir: str | Path, synchronous: str = "FULL") -> Journal:
+        """Open (creating if needed) for writing; WAL, ``synchronous=FULL`` (``NORMAL`` is
+        enough for claims: they must survive a process crash, not a power cut)."""
         path = Path(state_dir) / JOURNAL_NAME
         try:
             connection = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
             connection.execute("PRAGMA journal_mode=WAL")
-            connection.execute("PRAGMA synchronous=FULL")  # a committed result survives a power cut
+            connection.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             version = connection.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise JournalError(f"journal {path} has schema {version}, newer than this ctpi ({SCHEMA_VERSION}); upgrade ctpi")
@@ -234,6 +247,7 @@ class Journal:
             now = time.time()
             recorded, studies = [], {}
             for result in results:
+                db.execute("DELETE FROM claims WHERE path = ?", (result.path,))
                 existing = db.execute(
                     "SELECT id, stored_as FROM slices WHERE path = ? AND sha256 IS ? AND moved_at IS NULL",
                     (result.path, result.sha256),
@@ -294,6 +308,22 @@ class Journal:
                 model_sha256, rows[0]["recorded_at"] if rows else now, now,
             ),
         )
+
+    def claim(self, path: str, signature: str) -> int:
+        """Count an attempt at reading ``path`` before decoding it; returns the attempts so far
+        (1 the first time; restarts at 1 when the file changed)."""
+
+        def work(db: sqlite3.Connection) -> int:
+            row = db.execute("SELECT signature, attempts FROM claims WHERE path = ?", (path,)).fetchone()
+            attempts = row["attempts"] + 1 if row is not None and row["signature"] == signature else 1
+            db.execute(
+                "INSERT INTO claims (path, signature, attempts, claimed_at) VALUES (?, ?, ?, ?) ON CONFLICT(path)"
+                " DO UPDATE SET signature = excluded.signature, attempts = excluded.attempts, claimed_at = excluded.claimed_at",
+                (path, signature, attempts, time.time()),
+            )
+            return attempts
+
+        return self._write(work)
 
     def mark_moved(self, record_ids: list[int]) -> None:
         if record_ids:

@@ -265,8 +265,10 @@ class Reader(threading.Thread):
     """Reads, hashes, decodes and preprocesses files off the main thread (Pillow and numpy
     release the GIL), into a bounded queue: backpressure instead of unbounded memory."""
 
-    def __init__(self, inbox: Path, spec, queue_size: int):
+    def __init__(self, inbox: Path, spec, queue_size: int, max_attempts: int = 3):
         super().__init__(name="ctpi-reader", daemon=True)
+        self.max_attempts = max_attempts
+        self.claims: Journal | None = None  # its own connection; set once the state folder works
         self.inbox = inbox
         self.inbox_real = inbox.resolve()
         self.spec = spec
@@ -294,6 +296,15 @@ class Reader(threading.Thread):
                     continue
             self.busy = False
 
+    def claim(self, relative: str, signature) -> int:
+        if self.claims is None:
+            return 1
+        try:
+            return self.claims.claim(relative, json.dumps(signature))
+        except JournalError as error:  # storage trouble surfaces when the result is recorded
+            log.debug("claim of %s not recorded: %s", relative, error)
+            return 1
+
     def read(self, relative: str, seen_at: float) -> Decoded:
         path = self.inbox / relative
         item = Decoded(relative, seen_at)
@@ -314,6 +325,13 @@ class Reader(threading.Thread):
                 info = os.stat(path)
             if not stat.S_ISREG(info.st_mode):
                 raise BadSliceError("not-a-file", "not a regular file (a directory, pipe or device)")
+            attempts = self.claim(relative, item.signature)
+            if attempts > self.max_attempts:
+                raise BadSliceError(
+                    "crashed-daemon",
+                    f"the daemon stopped {attempts - 1} times while decoding this file (a decoder crash or the memory "
+                    "limit); it was set aside without being decoded again",
+                )
             if info.st_size > 0 and not os.access(path, os.R_OK):
                 raise BadSliceError("unreadable", "permission denied")
             data = read_source(path)
@@ -362,7 +380,7 @@ class Daemon:
         others = [label for label in bundle.labels if label != bundle.positive_label]
         self.negative_label = others[0]
         self.arrivals = Arrivals(self.inbox, config.ignore, config.settle_seconds)
-        self.reader = Reader(self.inbox, bundle.spec, config.queue_size)
+        self.reader = Reader(self.inbox, bundle.spec, config.queue_size, config.max_attempts)
         self.in_flight: set[str] = set()
         self.signatures: dict[str, tuple | None] = {}
         self.batch: list[SliceResult] = []
@@ -444,6 +462,7 @@ class Daemon:
         if self.journal is None:
             try:
                 self.journal = Journal.open(self.state)
+                self.reader.claims = Journal.open(self.state, synchronous="NORMAL")
             except JournalError as error:
                 raise StorageError(str(error)) from None
         try:
@@ -652,11 +671,15 @@ class Daemon:
         finally:
             self.notifier.stopping()
             self.reader.stop.set()
+            if self.reader.is_alive():
+                self.reader.join(timeout=10)
             if observer is not None:
                 observer.stop()
             self.beat("stopped")
             if self.journal is not None:
                 self.journal.close()
+            if self.reader.claims is not None and not self.reader.is_alive():
+                self.reader.claims.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             log.info("stopped; %d ok, %d rejected in this run", self.processed["ok"], self.processed["rejected"],

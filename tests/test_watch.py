@@ -383,3 +383,22 @@ def test_a_file_rewritten_after_it_was_read_is_not_moved_under_the_old_record(fo
     assert record["sha256"] == sha256(first) and record["moved_at"] and (inbox / "a.png").read_bytes() == second
     assert run_once(inbox, state, tiny_bundle).returncode == 0
     assert [r["sha256"] for r in rows(state)] == [sha256(first), sha256(second)] and inbox_files(inbox) == []
+
+
+def test_a_file_that_keeps_killing_the_daemon_is_set_aside(folders, tiny_bundle):
+    """A poison file (decoder crash, memory limit) must not hold the appliance in a restart loop."""
+    from device.journal import Journal as WritableJournal
+
+    inbox, state = folders
+    drop(inbox, "poison.png", slice_png(POSITIVE, 1))
+    drop(inbox, "fine.png", slice_png(NEGATIVE, 2))
+    info = os.lstat(inbox / "poison.png")
+    signature = json.dumps([info.st_size, info.st_mtime_ns, info.st_ino])
+    state.mkdir()
+    with WritableJournal.open(state) as journal:
+        for _ in range(3):  # three lives that died while decoding it
+            journal.claim("poison.png", signature)
+    assert run_once(inbox, state, tiny_bundle).returncode == 0
+    records = {r["path"]: r for r in rows(state)}
+    assert records["poison.png"]["reason"] == "crashed-daemon" and records["fine.png"]["status"] == "ok"
+    assert rows(state, "SELECT * FROM claims") == []
