@@ -8,6 +8,8 @@ daemon's peak RSS (target <= 80 MB with the MobileNetV2 int8 bundle).
 
 Daemon throughput = slices / (last commit - (first file noticed + settle time)): the whole
 pipeline, including SQLite commits, fsyncs and moves, but not the deliberate settle wait.
+Each round measures ``ctpi bench`` and then the daemon; the median ratio of ``--repeat``
+rounds is reported, because a shared machine's load swings single figures widely.
 
     python tools/bench_watch.py --model models/mobilenetv2 --threads 2
 """
@@ -115,30 +117,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=1000, help="slices dropped into the daemon (default 1000)")
     parser.add_argument("--runs", type=int, default=100, help="ctpi bench runs (default 100)")
     parser.add_argument("--settle", type=float, default=0.5, help="daemon settle time, excluded from its throughput")
+    parser.add_argument("--repeat", type=int, default=3, help="paired rounds (bench, then daemon); the median ratio is reported")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if not (Path(args.model) / "manifest.json").is_file():
         parser.error(f"{args.model} is not a model bundle (make convert builds models/mobilenetv2)")
-    print("ctpi bench ...", file=sys.stderr, flush=True)
-    bench = ctpi_bench(args.model, args.fmt, args.threads, args.runs)
-    with tempfile.TemporaryDirectory(prefix="ctpi-bench-watch-") as scratch:
-        daemon = run_daemon(args.model, args.fmt, args.threads, args.slices, args.settle, Path(scratch))
-    implied = 1000.0 / bench["end_to_end_ms"]["mean"]
+    pairs = []
+    for round_ in range(1, args.repeat + 1):
+        print(f"[{round_}/{args.repeat}] ctpi bench ...", file=sys.stderr, flush=True)
+        bench = ctpi_bench(args.model, args.fmt, args.threads, args.runs)
+        with tempfile.TemporaryDirectory(prefix="ctpi-bench-watch-") as scratch:
+            daemon = run_daemon(args.model, args.fmt, args.threads, args.slices, args.settle, Path(scratch))
+        implied = 1000.0 / bench["end_to_end_ms"]["mean"]
+        pairs.append({"bench_end_to_end_ms": bench["end_to_end_ms"]["mean"], "bench_throughput_per_s": implied,
+                      "daemon": daemon, "ratio": daemon["throughput_per_s"] / implied})
+    median = sorted(pairs, key=lambda pair: pair["ratio"])[len(pairs) // 2]
     report = {
         "model": bench["model"], "format": bench["format"], "sha256": bench["sha256"], "threads": args.threads,
-        "bench_end_to_end_ms": bench["end_to_end_ms"]["mean"], "bench_throughput_per_s": implied,
-        "daemon": daemon, "ratio": daemon["throughput_per_s"] / implied,
+        "rounds": pairs, "median_ratio": median["ratio"], "peak_rss_mb": max(p["daemon"]["peak_rss_mb"] for p in pairs),
         "rss_target_mb": 80, "ratio_target": 0.8,
     }
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(f"model            {report['model']} {report['format']} sha256 {report['sha256'][:16]}…, {args.threads} thread(s)")
-        print(f"ctpi bench       e2e {report['bench_end_to_end_ms']:.1f} ms/slice -> {implied:.1f} slices/s (one stream)")
-        print(f"ctpi watch       {daemon['slices']} slices ({daemon['ok']} ok) in {daemon['seconds']:.1f} s -> "
-              f"{daemon['throughput_per_s']:.1f} slices/s")
-        print(f"ratio            {report['ratio']:.2f} (target >= 0.8)")
-        print(f"daemon peak RSS  {daemon['peak_rss_mb']:.1f} MB (target <= 80 MB with MobileNetV2 int8)")
+        return 0
+    print(f"model            {report['model']} {report['format']} sha256 {report['sha256'][:16]}…, {args.threads} thread(s)")
+    for index, pair in enumerate(pairs, 1):
+        daemon = pair["daemon"]
+        print(f"round {index}: ctpi bench e2e {pair['bench_end_to_end_ms']:.1f} ms -> {pair['bench_throughput_per_s']:.1f} slices/s;"
+              f" ctpi watch {daemon['slices']} slices ({daemon['ok']} ok) in {daemon['seconds']:.1f} s -> "
+              f"{daemon['throughput_per_s']:.1f} slices/s; ratio {pair['ratio']:.2f}; peak RSS {daemon['peak_rss_mb']:.1f} MB")
+    print(f"ratio            {report['median_ratio']:.2f} (median of {len(pairs)} paired rounds; target >= 0.8)")
+    print(f"daemon peak RSS  {report['peak_rss_mb']:.1f} MB (target <= 80 MB with MobileNetV2 int8)")
     return 0
 
 
