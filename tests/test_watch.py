@@ -402,3 +402,23 @@ def test_a_file_that_keeps_killing_the_daemon_is_set_aside(folders, tiny_bundle)
     records = {r["path"]: r for r in rows(state)}
     assert records["poison.png"]["reason"] == "crashed-daemon" and records["fine.png"]["status"] == "ok"
     assert rows(state, "SELECT * FROM claims") == []
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    from device.config import ConfigError, LogFormat, load_config
+
+    path = tmp_path / "ctpi.toml"
+    path.write_text('[watch]\nsettle_seconds = 2\nignore = ["*.part"]\nlog_format = "json"\n')
+    watch = load_config(path).watch
+    assert watch.settle_seconds == 2.0 and watch.ignore == ("*.part",) and watch.log_format is LogFormat.JSON
+    for text, message in (
+        ('[wach]\n', "unknown section"),
+        ('[watch]\nsettle_seconds = "soon"\n', "settle_seconds: expected a number"),
+        ('[watch]\nlog_format = "xml"\n', "log_format: 'xml' is not one of"),
+        ('[watch]\nbatch_size = 1.5\n', "batch_size: expected int"),
+        ("[watch\n", "not valid TOML"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError, match=message) as error:
+            load_config(path)
+        assert str(path) in str(error.value)
