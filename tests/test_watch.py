@@ -422,3 +422,23 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         with pytest.raises(ConfigError, match=message) as error:
             load_config(path)
         assert str(path) in str(error.value)
+
+
+def test_sd_notify_reaches_an_abstract_socket_and_is_silent_outside_systemd():
+    import socket
+    import uuid
+
+    from device.sdnotify import Notifier
+
+    name = f"ctpi-test-{uuid.uuid4().hex}"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind("\0" + name)
+    receiver.settimeout(5)
+    try:
+        notifier = Notifier({"NOTIFY_SOCKET": "@" + name, "WATCHDOG_USEC": "30000000"})
+        assert notifier.ready(status="watching") and notifier.ping_interval == 15.0
+        assert receiver.recv(4096) == b"READY=1\nSTATUS=watching"
+    finally:
+        receiver.close()
+    outside = Notifier({})
+    assert not outside.enabled and not outside.ready() and outside.ping_interval is None
