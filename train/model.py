@@ -8,10 +8,11 @@ scaling, the backbone, pooling, dropout, softmax in label order.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+from device.bundle import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,6 @@ class InitialWeights:
         return {"kind": self.kind, "file": self.file, "sha256": self.sha256, "description": self.description}
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_weights(option: str) -> tuple[InitialWeights, Path | None]:
     """``imagenet`` | ``none`` | a path to a Keras weights file, as an :class:`InitialWeights`."""
     if option == "imagenet":
@@ -66,7 +59,7 @@ def resolve_weights(option: str) -> tuple[InitialWeights, Path | None]:
         raise WeightsError(f"weights file {path} does not exist (use --weights imagenet, none, or a Keras .weights.h5 file)")
     if not path.name.endswith(".weights.h5"):
         raise WeightsError(f"{path.name}: expected a Keras weights file ending in .weights.h5 (from model.save_weights)")
-    digest = sha256_file(path)
+    digest = file_sha256(path)
     description = KNOWN_WEIGHTS.get(digest, f"Keras weights file {path.name} (sha256 {digest[:12]}...)")
     return InitialWeights("file", path.name, digest, description), path
 
