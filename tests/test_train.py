@@ -216,3 +216,15 @@ def test_unusable_weights_are_refused_with_a_clear_error(tiny_weights_file, spli
     assert _train(["--arch", "resnet50", "--weights", str(path), *base]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert not (tmp_path / "never" / "run.json").exists()
+
+
+def test_evaluate_refuses_a_run_folder_without_run_json(file_run, split_data, tmp_path, capsys):
+    import shutil
+
+    from train.evaluate import main
+
+    incomplete = tmp_path / "incomplete"
+    incomplete.mkdir()
+    shutil.copy(file_run / "model.keras", incomplete / "model.keras")
+    assert main(["--run", str(incomplete), "--data", str(split_data / "val"), "-q"]) == 2
+    assert "not a complete training run" in capsys.readouterr().err

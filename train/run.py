@@ -281,11 +281,12 @@ def _gradcam_note(summary: dict, weights: InitialWeights) -> str:
     share, uniform = summary["mean_border_share"], summary["uniform_border_share"]
     if share is None:
         return "Every Grad-CAM heatmap is empty (the model's output does not depend on its last feature map)."
-    verdict = (
-        "more than a uniform map would: check the overlays for text, arrows or letterbox edges"
-        if share > uniform
-        else "less than a uniform map would, i.e. the heatmaps concentrate on the image centre, where the lungs are"
-    )
+    if share > uniform + 0.03:
+        verdict = "more than a uniform map would: check the overlays for text, arrows or letterbox edges"
+    elif share < uniform - 0.03:
+        verdict = "less than a uniform map would, i.e. the heatmaps concentrate on the image centre, where the lungs are"
+    else:
+        verdict = "about what a uniform map would, i.e. no preference for the centre: check the overlays"
     return (
         f"Heatmaps for the predicted class on a random sample of val slices (right and wrong, both classes). "
         f"Over all of val, {share:.0%} of the heatmap mass lies in the outer 12.5 % frame ({uniform:.0%} for a "
