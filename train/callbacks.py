@@ -57,10 +57,12 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
         self.stage = ""
         self.epoch_offset = 0
         self.patience = 0
+        self.min_epochs = 0
         self.waited = 0
 
-    def start_stage(self, stage: str, epoch_offset: int, patience: int) -> None:
+    def start_stage(self, stage: str, epoch_offset: int, patience: int, min_epochs: int = 0) -> None:
         self.stage, self.epoch_offset, self.patience, self.waited = stage, epoch_offset, patience, 0
+        self.min_epochs = min_epochs
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
@@ -77,7 +79,7 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
             log.info("epoch %d (%s): val AUC %.4f, loss %.4f: new best, saved", epoch + 1, self.stage, auc, loss)
         else:
             self.waited += 1
-            if self.patience and self.waited >= self.patience:
+            if self.patience and self.waited >= self.patience and epoch + 1 >= self.min_epochs:
                 log.info("no better val AUC for %d epochs: %s stage stops", self.waited, self.stage)
                 self.model.stop_training = True
         if self.deadline is not None and time.monotonic() > self.deadline:

@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--fine-lr", dest="fine_learning_rate", type=float)
     knobs.add_argument("--unfreeze-from", help="first backbone layer trained in stage 2, or 'all'")
     knobs.add_argument("--patience", type=int, help="stage 2 early stopping on val ROC AUC")
+    knobs.add_argument("--min-epochs", type=int, help="stage 2 epochs before early stopping may end it")
     knobs.add_argument("--dropout", type=float)
     knobs.add_argument("--label-smoothing", type=float)
     knobs.add_argument("--weight-decay", type=float)
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
-    "unfreeze_from", "patience", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
+    "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast",
 )
 

@@ -141,7 +141,7 @@ def train_run(config: RunConfig) -> dict:
         _compile(model, rate, recipe)
         log.info("stage %s: %d epochs, learning rate %g, %d trainable backbone layers", stage, epochs, learning_rate, trainable)
         print(f"stage {stage}: up to {epochs} epochs at learning rate {learning_rate:g}, {trainable} backbone layers trainable", flush=True)
-        selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0)
+        selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0, recipe.min_epochs)
         fitted = model.fit(
             dataset, epochs=epochs, class_weight=weights_by_class, callbacks=[selector], verbose=verbose, shuffle=False
         )  # the tf.data pipeline shuffles, with the run's seed
