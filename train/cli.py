@@ -30,7 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR) to write")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--positive-label", default=None, help="positive label (default: COVID)")
-    parser.add_argument("--cache", type=Path, default=Path(".cache/train"), help="preprocessed-slice cache folder")
+    parser.add_argument(
+        "--cache", type=lambda value: Path(value) if value else None, default=Path(".cache/train"),
+        help="preprocessed-slice cache folder ('' for none)",
+    )
     parser.add_argument("--threads", type=int, default=2, help="TensorFlow intra-op threads")
     parser.add_argument("--no-determinism", action="store_true", help="skip tf op determinism (faster on some ops)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
