@@ -205,6 +205,7 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    os.chmod(handle.name, 0o644)  # NamedTemporaryFile is 0600; a service user must read it too
     os.replace(handle.name, folder / MANIFEST)
     return manifest
 
