@@ -10,6 +10,8 @@ ARCH    ?= mobilenetv2
 WEIGHTS ?= ../shared/weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5
 RUN     ?= runs/$(ARCH)
 OUT     ?= models/$(ARCH)
+SEEDS   ?=
+TRAIN_ARGS ?=
 MODEL   ?= models/mobilenetv2
 THREADS ?= 1,2
 INBOX   ?= var/inbox
@@ -29,7 +31,7 @@ INVENTORY ?= deploy/hosts.ini
 
 help: ## list the targets and their variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL) PI=$(PI) EXTRAS=$(EXTRAS) INVENTORY=$(INVENTORY)"
+	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) SEEDS=$(SEEDS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL) PI=$(PI) EXTRAS=$(EXTRAS) INVENTORY=$(INVENTORY)"
 
 # One virtualenv, installed from pyproject.toml; a stamp per set of extras so `make run`
 # installs only the device side and the UI, and `make test` everything.
@@ -51,8 +53,16 @@ lint: $(VENV)/.stamp-dev ## ruff
 run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
 	$(CTPI) run --model $(MODEL) --inbox $(INBOX) --state $(STATE) --host $(HOST) --port $(PORT)
 
-train: $(VENV)/.stamp-train ## fine-tune ARCH on DATA from WEIGHTS into RUN
-	$(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN)
+train: $(VENV)/.stamp-train ## fine-tune ARCH on DATA from WEIGHTS into RUN (SEEDS="42 1 2": one run per seed, averaged into RUN)
+ifeq ($(words $(SEEDS)),0)
+	$(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN) $(TRAIN_ARGS)
+else
+	@set -e; for seed in $(SEEDS); do \
+	  echo "== member seed $$seed -> $(RUN)-seed$$seed"; \
+	  $(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(TRAIN_ARGS); \
+	done
+	$(PY) -m train.ensemble --data $(DATA) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
+endif
 
 convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int8, float16, float32, onnx) with the accuracy gate
 	$(PY) -m convert --run $(RUN) --data $(DATA) --out $(OUT)

@@ -91,6 +91,17 @@ def _bench_section(bench: dict) -> list[str]:
     return lines
 
 
+def _ensemble_lines(ensemble: dict | None) -> list[str]:
+    """An ensemble's members (``python -m train.ensemble``): one line each, with its command."""
+    if not ensemble:
+        return []
+    members = ensemble["members"]
+    lines = [f"- An **ensemble of {len(members)} runs** in one graph ({ensemble['rule']}); the seed above is the first member's:"]
+    for row, command in zip(members, ensemble["commands"], strict=True):
+        lines.append(f"  - `{row['run']}`: seed {row['seed']}, val AUC {row['val_auc']:.3f} alone; `{command}`")
+    return lines
+
+
 def _initial_weights(weights) -> str:
     if not weights:
         return "not recorded by the training run"
@@ -176,6 +187,7 @@ def render_model_card(
         f"- Seed {provenance.get('seed')}, {(provenance.get('wall_seconds') or 0) / 60:.0f} min of training, "
         f"TensorFlow {provenance.get('tensorflow_version')}, Keras {provenance.get('keras_version')}",
         f"- Trained with: `{provenance.get('command') or 'not recorded'}`",
+        *_ensemble_lines(provenance.get("ensemble")),
         _calibration_line(calibration, "int8" in manifest["formats"]),
         f"- Converted with: `{command}`",
         "",

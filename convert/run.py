@@ -36,6 +36,7 @@ PROVENANCE_KEYS = (
     "keras_version",
     "recipe",
     "command",
+    "ensemble",
 )
 
 

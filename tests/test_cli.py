@@ -20,7 +20,7 @@ def test_predict_separates_the_two_classes_the_tiny_model_was_built_for(tiny_bun
     code, report = run_json(capsys, ["predict", "--model", str(tiny_bundle), "--json", *[str(e.path) for e in examples]])
     assert code == 0
     assert report["model"]["sha256"] and report["backend"]["threads"] >= 1
-    for example, result in zip(examples, report["results"]):
+    for example, result in zip(examples, report["results"], strict=True):
         assert result["file"] == str(example.path)
         assert result["label"] == example.label
         assert set(result["probabilities"]) == {"COVID", "NonCOVID"}

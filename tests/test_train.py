@@ -228,3 +228,110 @@ def test_evaluate_refuses_a_run_folder_without_run_json(file_run, split_data, tm
     shutil.copy(file_run / "model.keras", incomplete / "model.keras")
     assert main(["--run", str(incomplete), "--data", str(split_data / "val"), "-q"]) == 2
     assert "not a complete training run" in capsys.readouterr().err
+
+
+def test_ensemble_averages_its_members_in_one_graph_and_writes_a_complete_run(finished_run, file_run, split_data, tmp_path):
+    """Two finished runs become one run folder whose single model outputs the mean of the
+    members' probabilities, scored with the device metrics, ready for ``python -m convert``."""
+    import keras
+
+    from convert.run import load_run
+    from train.ensemble import main, member_models
+
+    out = tmp_path / "ensemble"
+    assert main(["--runs", str(finished_run), str(file_run), "--data", str(split_data), "--out", str(out), "--cache", ""]) == 0
+    for name in [n for n in OUTPUTS if n != "history.csv"] + ["member_val_scores.csv"]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    run = json.loads((out / "run.json").read_text())
+    assert RUN_KEYS <= set(run)
+    assert [m["run"] for m in run["ensemble"]["members"]] == [finished_run.name, file_run.name]
+
+    paths, _, member_a = _scores(finished_run)
+    paths_b, _, member_b = _scores(file_run)
+    paths_e, labels, ensemble = _scores(out)
+    assert paths == paths_b == paths_e
+    assert np.allclose(ensemble, (member_a + member_b) / 2, atol=1e-5)
+    y = np.array([label == "COVID" for label in labels], dtype=int)
+    assert run["threshold"] == choose_threshold(y, ensemble, "youden")
+    assert run["metrics"]["val"]["accuracy"] == binary_metrics(y, ensemble, run["threshold"])["accuracy"]
+
+    model = keras.models.load_model(out / "model.keras", compile=False)  # built-in layers only
+    assert len(member_models(model)) == 2
+    assert load_run(out).load_model().output_shape[-1] == 2  # the converter's own checks pass
+    assert "ensemble of 2 runs" in (out / "report.md").read_text().lower()
+
+
+def test_ensemble_refuses_runs_that_do_not_share_data_or_preprocessing(finished_run, file_run, split_data, tmp_path, capsys):
+    import shutil
+
+    from train.ensemble import main
+
+    def altered(name: str, change) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(file_run, copy)
+        info = json.loads((copy / "run.json").read_text())
+        change(info)
+        (copy / "run.json").write_text(json.dumps(info))
+        return copy
+
+    other_data = altered("other_data", lambda info: info["training_data"].update(fingerprint="0" * 64))
+    other_size = altered("other_size", lambda info: info["preprocessing"].update(height=64))
+    args = ["--data", str(split_data), "--out", str(tmp_path / "never"), "--cache", ""]
+    assert main(["--runs", str(finished_run), str(other_data), *args]) == 2
+    assert "other data" in capsys.readouterr().err
+    assert main(["--runs", str(finished_run), str(other_size), *args]) == 2
+    assert "preprocessing" in capsys.readouterr().err
+    assert main(["--runs", str(finished_run), str(finished_run), *args]) == 2
+    assert "twice" in capsys.readouterr().err
+    assert main(["--runs", str(finished_run), str(tmp_path), *args]) == 2
+    assert "not a finished training run" in capsys.readouterr().err
+    assert not (tmp_path / "never" / "run.json").exists()
+
+
+def test_mixup_blends_pairs_of_slices_and_their_targets_alike():
+    from train.data import Split, train_dataset
+    from train.recipe import Recipe
+
+    # Eight slices, each its own class, so a target says exactly which two slices were blended.
+    values = np.array([0, 40, 80, 120, 160, 200, 240, 250])
+    pixels = np.stack([np.full((4, 4, 1), v, np.uint8) for v in values])
+    split = Split("t", Path("t"), [str(v) for v in values], [str(v) for v in values], np.arange(8), pixels, "f", [])
+    dataset = train_dataset(split, 8, Recipe(mixup=0.4, augment=False, batch_size=8), seed=5)
+    epochs = [[(x.numpy(), y.numpy()) for x, y in dataset] for _ in range(2)]
+    x, y = epochs[0][0]
+    assert np.allclose(y.sum(axis=1), 1.0)
+    own = y.argmax(axis=1)
+    weight = y.max(axis=1)
+    assert sorted(own) == list(range(8))  # each slice keeps the larger share of its own target
+    assert (weight >= 0.5 - 1e-6).all() and (weight < 1 - 1e-3).any()
+    partner = np.where(weight < 1 - 1e-6, np.argsort(y, axis=1)[:, -2], own)
+    expected = weight * values[own] + (1 - weight) * values[partner]
+    assert np.allclose(x[:, 0, 0, 0], expected, atol=1e-3)  # pixels blended with the targets' weights
+    assert not np.allclose(epochs[0][0][1], epochs[1][0][1])  # fresh pairs and weights each epoch
+
+
+def test_quality_degradation_recompresses_and_blurs_train_slices_of_every_class():
+    """The shortcut breaker: JPEG artefacts and upsampling blur must appear on slices of both
+    labels, so neither predicts the label any more."""
+    from train.data import Split, train_dataset
+    from train.recipe import Recipe
+
+    checker = (np.indices((32, 32)).sum(axis=0) % 2 * 255).astype(np.uint8)[..., None]  # finest detail there is
+    pixels = np.stack([checker] * 8)
+    targets = np.array([0, 1] * 4)
+    split = Split("t", Path("t"), [str(i) for i in range(8)], ["COVID", "NonCOVID"] * 4, targets, pixels, "f", [])
+
+    def batch(probability: float) -> np.ndarray:
+        dataset = train_dataset(split, 2, Recipe(degrade=probability, augment=False, batch_size=8), seed=1)
+        x, y = next(iter(dataset))
+        order = np.argmax(y.numpy(), axis=1)
+        return x.numpy(), order
+
+    untouched, _ = batch(0.0)
+    assert (untouched == checker).all()
+    degraded, labels = batch(1.0)
+    assert degraded.shape == untouched.shape and degraded.min() >= 0 and degraded.max() <= 255
+    assert all((slice_ != checker).any() for slice_ in degraded)  # every slice was re-encoded, whatever its label
+    contrast = degraded.reshape(8, -1).std(axis=1)
+    assert np.median(contrast) < 0.5 * checker.std()  # and most lost their finest detail to the blur
+    assert set(labels) == {0, 1}

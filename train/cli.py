@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--shift", type=float, help="augmentation: maximum shift (fraction of the side)")
     knobs.add_argument("--brightness", type=float, help="augmentation: maximum brightness change (fraction)")
     knobs.add_argument("--contrast", type=float, help="augmentation: maximum contrast change (fraction)")
+    knobs.add_argument("--degrade", type=float, help="probability of a JPEG re-encoding and of a resampling blur per train slice (0 = off)")
+    knobs.add_argument("--mixup", type=float, help="mixup Beta(alpha, alpha) parameter (0 = off)")
+    knobs.add_argument("--ema", dest="ema_momentum", type=float, help="weight moving-average momentum, e.g. 0.99 (0 = off)")
     knobs.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     knobs.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
-    "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast",
+    "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
 )
 
 

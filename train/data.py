@@ -136,11 +136,62 @@ def train_dataset(split: Split, n_labels: int, recipe, seed: int):
     onehot = np.eye(n_labels, dtype=np.float32)[split.targets]
     dataset = tf.data.Dataset.from_tensor_slices((split.pixels, onehot))
     dataset = dataset.shuffle(len(split.targets), seed=seed, reshuffle_each_iteration=True)
+    if recipe.degrade > 0:
+        randomness = tf.data.Dataset.random(seed=seed + 11, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, randomness).map(lambda pair, key: (degrade(pair[0], recipe.degrade, key), pair[1]))
     dataset = dataset.batch(recipe.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if recipe.augment:
         augment = augmenter(recipe, seed)
         dataset = dataset.map(lambda x, y: (augment(x, training=True), y))
+    if recipe.mixup > 0:
+        # One random seed pair per batch from a stream that continues across epochs.
+        randomness = tf.data.Dataset.random(seed=seed + 7, rerandomize_each_iteration=True).batch(2)
+        dataset = tf.data.Dataset.zip(dataset, randomness).map(lambda batch, key: mixup(*batch, recipe.mixup, key))
     return dataset.prefetch(2)
+
+
+def degrade(pixels, probability: float, key):
+    """One uint8 slice (H x W x C), JPEG re-encoded and/or resampled with ``probability`` each.
+
+    The quality and scale ranges cover what the figure crops went through: JPEG export from a
+    paper (quality 40-95) and upscaling of small crops to the model's side (a crop of 40 % of
+    the side, upscaled, is as smooth as a 90 px figure shown at 224)."""
+    import tensorflow as tf
+
+    seeds = tf.random.experimental.stateless_split(tf.cast(key, tf.int64), 5)
+    height, width = pixels.shape[0], pixels.shape[1]
+
+    def jpeg(image):
+        return tf.image.stateless_random_jpeg_quality(image, 40, 95, seed=seeds[1])
+
+    def resample(image):
+        scale = tf.random.stateless_uniform([], seeds[3], 0.4, 1.0)
+        small = tf.cast(tf.math.round(scale * [height, width]), tf.int32)
+        smooth = tf.image.resize(tf.image.resize(image, small, antialias=True), [height, width])
+        return tf.cast(tf.clip_by_value(tf.math.round(smooth), 0, 255), tf.uint8)
+
+    pixels = tf.cond(tf.random.stateless_uniform([], seeds[0]) < probability, lambda: jpeg(pixels), lambda: pixels)
+    return tf.cond(tf.random.stateless_uniform([], seeds[2]) < probability, lambda: resample(pixels), lambda: pixels)
+
+
+def mixup(pixels, targets, alpha: float, key):
+    """Blend every example of a batch with another one of the same batch (a random pairing),
+    pixels and one-hot targets alike, with a Beta(alpha, alpha) weight per example.
+
+    The weight is folded to at least 0.5, so each mixed example stays closer to its own image
+    (Keras reads the class weight from the dominant target)."""
+    import tensorflow as tf
+
+    n = tf.shape(pixels)[0]
+    seeds = tf.random.experimental.stateless_split(tf.cast(key, tf.int64), 3)
+    a = tf.random.stateless_gamma([n], seed=seeds[0], alpha=alpha)
+    b = tf.random.stateless_gamma([n], seed=seeds[1], alpha=alpha)
+    weight = tf.maximum(a / (a + b), 1.0 - a / (a + b))
+    partner = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seeds[2])
+    x_weight = tf.reshape(weight, [-1, 1, 1, 1])
+    mixed = x_weight * pixels + (1.0 - x_weight) * tf.gather(pixels, partner)
+    y_weight = tf.reshape(weight, [-1, 1])
+    return mixed, y_weight * targets + (1.0 - y_weight) * tf.gather(targets, partner)
 
 
 def class_weights(targets: np.ndarray, n_labels: int) -> dict[int, float]:

@@ -62,6 +62,23 @@ class Recipe:
     shift: float = 0.1
     brightness: float = 0.1
     contrast: float = 0.2
+    degrade: float = 0.0
+    """Probability of each of two image-quality degradations per train slice: a JPEG
+    re-encoding at quality 40-95, and a resampling blur (down to 40-100 % of the side and
+    back). In COVID-CT's train split every COVID image is a PNG while half the NonCOVID ones
+    are JPEGs, and COVID images are smaller (more upsampled, so smoother) than NonCOVID ones;
+    compression artefacts and blur predict the label there, and in val (where 32 of 60 COVID
+    images are JPEGs) they mislead. Degrading slices of both classes at random takes that
+    shortcut away. 0 turns it off."""
+    mixup: float = 0.0
+    """Mixup's Beta(alpha, alpha) parameter; 0 turns it off. Each train slice is blended with
+    another slice of the batch, and so are their one-hot targets: the network cannot memorise
+    425 slices one by one and must learn a smoother boundary between the classes."""
+    ema_momentum: float = 0.0
+    """Exponential moving average of the weights (Keras' optimizer ``use_ema``); 0 turns it
+    off. Val scoring, checkpoints and the final model use the averaged weights, which are
+    smoother than any single step's and wobble less from one epoch to the next on 118 val
+    slices."""
     max_minutes: float | None = None
     """Wall-time budget for the whole run: training stops after the epoch that crosses
     ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way

@@ -115,7 +115,8 @@ def plot_gradcam(pixels: np.ndarray, cams: np.ndarray, titles: list[str], path: 
     plt.close(fig)
 
 
-def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, command: str, extra: list[str]) -> None:
+def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, command: str, extra: list[str],
+                 curves_caption: str = "") -> None:
     """``report.md``: the figures, their provenance and the pictures, for a person to read."""
     val = metrics["val"]
     c = val["confusion"]
@@ -130,7 +131,8 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         f"- Command: `{command}`",
         f"- Seed {run['seed']}, wall time {run['wall_seconds'] / 60:.1f} min, TensorFlow {run['tensorflow_version']}, "
         f"Keras {run['keras_version']}",
-        f"- Best checkpoint: epoch {metrics['best_epoch']} ({metrics['best_stage']} stage), selected on val ROC AUC",
+        (f"- Best checkpoint: epoch {metrics['best_epoch']} ({metrics['best_stage']} stage), selected on val ROC AUC"
+         if metrics["best_epoch"] is not None else f"- Ensemble of {len(metrics.get('members', []))} runs, each selected on val ROC AUC"),
         "",
         "## Validation figures",
         "",
@@ -151,8 +153,9 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         "the held-back official test split is the honest measure.",
         "",
         *extra,
-        "## Training curves",
+        "## Training curves" if metrics["best_epoch"] is not None else "## Members",
         "",
+        *([curves_caption, ""] if curves_caption else []),
         "![training curves](training_curves.png)",
         "",
         "## ROC, confusion matrix, reliability",

@@ -76,11 +76,12 @@ def pick_positive(labels: list[str], requested: str | None) -> str:
     raise DataError(f"no {DEFAULT_POSITIVE!r} folder; say which of {labels} is positive with --positive-label")
 
 
-def _compile(model, learning_rate, recipe: Recipe) -> None:
+def _compile(model, learning_rate, recipe: Recipe, ema: bool = False) -> None:
     import keras
 
+    averaging = {"use_ema": True, "ema_momentum": recipe.ema_momentum} if ema and recipe.ema_momentum > 0 else {}
     model.compile(
-        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay),
+        optimizer=keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay, **averaging),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
         metrics=["accuracy"],
     )
@@ -138,12 +139,17 @@ def train_run(config: RunConfig) -> dict:
         else:
             trainable = set_stage(model, "fine", recipe.unfreeze_from, recipe.batchnorm_training)
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps)
-        _compile(model, rate, recipe)
+        # The weight average only in stage 2: in stage 1 the head starts from random weights.
+        averaged = stage == "fine" and recipe.ema_momentum > 0
+        _compile(model, rate, recipe, ema=averaged)
         log.info("stage %s: %d epochs, learning rate %g, %d trainable backbone layers", stage, epochs, learning_rate, trainable)
         print(f"stage {stage}: up to {epochs} epochs at learning rate {learning_rate:g}, {trainable} backbone layers trainable", flush=True)
         selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0, recipe.min_epochs)
+        # SwapEMAWeights first: the averaged weights are in the model when the selector scores
+        # val and saves the checkpoint at the end of each epoch.
+        callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), selector] if averaged else [selector]
         fitted = model.fit(
-            dataset, epochs=epochs, class_weight=weights_by_class, callbacks=[selector], verbose=verbose, shuffle=False
+            dataset, epochs=epochs, class_weight=weights_by_class, callbacks=callbacks, verbose=verbose, shuffle=False
         )  # the tf.data pipeline shuffles, with the run's seed
         for epoch, _ in enumerate(fitted.history["loss"]):
             row = {"epoch": len(history) + 1, "stage": stage}
@@ -169,7 +175,7 @@ def train_run(config: RunConfig) -> dict:
     negative = labels[1 - positive_index]
     report.plot_confusion(val_metrics, positive, negative, out / "confusion_matrix.png")
     report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png")
-    cam_summary = _gradcam_figures(best, val, labels, positive_index, y_val, val_scores, threshold, out, config.seed)
+    cam_summary = _gradcam_figures(lambda pixels, classes: gradcam(best, pixels, classes), val, labels, positive_index, y_val, val_scores, threshold, out, config.seed)
 
     metrics = {
         "val": val_metrics,
@@ -239,13 +245,15 @@ def _write_scores(path: Path, split, labels: list[str], scores: np.ndarray) -> N
             writer.writerow([relative, label, repr(float(score))])
 
 
-def _gradcam_figures(model, val, labels, positive_index, y_val, scores, threshold, out: Path, seed: int, per_group: int = 3) -> dict:
+def _gradcam_figures(heatmaps, val, labels, positive_index, y_val, scores, threshold, out: Path, seed: int,
+                     per_group: int = 3) -> dict:
     """Grad-CAM for a sample of val slices: right and wrong, both classes (up to ``per_group``
-    each), plus the mean share of heatmap mass on the image border over all of val."""
+    each), plus the mean share of heatmap mass on the image border over all of val.
+    ``heatmaps(pixels, class_indices)`` is the model's Grad-CAM (an ensemble averages its members')."""
     predicted_positive = scores >= threshold
     predicted_index = np.where(predicted_positive, positive_index, 1 - positive_index)
     all_cams = np.concatenate([
-        gradcam(model, val.pixels[start : start + 32], predicted_index[start : start + 32])
+        heatmaps(val.pixels[start : start + 32], predicted_index[start : start + 32])
         for start in range(0, len(val.pixels), 32)
     ])
     shares = border_share(all_cams)
