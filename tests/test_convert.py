@@ -313,3 +313,46 @@ def test_diagnosis_blames_a_threshold_on_the_coarse_end_of_the_int8_output_grid(
     assert threshold_resolution(1 - 2 * step, step) is not None
     assert threshold_resolution(0.5, step) is None
     assert threshold_resolution(0.01, None) is None  # float output: no grid
+
+
+@pytest.mark.slow
+def test_an_ensemble_run_converts_to_one_model_file_that_averages_its_members(tmp_path, split_data, capsys):
+    """``python -m train.ensemble`` output is an ordinary run: every format is one model file
+    computing the members' mean, the gate passes, and the card lists the members."""
+    from convert.cli import main
+    from tests.tiny_model import build_model, labelled_pixels
+    from train.ensemble import build_ensemble
+
+    pixels, positive = labelled_pixels(split_data / "train")
+    sharp = build_model(pixels, positive)
+    # a second, different member: the same feature with a softer head (half the logit gain)
+    soft = build_model(pixels, positive)
+    kernel, bias = soft.get_layer("head").get_weights()
+    soft.get_layer("head").set_weights([kernel / 2, bias / 2])
+    from tests.tiny_model import SPEC
+
+    ensemble = build_ensemble([sharp, soft], (SPEC.height, SPEC.width, SPEC.channels), "tiny_ensemble")
+    run = write_run(tmp_path / "run", ensemble, split_data)
+    info = json.loads((run / "run.json").read_text())
+    info["ensemble"] = {
+        "members": [{"run": name, "seed": seed, "val_auc": 1.0} for name, seed in (("sharp", 1), ("soft", 2))],
+        "commands": ["made by the test (sharp)", "made by the test (soft)"],
+        "rule": "mean of softmax",
+    }
+    (run / "run.json").write_text(json.dumps(info))
+    out = tmp_path / "models" / "tiny-ensemble"
+    argv = ["--run", str(run), "--data", str(split_data), "--out", str(out), "--calibration-samples", "8",
+            "--formats", "int8,float32", "--no-bench"]
+    assert main(argv) == 0, capsys.readouterr().err
+    bundle = load_bundle(out)
+    assert set(bundle.manifest["formats"]) == {"int8", "float32"}
+    assert len(list(out.glob("*.tflite"))) == 2  # one file per format, the members inside it
+    val_pixels, _ = labelled_pixels(split_data / "val")
+    batch = np.stack(val_pixels).astype(np.float32)
+    expected = (sharp.predict(batch, verbose=0) + soft.predict(batch, verbose=0))[:, LABELS.index(POSITIVE)] / 2
+    classifier = Classifier(bundle, fmt="float32", threads=1)
+    got = np.array([classifier.predict_pixels(p).positive_probability for p in val_pixels])
+    assert np.allclose(got, expected, atol=FLOAT32_TOLERANCE)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "ensemble of 2 runs" in card and "made by the test (soft)" in card
+    assert bundle.manifest["training"]["ensemble"]["rule"] == "mean of softmax"
