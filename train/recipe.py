@@ -28,9 +28,13 @@ class Recipe:
     fine_epochs: int = 40
     """Stage 2: the top of the backbone is unfrozen too (at most this many epochs; early
     stopping usually ends it sooner)."""
-    fine_learning_rate: float = 1e-4
-    """Stage 2 peak learning rate, cosine-decayed to zero: low, so pretrained filters adapt
-    rather than get overwritten by 425 images."""
+    fine_learning_rate: float = 3e-4
+    """Stage 2 peak learning rate (AdamW), cosine-decayed to zero. Measured on val, MobileNetV2
+    from the shared weights: 1e-4 gave AUC 0.847, 3e-4 gave 0.871, 1e-3 diverged (constant
+    output). 3e-4 also quantizes better: the shared weights are dequantized int8, so they sit
+    on an 8-bit grid, and at 1e-4 many fine-tuning steps stay smaller than one grid step, so
+    int8 rounding undoes part of them (int8 agreed with float on 96.6 % of val slices at 1e-4,
+    99.2 % at 3e-4)."""
     unfreeze_from: str = "all"
     """First backbone layer trained in stage 2 (Keras layer name); ``all`` unfreezes everything.
     BatchNormalization layers stay frozen and in inference mode in any case. ImageNet features
