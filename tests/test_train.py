@@ -335,3 +335,29 @@ def test_quality_degradation_recompresses_and_blurs_train_slices_of_every_class(
     contrast = degraded.reshape(8, -1).std(axis=1)
     assert np.median(contrast) < 0.5 * checker.std()  # and most lost their finest detail to the blur
     assert set(labels) == {0, 1}
+
+
+def test_with_a_weight_average_val_is_scored_and_saved_on_the_averaged_weights(tiny_weights_file, split_data, tmp_path):
+    """With ``--ema`` each epoch's val score and checkpoint come from the averaged weights, not
+    from the last step's. Keras starts the average at the first step's weights; momentum 1.0
+    then freezes it there, so two epochs of training (five steps each) must score val
+    identically, while without the average the second epoch scores differently."""
+    import csv as csv_module
+
+    path, _ = tiny_weights_file
+
+    def fine_rows(name: str, momentum: str) -> list[dict]:
+        out = tmp_path / name
+        args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out),
+                *COMMON, "--head-epochs", "0", "--fine-epochs", "2", "--batch-size", "4", "--fine-lr", "0.01",
+                "--ema", momentum]
+        assert _train(args) == 0
+        with open(out / "history.csv", newline="") as handle:
+            return [row for row in csv_module.DictReader(handle) if row["stage"] == "fine"]
+
+    averaged = fine_rows("ema", "1.0")
+    assert len(averaged) == 2
+    assert averaged[0]["loss"] != averaged[1]["loss"]  # training went on in epoch 2
+    assert averaged[0]["val_loss"] == averaged[1]["val_loss"]  # but val saw the frozen average
+    plain = fine_rows("plain", "0")
+    assert plain[0]["val_loss"] != plain[1]["val_loss"]
