@@ -12,6 +12,7 @@ Exit codes: 0 bundle written, 1 gate failed (nothing written), 2 bad run, data o
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import shlex
 import sys
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-bias-correction", action="store_true", help="convert int8 without bias correction (for comparison)")
     parser.add_argument("--onnx-opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     parser.add_argument("--name", default=None, help="bundle name (default: the run folder's name)")
-    parser.add_argument("--version", default=None, help="bundle version (default: today's date)")
+    parser.add_argument("--version", default=None, help="bundle version (default: today's date + the default model's sha256 prefix)")
     parser.add_argument("--bench-threads", default="1,2", help="thread counts for the model card's ctpi bench (default 1,2)")
     parser.add_argument("--bench-runs", type=int, default=50, help="timed runs per bench configuration (default 50)")
     parser.add_argument("--no-bench", action="store_true", help="skip ctpi bench (the model card says so)")
@@ -200,7 +201,7 @@ def convert(args, argv: list[str]) -> int:
 
     identity = dict(
         name=args.name or run.path.resolve().name,
-        version=args.version or date.today().strftime("%Y.%m.%d"),
+        version=args.version or default_version(models[default_format]),
         architecture=run.info["architecture"],
         labels=labels,
         positive_label=run.positive_label,
@@ -283,6 +284,12 @@ def convert(args, argv: list[str]) -> int:
     )
     step(f"done: {bundle.describe()}; {len(bundle.manifest['files'])} files with sha256 in manifest.json")
     return EXIT_OK
+
+
+def default_version(default_model: bytes) -> str:
+    """Today's date plus the first 8 hex digits of the default model file's sha256: two
+    conversions on one day get different versions unless they made the same model."""
+    return f"{date.today().strftime('%Y.%m.%d')}+{hashlib.sha256(default_model).hexdigest()[:8]}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,3 +356,9 @@ def test_an_ensemble_run_converts_to_one_model_file_that_averages_its_members(tm
     card = (out / "MODEL_CARD.md").read_text()
     assert "ensemble of 2 runs" in card and "made by the test (soft)" in card
     assert bundle.manifest["training"]["ensemble"]["rule"] == "mean of softmax"
+    # no --version: the date plus the default model's sha256 prefix, so same-day conversions differ
+    from datetime import date
+
+    int8_file = bundle.manifest["formats"]["int8"]["file"]
+    expected_version = f"{date.today():%Y.%m.%d}+{bundle.manifest['files'][int8_file][:8]}"
+    assert bundle.manifest["version"] == expected_version
