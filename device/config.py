@@ -73,6 +73,11 @@ class WatchConfig:
     """After a storage error (full disk, read-only state) the daemon retries this often."""
     min_free_mb: float = 50.0
     """Stop taking files while the state folder's file system has less free space than this."""
+    keep_done_days: float = 0.0
+    """Delete a triaged image from ``STATE/done/`` this many days after it got there; its
+    journal record (result, sha256, study verdict) stays. 0 keeps every image, and a full
+    disk then stops intake at ``min_free_mb``. Rejected files are never deleted: someone
+    has to look at them. On a Pi's SD card, a busy site fills gigabytes a day."""
     ignore: tuple[str, ...] = (".*", "*.part", "*.tmp", "*.crdownload")
     """Name patterns (fnmatch, case-insensitive) of files that are still being written or not
     slices; folders starting with a dot are skipped too."""

@@ -17,7 +17,7 @@ from device.journal import Journal
 
 CSV_COLUMNS = (
     "id", "recorded_at", "study", "path", "status", "label", "positive_probability", "threshold",
-    "reason", "message", "format", "model_name", "model_sha256", "sha256", "stored_as",
+    "reason", "message", "format", "model_name", "model_sha256", "sha256", "stored_as", "pruned_at",
 )  # fmt: skip
 REJECTED = "rejected"  # the label filter's choice for files that were refused
 

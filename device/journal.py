@@ -7,7 +7,7 @@ Writers: only the watch daemon (:meth:`Journal.open`). Readers (``ctpi results``
 - ``query_slices(since=None, label=None, study=None, status=None, limit=100, offset=0)``
   newest first, each a dict (times as ISO 8601 UTC, probabilities as a dict);
 - ``studies()`` and ``study(name)``: verdicts per study folder (see :mod:`device.studies`);
-- ``counts()``: slices ok/rejected/positive, studies, files awaiting their move;
+- ``counts()``: slices ok/rejected/positive, studies, files awaiting their move, files pruned;
 - ``heartbeat()``: the daemon's last heartbeat with ``age_seconds``.
 
 The exactly-once protocol (one record per dropped file, whatever instant the power goes):
@@ -30,6 +30,12 @@ A restart finds records that are not marked moved (:meth:`Journal.unmoved`) and 
 their moves; :meth:`Journal.record` reuses an unmoved record with the same path and sha256
 instead of inserting a second one. The same content dropped again later, or under another
 name, is a new drop and gets its own record.
+
+Retention (``[watch] keep_done_days``): :meth:`Journal.prunable` lists triaged files moved
+to ``done/`` before a cutoff; the daemon deletes each file, then :meth:`Journal.mark_pruned`
+sets ``pruned_at``. The record (result, sha256, study verdict) is kept forever; only the
+image goes. Deleting before marking makes a crash in between harmless: the next pass finds
+the file already gone and marks it.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from pathlib import Path, PurePosixPath
 from device.studies import RULE, aggregate
 
 JOURNAL_NAME = "journal.sqlite"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: slices.pruned_at (retention)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
@@ -69,7 +75,8 @@ CREATE TABLE IF NOT EXISTS slices (
     seen_at REAL NOT NULL,              -- unix seconds: first noticed in the inbox
     recorded_at REAL NOT NULL,
     stored_as TEXT,                     -- relative to the state folder
-    moved_at REAL                       -- NULL until the file has left the inbox
+    moved_at REAL,                      -- NULL until the file has left the inbox
+    pruned_at REAL                      -- when retention deleted the stored file (record kept)
 );
 CREATE INDEX IF NOT EXISTS slices_unmoved ON slices(path) WHERE moved_at IS NULL;
 CREATE INDEX IF NOT EXISTS slices_study ON slices(study);
@@ -101,6 +108,18 @@ CREATE TABLE IF NOT EXISTS heartbeat (
     data TEXT NOT NULL                  -- JSON: pid, state, model, queue, memory, ...
 );
 """
+
+# Run after SCHEMA and the migrations: they name columns a journal of an older schema lacks.
+INDEXES = """
+CREATE INDEX IF NOT EXISTS slices_prunable ON slices(moved_at) WHERE status = 'ok' AND pruned_at IS NULL;
+"""
+
+
+def _migrate(connection: sqlite3.Connection, version: int) -> None:
+    """Bring a journal of an older schema up to :data:`SCHEMA_VERSION`, keeping every row."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(slices)")}
+    if version < 2 and "pruned_at" not in columns:
+        connection.execute("ALTER TABLE slices ADD COLUMN pruned_at REAL")
 
 
 class JournalError(RuntimeError):
@@ -194,6 +213,8 @@ class Journal:
             if version > SCHEMA_VERSION:
                 raise JournalError(f"journal {path} has schema {version}, newer than this ctpi ({SCHEMA_VERSION}); upgrade ctpi")
             connection.executescript(SCHEMA)
+            _migrate(connection, version)
+            connection.executescript(INDEXES)
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as error:
             raise JournalError(f"cannot open the journal {path} for writing: {error}") from None
@@ -334,6 +355,21 @@ class Journal:
         """Records whose file may still be in the inbox (moves a crash interrupted)."""
         return [dict(row) for row in self._db.execute("SELECT id, path, sha256, stored_as FROM slices WHERE moved_at IS NULL ORDER BY id")]
 
+    def prunable(self, before: float, limit: int = 500) -> list[dict]:
+        """Triaged files moved to ``done/`` before ``before`` (unix seconds) and not yet pruned,
+        oldest first. Rejected files are never listed: they wait for a person."""
+        rows = self._db.execute(
+            "SELECT id, stored_as FROM slices WHERE status = 'ok' AND pruned_at IS NULL AND moved_at < ?"
+            " AND stored_as IS NOT NULL ORDER BY moved_at LIMIT ?",
+            (before, int(limit)),
+        )
+        return [dict(row) for row in rows]
+
+    def mark_pruned(self, record_ids: list[int]) -> None:
+        if record_ids:
+            now = time.time()
+            self._write(lambda db: db.executemany("UPDATE slices SET pruned_at = ? WHERE id = ?", [(now, i) for i in record_ids]))
+
     def beat(self, data: dict) -> None:
         """Replace the heartbeat row."""
         self._write(
@@ -352,8 +388,8 @@ class Journal:
         for key in ("probabilities", "latency_ms"):
             record[key] = json.loads(record[key]) if record[key] else None
         record["positive"] = None if record["positive"] is None else bool(record["positive"])
-        for key in ("seen_at", "recorded_at", "moved_at"):
-            record[key] = iso(record[key])
+        for key in ("seen_at", "recorded_at", "moved_at", "pruned_at"):
+            record[key] = iso(record.get(key))
         return record
 
     def query_slices(
@@ -401,6 +437,10 @@ class Journal:
             " coalesce(sum(positive = 1), 0) AS positive, coalesce(sum(moved_at IS NULL), 0) AS awaiting_move FROM slices"
         ).fetchone()
         counts = dict(row)
+        columns = {info[1] for info in self._db.execute("PRAGMA table_info(slices)")}
+        counts["pruned"] = (
+            self._db.execute("SELECT count(*) FROM slices WHERE pruned_at IS NOT NULL").fetchone()[0] if "pruned_at" in columns else 0
+        )  # a reader may open a journal the daemon has not migrated yet
         studies = self._db.execute("SELECT count(*) AS studies, coalesce(sum(positive = 1), 0) AS positive_studies FROM studies").fetchone()
         counts.update(dict(studies))
         counts["rejected_by_reason"] = {

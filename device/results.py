@@ -20,7 +20,7 @@ from device.journal import Journal, JournalError
 
 CSV_COLUMNS = (
     "id", "recorded_at", "path", "study", "status", "label", "positive_probability", "threshold",
-    "reason", "message", "sha256", "size", "format", "model_name", "model_sha256", "stored_as",
+    "reason", "message", "sha256", "size", "format", "model_name", "model_sha256", "stored_as", "pruned_at",
 )
 STALE_AFTER_BEATS = 3
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -154,6 +154,7 @@ def format_status(status: dict) -> str:
     lines.append(
         f"slices      {counts['slices']} ({counts['ok']} ok, {counts['positive']} positive, {counts['rejected']} rejected)"
         + (f", {counts['awaiting_move']} awaiting their move" if counts["awaiting_move"] else "")
+        + (f"; images of {counts['pruned']} deleted by retention (results kept)" if counts.get("pruned") else "")
     )
     if counts["rejected_by_reason"]:
         lines.append("rejected    " + ", ".join(f"{reason} {n}" for reason, n in counts["rejected_by_reason"].items()))

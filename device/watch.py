@@ -11,6 +11,10 @@ Pipeline (one process, the model loaded once):
   the files move to ``STATE/done/`` or ``STATE/rejected/``. The order (commit, move, fsync
   the folders, mark moved) is what makes it exactly-once; see :mod:`device.journal`.
 
+Retention: with ``keep_done_days`` set, images in ``STATE/done/`` older than that are deleted
+(at start-up and hourly, a bounded batch per loop turn so triage never waits long); the
+records stay. See :mod:`device.journal`.
+
 Operations: SIGTERM/SIGINT finish the current slice, commit, and exit 0. A full disk or a
 read-only state folder stops intake (files stay in the inbox), is logged once as an error,
 and is retried every ``retry_seconds``. ``READY=1`` goes to systemd only once the loop
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_STORAGE, EXIT_USAGE = 0, 1, 2
 TICK_SECONDS = 0.1
+PRUNE_SECONDS = 3600.0  # retention pass interval
+PRUNE_BATCH = 200  # images deleted per loop turn at most (about 10-50 ms on an SD card)
 
 
 class StorageError(RuntimeError):
@@ -511,8 +517,49 @@ class Daemon:
             finished.append(record["id"])
         self.journal.mark_moved(finished)
 
+    def prune(self) -> bool:
+        """Delete up to :data:`PRUNE_BATCH` images older than ``keep_done_days`` from
+        ``done/`` (the file first, then the record's mark; see :mod:`device.journal`) and the
+        study folders that leaves empty. True if more may be due."""
+        days = self.config.keep_done_days
+        if days <= 0 or self.journal is None:
+            return False
+        due = self.journal.prunable(time.time() - days * 86400.0, PRUNE_BATCH)
+        done_root = self.state / "done"
+        pruned, freed = [], 0
+        for record in due:
+            target = self.state / record["stored_as"]
+            try:
+                if not target.resolve().is_relative_to(done_root.resolve()):
+                    raise ValueError(f"{record['stored_as']} is not under {done_root}")
+                freed += target.lstat().st_size
+                target.unlink()
+            except FileNotFoundError:
+                pass  # deleted by hand, or by a pass a crash interrupted before its mark
+            except (OSError, ValueError) as error:
+                log.warning("retention: cannot delete %s: %s", target, error, extra={"event": "prune-error", "record": record["id"]})
+                continue
+            pruned.append(record["id"])
+            folder = target.parent
+            while folder != done_root and folder.is_relative_to(done_root):
+                try:
+                    folder.rmdir()  # only succeeds once the study folder is empty
+                except OSError:
+                    break
+                folder = folder.parent
+        if pruned:
+            _fsync_dir(done_root)
+            self.journal.mark_pruned(pruned)
+            log.info("retention: deleted %d image(s) older than %g days from %s (%.1f MB); their results are kept",
+                     len(pruned), days, done_root, freed / 1e6, extra={"event": "pruned", "count": len(pruned)})
+        return len(due) == PRUNE_BATCH
+
     def try_resume(self) -> bool:
         try:
+            try:
+                self.prune()  # a full disk may be what retention frees
+            except JournalError:
+                pass
             self.check_storage()
             self.recover()
         except (StorageError, JournalError, OSError) as error:
@@ -687,7 +734,7 @@ class Daemon:
 
     def loop(self) -> int:
         now = time.monotonic()
-        next_beat = next_scan = next_retry = now
+        next_beat = next_scan = next_retry = next_prune = now
         next_ping = now
         ping = self.notifier.ping_interval
         while not self.stop_requested:
@@ -708,6 +755,13 @@ class Daemon:
             if now >= next_scan and not self.once:
                 self.arrivals.scan()
                 next_scan = now + self.config.rescan_seconds
+            if now >= next_prune:
+                try:
+                    more = self.prune()
+                except JournalError as error:
+                    self.block(str(error))
+                    continue
+                next_prune = now + (0.0 if more else PRUNE_SECONDS)
             if now >= next_beat:
                 self.beat("running")
                 next_beat = now + self.config.heartbeat_seconds
@@ -750,6 +804,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--format", dest="fmt", default=None, help="model format in the bundle (default: the bundle's default)")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: cores, at most 4)")
     parser.add_argument("--settle-seconds", type=float, default=None, help="how long a file must be unchanged before it is read")
+    parser.add_argument("--keep-done-days", type=float, default=None,
+                        help="delete triaged images from STATE/done after this many days, keeping their results (default 0: keep)")
     parser.add_argument("--log-format", choices=[f.value for f in LogFormat], default=None, help="text (default) or json lines")
     parser.add_argument("--once", action="store_true", help="process what is in the inbox, then exit")
 
@@ -764,6 +820,7 @@ def config_from_args(args) -> WatchConfig:
         format=args.fmt,
         threads=args.threads,
         settle_seconds=args.settle_seconds,
+        keep_done_days=args.keep_done_days,
         log_format=LogFormat(args.log_format) if args.log_format else None,
     )
 

@@ -76,3 +76,34 @@ def test_opening_a_missing_journal_read_only_says_what_to_do(tmp_path):
     with pytest.raises(JournalError, match="has `ctpi watch"):
         Journal.open_readonly(tmp_path)
     assert not (tmp_path / "journal.sqlite").exists()
+
+
+def test_a_journal_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path):
+    import sqlite3
+
+    with Journal.open(tmp_path) as journal:
+        (record,) = journal.record([ok("s/a.png", 0.9, "1" * 64)], "COVID", "NonCOVID")
+    db = sqlite3.connect(tmp_path / "journal.sqlite")  # turn it back into a schema-1 journal
+    db.executescript("DROP INDEX slices_prunable; ALTER TABLE slices DROP COLUMN pruned_at; PRAGMA user_version=1;")
+    db.close()
+    with Journal.open_readonly(tmp_path) as reader:  # `ctpi status` before the daemon upgraded it
+        assert reader.counts()["pruned"] == 0 and reader.query_slices()[0]["pruned_at"] is None
+    with Journal.open(tmp_path) as journal:
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 2
+        journal.mark_moved([record.id])
+        assert [r["id"] for r in journal.prunable(before=9e12)] == [record.id]
+        journal.mark_pruned([record.id])
+        assert journal.prunable(before=9e12) == [] and journal.counts()["pruned"] == 1
+        assert journal.query_slices()[0]["label"] == "COVID"
+
+
+def test_retention_lists_only_triaged_files_moved_before_the_cutoff(tmp_path):
+    rejected = SliceResult(path="bad.png", sha256="2" * 64, size=3, status="rejected", seen_at=1.0, reason="empty", message="")
+    with Journal.open(tmp_path) as journal:
+        old, unmoved, refused = journal.record(
+            [ok("s/old.png", 0.9, "1" * 64), ok("s/unmoved.png", 0.1, "3" * 64), rejected], "COVID", "NonCOVID")
+        journal.mark_moved([old.id, refused.id])
+        import time
+
+        assert journal.prunable(before=time.time() - 3600) == []  # moved just now: not due
+        assert [r["id"] for r in journal.prunable(before=time.time() + 1)] == [old.id]  # never unmoved or rejected

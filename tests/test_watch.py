@@ -442,3 +442,28 @@ def test_sd_notify_reaches_an_abstract_socket_and_is_silent_outside_systemd():
         receiver.close()
     outside = Notifier({})
     assert not outside.enabled and not outside.ready() and outside.ping_interval is None
+
+
+def test_retention_deletes_old_triaged_images_and_keeps_their_results(folders, tiny_bundle):
+    inbox, state = folders
+    drop(inbox, "patient-1/a.png", slice_png(POSITIVE, 1))
+    drop(inbox, "patient-1/b.png", slice_png(NEGATIVE, 2))
+    drop(inbox, "junk.png", b"junk")
+    assert run_once(inbox, state, tiny_bundle).returncode == 0  # default: keep every image
+    before = {r["path"]: r for r in rows(state)}
+    assert all((state / r["stored_as"]).is_file() for r in before.values())
+
+    time.sleep(1.2)
+    drop(inbox, "patient-2/c.png", slice_png(NEGATIVE, 3))  # arrives now: younger than the cutoff
+    result = run_once(inbox, state, tiny_bundle, "--keep-done-days", str(1.0 / 86400))
+    assert result.returncode == 0, result.stderr
+    after = {r["path"]: r for r in rows(state)}
+    for path in ("patient-1/a.png", "patient-1/b.png"):
+        assert not (state / before[path]["stored_as"]).exists() and after[path]["pruned_at"]
+        assert after[path]["label"] == before[path]["label"] and after[path]["sha256"] == before[path]["sha256"]
+    assert not (state / "done" / "patient-1").exists()  # the emptied study folder goes too
+    assert (state / after["junk.png"]["stored_as"]).is_file() and after["junk.png"]["pruned_at"] is None
+    assert (state / after["patient-2/c.png"]["stored_as"]).is_file() and after["patient-2/c.png"]["pruned_at"] is None
+    with Journal.open_readonly(state) as journal:
+        assert journal.study("patient-1")["slices"] == 2 and journal.counts()["pruned"] == 2
+    assert "deleted by retention" in ctpi("status", "--state", str(state)).stdout
