@@ -455,14 +455,9 @@ class Daemon:
         try:
             for folder in (self.state, self.state / "done", self.state / "rejected"):
                 folder.mkdir(parents=True, exist_ok=True)
-            free_mb = shutil.disk_usage(self.state).free / 1e6
+            self.check_free_space()
         except OSError as error:
             raise StorageError(f"state folder {self.state} is not usable: {error.strerror or error}") from None
-        if free_mb < self.config.min_free_mb:
-            raise StorageError(
-                f"state folder {self.state} has {free_mb:.0f} MB free, below min_free_mb={self.config.min_free_mb:.0f}; "
-                "free space (e.g. archive STATE/done) to resume"
-            )
         if not os.access(self.state, os.W_OK):
             raise StorageError(f"state folder {self.state} is read-only; make it writable for the daemon's user")
         if self.journal is None:
@@ -781,9 +776,10 @@ class Daemon:
     def check_free_space(self) -> None:
         free_mb = shutil.disk_usage(self.state).free / 1e6
         if free_mb < self.config.min_free_mb:
+            hint = "archive STATE/done, or set keep_done_days" if self.config.keep_done_days <= 0 else "archive STATE/done"
             raise StorageError(
                 f"state folder {self.state} has {free_mb:.0f} MB free, below min_free_mb={self.config.min_free_mb:.0f}; "
-                "free space (e.g. archive STATE/done) to resume"
+                f"free space ({hint}) to resume"
             )
 
 
