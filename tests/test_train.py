@@ -361,3 +361,44 @@ def test_with_a_weight_average_val_is_scored_and_saved_on_the_averaged_weights(t
     assert averaged[0]["val_loss"] == averaged[1]["val_loss"]  # but val saw the frozen average
     plain = fine_rows("plain", "0")
     assert plain[0]["val_loss"] != plain[1]["val_loss"]
+
+
+def test_contrastive_loss_is_zero_for_identical_distinct_pairs_and_high_for_mixed_ones():
+    import tensorflow as tf
+
+    from train.pretrain import nt_xent
+
+    eye = tf.eye(4)
+    loss, found = nt_xent(eye, eye, temperature=0.05)  # every view's partner is its only match
+    assert float(loss) < 1e-6 and float(found) == 1.0
+    loss, found = nt_xent(eye, tf.roll(eye, 1, axis=0), temperature=0.05)  # partners point elsewhere
+    assert float(loss) > 10 and float(found) < 0.5
+
+
+def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_weights_file, split_data, tmp_path):
+    from train.pretrain import main as pretrain_main
+
+    path, initial = tiny_weights_file
+    ssl = tmp_path / "ssl"
+    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(ssl),
+            "--img-size", str(IMG), "--epochs", "2", "--batch-size", "4", "--cache", "", "-q", "--seed", "5"]
+    assert pretrain_main(args) == 0
+    for name in ("backbone.weights.h5", "pretrain.json", "history.csv", "pretrain_curves.png"):
+        assert (ssl / name).is_file() and (ssl / name).stat().st_size > 0, name
+    record = json.loads((ssl / "pretrain.json").read_text())
+    assert record["training_data"]["split"] == "train" and record["training_data"]["slices"] == 20
+    assert record["initial_weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    from train.model import InitialWeights, build_backbone, resolve_weights
+
+    weights, weights_path = resolve_weights(str(ssl / "backbone.weights.h5"))
+    assert weights.description.startswith("self-supervised SimCLR") and "labels unused" in weights.description
+    adapted = build_backbone("mobilenetv2", IMG, weights, weights_path).get_weights()
+    assert len(adapted) == len(initial) and any(not np.allclose(a, b) for a, b in zip(adapted, initial))
+
+    out = tmp_path / "run"
+    assert _train(["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(ssl / "backbone.weights.h5"),
+                   "--out", str(out), *COMMON, "--fine-epochs", "1"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["initial_weights"]["description"] == record["description"]
+    assert InitialWeights(**run["initial_weights"]).pretrained

@@ -8,6 +8,7 @@ scaling, the backbone, pooling, dropout, softmax in label order.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,21 @@ def resolve_weights(option: str) -> tuple[InitialWeights, Path | None]:
     if not path.name.endswith(".weights.h5"):
         raise WeightsError(f"{path.name}: expected a Keras weights file ending in .weights.h5 (from model.save_weights)")
     digest = file_sha256(path)
-    description = KNOWN_WEIGHTS.get(digest, f"Keras weights file {path.name} (sha256 {digest[:12]}...)")
+    description = KNOWN_WEIGHTS.get(digest) or _pretrained_here(path, digest) or f"Keras weights file {path.name} (sha256 {digest[:12]}...)"
     return InitialWeights("file", path.name, digest, description), path
+
+
+def _pretrained_here(path: Path, digest: str) -> str | None:
+    """The description :mod:`train.pretrain` left next to a weights file it wrote, if the file
+    is still the one it describes (so a report never credits pre-training to other weights)."""
+    record = path.parent / "pretrain.json"
+    try:
+        pretrain = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    if pretrain.get("backbone_sha256") != digest:
+        return None
+    return pretrain.get("description")
 
 
 def build_backbone(arch: str, img_size: int, weights: InitialWeights, weights_path: Path | None = None):
@@ -95,9 +109,11 @@ def load_backbone_weights(base, path: Path) -> None:
         ) from None
 
 
-def build_model(arch: str, img_size: int, labels: list[str], weights: InitialWeights, weights_path: Path | None = None,
-                dropout: float = 0.3, batchnorm_training: bool = False):
-    """The full classifier on ``img_size x img_size x 1`` raw pixels (the device spec)."""
+def build_features(arch: str, img_size: int, weights: InitialWeights, weights_path: Path | None = None,
+                   batchnorm_training: bool = False):
+    """Raw grey pixels to pooled backbone features, ``(pixels input, features)``: the part
+    the classifier and self-supervised pre-training (:mod:`train.pretrain`) share, so the
+    backbone sees the same input scaling in both."""
     import keras
 
     base = build_backbone(arch, img_size, weights, weights_path)
@@ -118,7 +134,15 @@ def build_model(arch: str, img_size: int, labels: list[str], weights: InitialWei
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = min(layer.momentum, 0.9)
     x = base(x, training=None if batchnorm_training else False)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return pixels, keras.layers.GlobalAveragePooling2D(name="pool")(x)
+
+
+def build_model(arch: str, img_size: int, labels: list[str], weights: InitialWeights, weights_path: Path | None = None,
+                dropout: float = 0.3, batchnorm_training: bool = False):
+    """The full classifier on ``img_size x img_size x 1`` raw pixels (the device spec)."""
+    import keras
+
+    pixels, x = build_features(arch, img_size, weights, weights_path, batchnorm_training)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(len(labels), activation="softmax", name="probabilities")(x)
     return keras.Model(pixels, outputs, name=f"ctpi_{arch}")
