@@ -12,6 +12,7 @@ RUN     ?= runs/$(ARCH)
 OUT     ?= models/$(ARCH)
 SEEDS   ?=
 TRAIN_ARGS ?=
+SSL     ?= runs/ssl-$(ARCH)
 MODEL   ?= models/mobilenetv2
 THREADS ?= 1,2
 INBOX   ?= var/inbox
@@ -26,7 +27,7 @@ EXTRAS    ?= ui
 INVENTORY ?= deploy/hosts.ini
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint train convert bench system-deps
+.PHONY: help run test lint train pretrain convert bench system-deps
 .PHONY: deploy rollback deploy-fleet
 
 help: ## list the targets and their variables
@@ -63,6 +64,9 @@ else
 	done
 	$(PY) -m train.ensemble --data $(DATA) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
 endif
+
+pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on DATA/train from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
+	$(PY) -m train.pretrain --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(SSL)
 
 convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int8, float16, float32, onnx) with the accuracy gate
 	$(PY) -m convert --run $(RUN) --data $(DATA) --out $(OUT)
