@@ -394,7 +394,7 @@ def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_
     weights, weights_path = resolve_weights(str(ssl / "backbone.weights.h5"))
     assert weights.description.startswith("self-supervised SimCLR") and "labels unused" in weights.description
     adapted = build_backbone("mobilenetv2", IMG, weights, weights_path).get_weights()
-    assert len(adapted) == len(initial) and any(not np.allclose(a, b) for a, b in zip(adapted, initial))
+    assert len(adapted) == len(initial) and any(not np.allclose(a, b) for a, b in zip(adapted, initial, strict=True))
 
     out = tmp_path / "run"
     assert _train(["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(ssl / "backbone.weights.h5"),

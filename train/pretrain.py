@@ -152,7 +152,7 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
             embedded = network(tf.concat([view_a, view_b], axis=0), training=True)
             loss, hits = nt_xent(embedded[: tf.shape(view_a)[0]], embedded[tf.shape(view_a)[0] :], recipe.temperature)
         gradients = tape.gradient(loss, network.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, network.trainable_variables))
+        optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
         return loss, hits
 
     dataset = view_dataset(train.pixels, recipe, seed)
