@@ -379,14 +379,21 @@ def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_
     from train.pretrain import main as pretrain_main
 
     path, initial = tiny_weights_file
+    extra = write_image_folder(tmp_path / "unlabelled" / "scans", per_class=2, seed=21)  # 4 slices
+    val_image = next((split_data / "val" / "COVID").iterdir())
+    (extra / "copy-of-val.png").write_bytes(val_image.read_bytes())  # must never be learnt from
+    (extra / "broken.png").write_bytes(b"not an image")
     ssl = tmp_path / "ssl"
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(ssl),
-            "--img-size", str(IMG), "--epochs", "2", "--batch-size", "4", "--cache", "", "-q", "--seed", "5"]
+            "--img-size", str(IMG), "--epochs", "2", "--batch-size", "4", "--cache", "", "-q", "--seed", "5",
+            "--extra-images", str(tmp_path / "unlabelled")]
     assert pretrain_main(args) == 0
     for name in ("backbone.weights.h5", "pretrain.json", "history.csv", "pretrain_curves.png"):
         assert (ssl / name).is_file() and (ssl / name).stat().st_size > 0, name
     record = json.loads((ssl / "pretrain.json").read_text())
     assert record["training_data"]["split"] == "train" and record["training_data"]["slices"] == 20
+    (source,) = record["extra_images"]
+    assert (source["slices"], source["identical_to_val"], source["unreadable"]) == (4, 1, 1)
     assert record["initial_weights"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
 
     from train.model import InitialWeights, build_backbone, resolve_weights
@@ -402,3 +409,14 @@ def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_
     run = json.loads((out / "run.json").read_text())
     assert run["initial_weights"]["description"] == record["description"]
     assert InitialWeights(**run["initial_weights"]).pretrained
+
+
+def test_pretraining_refuses_extra_images_that_contain_val(split_data, capsys, tmp_path):
+    from train.pretrain import main as pretrain_main
+
+    for folder in (split_data, split_data / "val" / "COVID"):
+        code = pretrain_main(["--arch", "mobilenetv2", "--data", str(split_data), "--weights", "none", "--out",
+                              str(tmp_path / "ssl"), "--img-size", str(IMG), "--batch-size", "4", "--cache", "", "-q",
+                              "--extra-images", str(folder)])
+        assert code == 2 and "val must stay unseen" in capsys.readouterr().err
+        assert not (tmp_path / "ssl" / "backbone.weights.h5").exists()

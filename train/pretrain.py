@@ -8,8 +8,11 @@ slice (crop, rotation, contrast, JPEG re-encoding, blur) must map close together
 every other slice of the batch (the NT-Xent loss). The backbone learns what varies between CT
 slices and, because JPEG and blur are part of the views, to ignore how a figure was encoded.
 
-Only ``DATA/train`` images are read, with their labels ignored; val stays untouched, for
-selection and reporting by ``python -m train``. BatchNorm stays frozen in inference mode as in
+Only ``DATA/train`` images are read, with their labels ignored, plus any unlabelled folders
+given with ``--extra-images`` (e.g. slices exported from public CT collections: more images is
+what this step needs); val stays untouched, for selection and reporting by ``python -m train``:
+an extra folder that contains val, or an extra image with the content of a val image, is
+refused or skipped. BatchNorm stays frozen in inference mode as in
 fine-tuning (the shared weights have it folded).
 
 ``OUT`` receives ``backbone.weights.h5`` (pass it to ``python -m train --weights``),
@@ -114,9 +117,52 @@ def view_dataset(pixels: np.ndarray, recipe: PretrainRecipe, seed: int):
     return dataset.prefetch(2)
 
 
+def load_extra_images(folders: list[Path], data: Path, spec: PreprocessSpec, show_progress: bool = True):
+    """Unlabelled slices from ``folders`` (recursively) through the device preprocessing, as
+    ``(pixels, sources)``. Val must stay unseen: a folder overlapping ``DATA/val`` is an error,
+    and an image whose bytes equal a val image's is skipped."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    from device.dataset import Example, fingerprint, is_candidate, list_examples
+    from device.preprocess import BadSliceError, load_slice
+
+    val_root = (Path(data) / "val").resolve()
+    val_hashes = {hashlib.sha256(e.path.read_bytes()).hexdigest() for e in list_examples(val_root)}
+    pixels, sources = [], []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise DataError(f"--extra-images {folder} is not a folder")
+        resolved = folder.resolve()
+        if resolved.is_relative_to(val_root) or val_root.is_relative_to(resolved):
+            raise DataError(f"--extra-images {folder} overlaps {val_root}: val must stay unseen until it scores the model")
+        files = sorted(path for path in folder.rglob("*") if is_candidate(path))
+        used, skipped, in_val = [], 0, 0
+        for path in tqdm(files, desc=f"preprocessing {folder.name}", unit="slice", disable=not show_progress):
+            content = path.read_bytes()
+            if hashlib.sha256(content).hexdigest() in val_hashes:
+                in_val += 1
+                continue
+            try:
+                pixels.append(load_slice(path, spec))
+            except BadSliceError as error:
+                log.warning("%s: skipped, %s", path, error)
+                skipped += 1
+                continue
+            used.append(Example(path, ""))
+        if in_val:
+            log.warning("%s: %d image(s) identical to val images left out", folder, in_val)
+        sources.append({"name": folder.resolve().name, "slices": len(used), "unreadable": skipped, "identical_to_val": in_val,
+                        "fingerprint": fingerprint(used, folder) if used else None})
+    stacked = np.stack(pixels) if pixels else np.zeros((0, spec.height, spec.width, spec.channels), np.uint8)
+    return stacked, sources
+
+
 def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: PretrainRecipe, seed: int = 42,
              cache_dir: Path | None = Path(".cache/train"), threads: int = 2, show_progress: bool = True,
-             command: str = "") -> dict:
+             command: str = "", extra_images: list[Path] | None = None) -> dict:
     """Run the contrastive stage and write ``out``; returns the ``pretrain.json`` content."""
     started = time.perf_counter()
     out = Path(out)
@@ -127,8 +173,10 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
     spec = PreprocessSpec(height=recipe.img_size, width=recipe.img_size, channels=1)
     initial, weights_path = resolve_weights(weights_option)
     train = load_split(Path(data) / "train", labels, spec, cache_dir, show_progress)
-    if len(train.pixels) < 2 * recipe.batch_size:
-        raise DataError(f"{len(train.pixels)} train slices are too few for batches of {recipe.batch_size} pairs")
+    extra, sources = load_extra_images(extra_images or [], data, spec, show_progress)
+    images = np.concatenate([train.pixels, extra]) if len(extra) else train.pixels
+    if len(images) < 2 * recipe.batch_size:
+        raise DataError(f"{len(images)} slices are too few for batches of {recipe.batch_size} pairs")
 
     from train.run import configure_tensorflow
 
@@ -142,7 +190,7 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
     z = keras.layers.Dense(recipe.projection, name="projection")(z)
     network = keras.Model(pixels, z, name=f"simclr_{arch}")
     set_stage(network, "fine", "all", batchnorm_training=not initial.pretrained)
-    steps = len(train.pixels) // recipe.batch_size
+    steps = len(images) // recipe.batch_size
     schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=recipe.epochs * steps)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay)
 
@@ -155,10 +203,10 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
         optimizer.apply_gradients(zip(gradients, network.trainable_variables, strict=True))
         return loss, hits
 
-    dataset = view_dataset(train.pixels, recipe, seed)
+    dataset = view_dataset(images, recipe, seed)
     history = []
     print(f"self-supervised pre-training: {recipe.epochs} epochs of {steps} steps, {len(train.pixels)} train slices "
-          f"(labels unused), from {initial.description}", flush=True)
+          f"(labels unused) and {len(extra)} extra slices, from {initial.description}", flush=True)
     for epoch in tqdm(range(1, recipe.epochs + 1), desc="pretrain", unit="epoch", disable=not show_progress):
         losses, accuracies = [], []
         for view_a, view_b in dataset:
@@ -179,13 +227,16 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
         "architecture": arch,
         "description": (
             f"self-supervised SimCLR pre-training ({recipe.epochs} epochs on the {len(train.pixels)} "
-            f"{Path(data).resolve().name} train images, labels unused) starting from {initial.description}"
+            f"{Path(data).resolve().name} train images"
+            + "".join(f" and {source['slices']} images of {source['name']}" for source in sources)
+            + f", labels unused) starting from {initial.description}"
         ),
         "backbone_file": WEIGHTS_NAME,
         "backbone_sha256": digest,
         "initial_weights": initial.to_dict(),
         "training_data": {"name": Path(data).resolve().name, "split": "train", "fingerprint": train.fingerprint,
                           "slices": len(train.pixels)},
+        "extra_images": sources,
         "recipe": asdict(recipe),
         "seed": seed,
         "final": history[-1],
@@ -236,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=lambda value: Path(value) if value else None, default=Path(".cache/train"))
+    parser.add_argument("--extra-images", type=Path, action="append", default=[],
+                        help="a folder of unlabelled CT slices to learn from as well (repeatable; never val)")
     parser.add_argument("-q", "--quiet", action="store_true")
     defaults = PretrainRecipe()
     for name, value in asdict(defaults).items():
@@ -246,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m train.pretrain", *(argv if argv is not None else sys.argv[1:])])
     try:
         record = pretrain(args.arch, args.data, args.weights, args.out, recipe, args.seed, args.cache, args.threads,
-                          not args.quiet, command)
+                          not args.quiet, command, args.extra_images)
     except (DataError, WeightsError) as error:
         print(f"train.pretrain: {error}", file=sys.stderr)
         return 2
