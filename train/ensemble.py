@@ -234,7 +234,7 @@ def _write_member_scores(path: Path, val, rows: list[dict], member_scores: list[
 def _plot_members(rows, member_scores, y_val, val_metrics, path: Path, runs) -> None:
     from device.metrics import roc_curve
 
-    plt = report._pyplot()
+    plt = report.pyplot()
     fig, (ax_roc, ax_scatter) = plt.subplots(1, 2, figsize=(11, 4.5))
     ensemble = np.mean(member_scores, axis=0)
     for row, scores in zip(rows, member_scores, strict=True):
@@ -255,9 +255,7 @@ def _plot_members(rows, member_scores, y_val, val_metrics, path: Path, runs) -> 
     ax_scatter.legend(fontsize=7)
     for ax in (ax_roc, ax_scatter):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

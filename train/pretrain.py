@@ -257,9 +257,9 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    from train.report import _pyplot
+    from train import report
 
-    plt = _pyplot()
+    plt = report.pyplot()
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_hits) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax_loss.plot(epochs, [row["loss"] for row in rows])
@@ -269,9 +269,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     for ax in (ax_loss, ax_hits):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

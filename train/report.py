@@ -13,7 +13,7 @@ from device.metrics import reliability_bins, roc_curve
 log = logging.getLogger(__name__)
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,8 +22,15 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int = 110) -> None:
+    """Lay out, write and release a figure (pyplot keeps every open figure in memory)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
 def plot_history(rows: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
     ax_loss.plot(epochs, [row["loss"] for row in rows], label="train loss (augmented, weighted)")
@@ -39,13 +46,11 @@ def plot_history(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     ax_loss.set_title("loss")
     ax_auc.set_title("validation")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_roc(y_true, scores, metrics: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fpr, tpr, _ = roc_curve(y_true, scores)
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC {metrics['auc']:.3f}")
@@ -56,13 +61,11 @@ def plot_roc(y_true, scores, metrics: dict, path: Path) -> None:
     ax.set_ylabel("sensitivity")
     ax.set_title("ROC, val")
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_confusion(metrics: dict, positive: str, negative: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     c = metrics["confusion"]
     matrix = np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]])
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
@@ -75,13 +78,11 @@ def plot_confusion(metrics: dict, positive: str, negative: str, path: Path) -> N
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(f"val, threshold {metrics['threshold']:.3f}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_reliability(y_true, scores, ece: float, positive: str, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     bins = [b for b in reliability_bins(y_true, scores) if b["count"]]
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
@@ -95,13 +96,11 @@ def plot_reliability(y_true, scores, ece: float, positive: str, path: Path) -> N
     ax.set_ylabel(f"fraction {positive}")
     ax.set_title(f"reliability, val (ECE {ece:.3f})")
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_gradcam(pixels: np.ndarray, cams: np.ndarray, titles: list[str], path: Path, columns: int = 4) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, int(np.ceil(len(pixels) / columns)))
     fig, axes = plt.subplots(rows, columns, figsize=(3.0 * columns, 3.2 * rows), squeeze=False)
     for ax in axes.ravel():
