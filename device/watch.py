@@ -23,6 +23,7 @@ runs, ``WATCHDOG=1`` from the loop itself (a hung loop gets restarted).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fnmatch
 import hashlib
@@ -143,16 +144,22 @@ def move_file(source: Path, target: Path) -> bool:
         if error.errno != errno.EXDEV:
             raise
     partial = target.with_name(f".{target.name}.partial")
-    if os.path.islink(source):
-        if os.path.lexists(partial):
+    try:
+        if os.path.islink(source):
+            if os.path.lexists(partial):
+                os.unlink(partial)
+            os.symlink(os.readlink(source), partial)
+        else:
+            with open(source, "rb") as reader, open(partial, "wb") as writer:
+                shutil.copyfileobj(reader, writer, 1 << 20)
+                writer.flush()
+                os.fsync(writer.fileno())
+        os.rename(partial, target)
+    except OSError:
+        # A full disk mid-copy: the half copy would keep the space the retry needs.
+        with contextlib.suppress(OSError):
             os.unlink(partial)
-        os.symlink(os.readlink(source), partial)
-    else:
-        with open(source, "rb") as reader, open(partial, "wb") as writer:
-            shutil.copyfileobj(reader, writer, 1 << 20)
-            writer.flush()
-            os.fsync(writer.fileno())
-    os.rename(partial, target)
+        raise
     _fsync_dir(target.parent)
     os.unlink(source)
     return True
