@@ -386,7 +386,7 @@ def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_
     ssl = tmp_path / "ssl"
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(ssl),
             "--img-size", str(IMG), "--epochs", "2", "--batch-size", "4", "--cache", "", "-q", "--seed", "5",
-            "--extra-images", str(tmp_path / "unlabelled")]
+            "--no-determinism", "--extra-images", str(tmp_path / "unlabelled")]
     assert pretrain_main(args) == 0
     for name in ("backbone.weights.h5", "pretrain.json", "history.csv", "pretrain_curves.png"):
         assert (ssl / name).is_file() and (ssl / name).stat().st_size > 0, name
@@ -417,6 +417,22 @@ def test_pretraining_refuses_extra_images_that_contain_val(split_data, capsys, t
     for folder in (split_data, split_data / "val" / "COVID"):
         code = pretrain_main(["--arch", "mobilenetv2", "--data", str(split_data), "--weights", "none", "--out",
                               str(tmp_path / "ssl"), "--img-size", str(IMG), "--batch-size", "4", "--cache", "", "-q",
-                              "--extra-images", str(folder)])
+                              "--no-determinism", "--extra-images", str(folder)])
         assert code == 2 and "val must stay unseen" in capsys.readouterr().err
         assert not (tmp_path / "ssl" / "backbone.weights.h5").exists()
+
+
+def test_pretraining_with_the_same_seed_gives_the_same_weights(tiny_weights_file, split_data, tmp_path):
+    """In fresh processes, as a user runs it: op determinism would stay on in this one."""
+    import subprocess
+    import sys
+
+    path, _ = tiny_weights_file
+    digests = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "train.pretrain", "--arch", "mobilenetv2", "--data", str(split_data),
+                        "--weights", str(path), "--out", str(out), "--img-size", str(IMG), "--epochs", "1",
+                        "--batch-size", "4", "--cache", "", "-q", "--seed", "9"], check=True, capture_output=True, timeout=600)
+        digests.append(json.loads((out / "pretrain.json").read_text())["backbone_sha256"])
+    assert digests[0] == digests[1]

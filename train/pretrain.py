@@ -162,7 +162,7 @@ def load_extra_images(folders: list[Path], data: Path, spec: PreprocessSpec, sho
 
 def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: PretrainRecipe, seed: int = 42,
              cache_dir: Path | None = Path(".cache/train"), threads: int = 2, show_progress: bool = True,
-             command: str = "", extra_images: list[Path] | None = None) -> dict:
+             command: str = "", extra_images: list[Path] | None = None, deterministic: bool = True) -> dict:
     """Run the contrastive stage and write ``out``; returns the ``pretrain.json`` content."""
     started = time.perf_counter()
     out = Path(out)
@@ -180,7 +180,7 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
 
     from train.run import configure_tensorflow
 
-    configure_tensorflow(seed, threads, deterministic=False)
+    configure_tensorflow(seed, threads, deterministic)
     import keras
     import tensorflow as tf
     from tqdm.auto import tqdm
@@ -239,6 +239,7 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
         "extra_images": sources,
         "recipe": asdict(recipe),
         "seed": seed,
+        "deterministic": deterministic,
         "final": history[-1],
         "wall_seconds": wall,
         "command": command,
@@ -287,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=lambda value: Path(value) if value else None, default=Path(".cache/train"))
     parser.add_argument("--extra-images", type=Path, action="append", default=[],
                         help="a folder of unlabelled CT slices to learn from as well (repeatable; never val)")
+    parser.add_argument("--no-determinism", action="store_true", help="skip tf op determinism (faster on some ops)")
     parser.add_argument("-q", "--quiet", action="store_true")
     defaults = PretrainRecipe()
     for name, value in asdict(defaults).items():
@@ -297,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python -m train.pretrain", *(argv if argv is not None else sys.argv[1:])])
     try:
         record = pretrain(args.arch, args.data, args.weights, args.out, recipe, args.seed, args.cache, args.threads,
-                          not args.quiet, command, args.extra_images)
+                          not args.quiet, command, args.extra_images, not args.no_determinism)
     except (DataError, WeightsError) as error:
         print(f"train.pretrain: {error}", file=sys.stderr)
         return 2
