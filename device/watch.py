@@ -528,11 +528,12 @@ class Daemon:
             return False
         due = self.journal.prunable(time.time() - days * 86400.0, PRUNE_BATCH)
         done_root = self.state / "done"
+        real_done = done_root.resolve()
         pruned, freed = [], 0
         for record in due:
             target = self.state / record["stored_as"]
             try:
-                if not target.resolve().is_relative_to(done_root.resolve()):
+                if not target.resolve().is_relative_to(real_done):
                     raise ValueError(f"{record['stored_as']} is not under {done_root}")
                 freed += target.lstat().st_size
                 target.unlink()
@@ -558,10 +559,8 @@ class Daemon:
 
     def try_resume(self) -> bool:
         try:
-            try:
+            with contextlib.suppress(JournalError):
                 self.prune()  # a full disk may be what retention frees
-            except JournalError:
-                pass
             self.check_storage()
             self.recover()
         except (StorageError, JournalError, OSError) as error:

@@ -9,6 +9,7 @@ full disk strikes mid-file.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -24,8 +25,6 @@ SLICES = 12
 
 def noise_png(seed: int) -> bytes:
     """An incompressible ~90 KB slice: twelve of them cannot fit the small state folder."""
-    import io
-
     array = np.random.default_rng(seed).integers(0, 256, (300, 300), dtype=np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
@@ -38,6 +37,10 @@ def watch_once(inbox: Path, state: Path, bundle: Path, config: Path) -> subproce
          "--model", str(bundle), "--once", "--settle-seconds", "0.1", "--threads", "1"],
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )
+
+
+def records(state: Path) -> list[dict]:
+    return [{k: r[k] for k in ("path", "sha256", "moved_at", "stored_as")} for r in rows(state)]
 
 
 def main(bundle: Path, work: Path) -> dict:
@@ -57,22 +60,22 @@ def main(bundle: Path, work: Path) -> dict:
     after_full = {
         "returncode": full.returncode,
         "log": full.stderr[-3000:],
-        "records": [{k: r[k] for k in ("path", "sha256", "moved_at", "stored_as")} for r in rows(state)],
+        "records": records(state),
         "inbox": sorted(p.name for p in inbox_files(inbox)),
         "done": sorted(p.name for p in (state / "done").rglob("*") if p.is_file()),
     }
     subprocess.run(["mount", "-o", "remount,size=16m", str(state)], check=True)
     again = watch_once(inbox, state, bundle, config)
-    records = rows(state)
+    final = records(state)
     return {
         "dropped": dropped,
         "full": after_full,
         "again": {
             "returncode": again.returncode,
             "log": again.stderr[-3000:],
-            "records": [{k: r[k] for k in ("path", "sha256", "moved_at", "stored_as")} for r in records],
+            "records": final,
             "inbox": sorted(p.name for p in inbox_files(inbox)),
-            "stored_sha256": {r["path"]: sha256((state / r["stored_as"]).read_bytes()) for r in records if r["stored_as"]},
+            "stored_sha256": {r["path"]: sha256((state / r["stored_as"]).read_bytes()) for r in final if r["stored_as"]},
             "leftovers": sorted(p.name for p in state.rglob(".*partial")),
         },
     }

@@ -109,23 +109,27 @@ def load_split(root: Path, labels: list[str], spec: PreprocessSpec, cache_dir: P
     return Split(root.name, root, paths, names, targets, array, data_fingerprint, skipped)
 
 
-def augmenter(recipe, seed: int):
+def augmenter(recipe, seed: int, zoom: tuple[float, float] | None = None, name: str = "augmentation"):
     """Train-only augmentation as Keras preprocessing layers, run inside ``tf.data`` (never in
     the saved model). Geometry fills with black, like the letterbox padding. Horizontal flips
-    only: a CT slice mirrored left-right is still a plausible slice, one upside down is not."""
+    only: a CT slice mirrored left-right is still a plausible slice, one upside down is not.
+    ``zoom`` is a (zoom-in, zoom-out) range as Keras' ``RandomZoom`` reads it (negative zooms
+    in); the default is ``recipe.zoom`` either way. ``recipe`` needs ``rotation``, ``shift``,
+    ``brightness`` and ``contrast``, and ``zoom`` unless the range is given."""
     import keras
 
+    zoom = zoom if zoom is not None else (-recipe.zoom, recipe.zoom)
     fill = {"fill_mode": "constant", "fill_value": 0.0}
     return keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal", seed=seed),
             keras.layers.RandomRotation(recipe.rotation / 360.0, seed=seed + 1, **fill),
-            keras.layers.RandomZoom((-recipe.zoom, recipe.zoom), seed=seed + 2, **fill),
+            keras.layers.RandomZoom(zoom, seed=seed + 2, **fill),
             keras.layers.RandomTranslation(recipe.shift, recipe.shift, seed=seed + 3, **fill),
             keras.layers.RandomBrightness(recipe.brightness, value_range=(0.0, 255.0), seed=seed + 4),
             keras.layers.RandomContrast(recipe.contrast, value_range=(0.0, 255.0), seed=seed + 5),
         ],
-        name="augmentation",
+        name=name,
     )
 
 

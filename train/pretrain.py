@@ -35,7 +35,7 @@ import numpy as np
 
 from device.bundle import file_sha256
 from device.preprocess import PreprocessSpec
-from train.data import DataError, load_split, split_labels
+from train.data import DataError, augmenter, degrade, load_split, split_labels
 from train.model import WeightsError, build_features, resolve_weights, set_stage
 from train.recipe import ARCHITECTURES
 
@@ -88,23 +88,9 @@ def nt_xent(z1, z2, temperature: float):
 
 def view_dataset(pixels: np.ndarray, recipe: PretrainRecipe, seed: int):
     """Batches of two independently augmented views of the same slices (float 0..255)."""
-    import keras
     import tensorflow as tf
 
-    from train.data import degrade
-
-    fill = {"fill_mode": "constant", "fill_value": 0.0}
-    augment = keras.Sequential(
-        [
-            keras.layers.RandomFlip("horizontal", seed=seed),
-            keras.layers.RandomZoom((-recipe.crop, 0.1), seed=seed + 1, **fill),
-            keras.layers.RandomRotation(recipe.rotation / 360.0, seed=seed + 2, **fill),
-            keras.layers.RandomTranslation(recipe.shift, recipe.shift, seed=seed + 3, **fill),
-            keras.layers.RandomBrightness(recipe.brightness, value_range=(0.0, 255.0), seed=seed + 4),
-            keras.layers.RandomContrast(recipe.contrast, value_range=(0.0, 255.0), seed=seed + 5),
-        ],
-        name="views",
-    )
+    augment = augmenter(recipe, seed, zoom=(-recipe.crop, 0.1), name="views")
     dataset = tf.data.Dataset.from_tensor_slices(pixels).shuffle(len(pixels), seed=seed, reshuffle_each_iteration=True)
     keys = tf.data.Dataset.random(seed=seed + 11, rerandomize_each_iteration=True).batch(4)
     dataset = tf.data.Dataset.zip(dataset, keys).map(
