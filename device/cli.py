@@ -24,6 +24,7 @@ VERB_MODULES = (
     "device.bench",
     "device.capture",
     "device.watch",
+    "device.dicom_node",
     "device.results",
     "device.ui",
     "device.appliance",

@@ -113,11 +113,40 @@ class UiConfig:
 
 
 @dataclass(frozen=True)
+class DicomConfig:
+    """``[dicom]``: the DICOM node (``ctpi dicom``). It writes received instances into
+    ``[watch] inbox`` and reads verdicts from the journal in ``[watch] state``."""
+
+    aet: str = "CTPI"
+    """Our application entity title (what the PACS or scanner calls)."""
+    host: str = "127.0.0.1"
+    """Address to listen on: the Pi's LAN address on the appliance, 127.0.0.1 for tests."""
+    port: int = 11112
+    """TCP port of the Storage SCP."""
+    allow: tuple[str, ...] = ()
+    """Who may send: ``AET`` or ``AET@HOST`` (calling AE title, optionally its source address).
+    Empty refuses every association: a node on a hospital LAN must name its peers."""
+    send_to: str = ""
+    """Where results go, ``AET@HOST:PORT`` (the PACS); empty keeps them in the outbox."""
+    stable_seconds: float = 60.0
+    """A study is complete when no instance of it arrived for this long (DICOM has no
+    end-of-study message; Orthanc's stable-study rule)."""
+    max_instance_mb: float = 64.0
+    """Larger datasets get a failure status and are never written."""
+    retry_seconds: float = 30.0
+    """A result the destination did not take is sent again after this long."""
+    heatmap: bool = True
+    """Burn the occlusion heatmap of the top slice into the Secondary Capture (loads the model
+    into the node: about 49 invokes per study)."""
+
+
+@dataclass(frozen=True)
 class Config:
     """All sections; each field is one ``[section]`` of the file."""
 
     watch: WatchConfig = field(default_factory=WatchConfig)
     ui: UiConfig = field(default_factory=UiConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
 
 
 def _convert(value, annotation, where: str):

@@ -3,7 +3,7 @@
 # Each feature adds its package here; tests that need one skip with a reason if it is absent.
 set -euo pipefail
 need=()
-for pair in chromium:chromium /usr/sbin/sshd:openssh-server systemd-analyze:systemd; do
+for pair in chromium:chromium /usr/sbin/sshd:openssh-server systemd-analyze:systemd storescu:dcmtk /usr/sbin/Orthanc:orthanc; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair##*:}")
 done
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
@@ -14,3 +14,7 @@ fi
 echo "system-deps: installing ${need[*]}"
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+# The tests start their own Orthanc on loopback; the packaged service must not listen on the LAN.
+if [[ " ${need[*]} " == *" orthanc "* ]] && command -v systemctl >/dev/null; then
+  systemctl disable --now orthanc >/dev/null 2>&1 || true
+fi

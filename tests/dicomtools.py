@@ -1,0 +1,78 @@
+"""Synthetic CT series for the DICOM node tests and benchmark: real Part-10 files, fake patients.
+
+Slices are 16-bit CT Image Storage (Hounsfield units via rescale), with the lung texture of
+:mod:`tests.synthetic` so the model has something to look at. Patient fields carry a marker
+(:data:`PATIENT_NAME`, :data:`PATIENT_ID`) that the tests search for in logs, journal and page.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tests.synthetic import NEGATIVE, POSITIVE, slice_array
+
+PATIENT_NAME = "Doe^Jane-SECRET-4711"
+PATIENT_ID = "PID-SECRET-4711"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ct_pixels(label: str, seed: int, size: int = 512) -> np.ndarray:
+    """A size x size int16 slice in HU: air -1000, body about 40, lungs -850 with texture."""
+    grey = slice_array(label, np.random.default_rng(seed), 96, 128)
+    grey = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.NEAREST), dtype=np.float32)
+    return (grey * 8.0 - 1000.0).astype(np.int16)
+
+
+def write_series(folder: Path, count: int, study_uid: str | None = None, label: str = NEGATIVE, size: int = 512,
+                 patient_name: str = PATIENT_NAME, patient_id: str = PATIENT_ID, seed: int = 0,
+                 sop_class: str = CT_IMAGE_STORAGE) -> list[Path]:
+    """``count`` instances of one series of one study as ``folder/NNNN.dcm``; returns the paths."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    study_uid = study_uid or generate_uid()
+    series_uid = generate_uid()
+    paths = []
+    for index in range(count):
+        pixels = ct_pixels(label, seed * 10000 + index, size)
+        dataset = Dataset()
+        dataset.SOPClassUID = sop_class
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study_uid, series_uid
+        dataset.PatientName, dataset.PatientID = patient_name, patient_id
+        dataset.PatientBirthDate, dataset.PatientSex = "19700101", "F"
+        dataset.StudyDate, dataset.StudyTime, dataset.StudyID, dataset.AccessionNumber = "20240101", "120000", "1", "ACC-SECRET"
+        dataset.ReferringPhysicianName = ""
+        dataset.Modality, dataset.SeriesNumber, dataset.InstanceNumber = "CT", 1, index + 1
+        dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+        dataset.Rows, dataset.Columns = pixels.shape
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 1
+        dataset.RescaleSlope, dataset.RescaleIntercept = 1, 0
+        dataset.PixelData = pixels.tobytes()
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, dataset.SOPInstanceUID
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset.file_meta = meta
+        path = folder / f"{index:04d}.dcm"
+        try:
+            dataset.save_as(path, enforce_file_format=True)
+        except TypeError:  # pydicom 2.x
+            dataset.is_little_endian, dataset.is_implicit_VR = True, False
+            dataset.save_as(path, write_like_original=False)
+        paths.append(path)
+    return paths
+
+
+__all__ = ["POSITIVE", "NEGATIVE", "free_port", "write_series", "PATIENT_NAME", "PATIENT_ID"]
