@@ -150,3 +150,36 @@ def choose_threshold(y_true, scores, rule: str = "youden", min_sensitivity: floa
     chosen = thresholds[best]
     lower = s[s < chosen]
     return float((chosen + lower.max()) / 2.0) if lower.size else float(chosen)
+
+
+def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a proportion (95 % by default): unlike the normal
+    approximation it stays inside [0, 1] and is sound for the small counts a site check has.
+    ``(nan, nan)`` when there are no trials."""
+    if trials <= 0:
+        return float("nan"), float("nan")
+    p = successes / trials
+    denominator = 1.0 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denominator
+    half = z * np.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denominator
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+
+
+def roc_auc_interval(y_true, scores, z: float = 1.959963984540054) -> tuple[float, float]:
+    """95 % confidence interval of the ROC AUC by DeLong's method (the AUC's variance from the
+    placement values of each class; DeLong, DeLong and Clarke-Pearson 1988), clipped to
+    [0, 1]. ``(nan, nan)`` with fewer than two slices of a class."""
+    y, s = _arrays(y_true, scores)
+    positives, negatives = s[y == 1], s[y == 0]
+    m, n = len(positives), len(negatives)
+    if m < 2 or n < 2:
+        return float("nan"), float("nan")
+    # placement of each positive: share of negatives it beats (ties one half), and vice versa
+    order = np.sort(negatives)
+    v10 = (np.searchsorted(order, positives, "left") + np.searchsorted(order, positives, "right")) / (2.0 * n)
+    order = np.sort(positives)
+    v01 = 1.0 - (np.searchsorted(order, negatives, "left") + np.searchsorted(order, negatives, "right")) / (2.0 * m)
+    auc = float(v10.mean())
+    variance = v10.var(ddof=1) / m + v01.var(ddof=1) / n
+    half = z * float(np.sqrt(variance))
+    return max(0.0, auc - half), min(1.0, auc + half)
