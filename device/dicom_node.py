@@ -540,3 +540,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def format_status(summary: dict | None) -> list[str]:
+    """``ctpi status`` lines for the node (none if it never ran)."""
+    if summary is None:
+        return []
+    counters, studies, outbox = summary["counters"], summary["studies"], summary["outbox"]
+    refused = sum(value for name, value in counters.items() if name.startswith("refused_"))
+    lines = [
+        f"dicom       {counters.get('associations', 0)} associations, {counters.get('instances_received', 0)} instances received"
+        f" ({counters.get('instances_duplicate', 0)} resent), {refused} refused",
+        "dicom       studies " + (", ".join(f"{n} {state}" for state, n in sorted(studies.items())) or "none")
+        + f"; results {outbox['sent']} sent, {outbox['pending']} waiting",
+    ]
+    if outbox.get("last_error"):
+        lines.append(f"dicom       NOT SENT: {outbox['last_error']}")
+    return lines

@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from device import dicom_node
 from device.journal import Journal, JournalError
 
 CSV_COLUMNS = (
@@ -132,6 +133,7 @@ def gather_status(state: Path) -> dict:
         "heartbeat": heartbeat,
         "counts": counts,
         "disk": {"free_mb": usage.free / 1e6, "total_mb": usage.total / 1e6},
+        "dicom": dicom_node.status(state),
         "checked_at": time.time(),
     }
 
@@ -159,6 +161,7 @@ def format_status(status: dict) -> str:
     if counts["rejected_by_reason"]:
         lines.append("rejected    " + ", ".join(f"{reason} {n}" for reason, n in counts["rejected_by_reason"].items()))
     lines.append(f"studies     {counts['studies']} ({counts['positive_studies']} positive)")
+    lines.extend(dicom_node.format_status(status.get("dicom")))
     lines.append(f"disk free   {status['disk']['free_mb']:.0f} MB of {status['disk']['total_mb']:.0f} MB ({status['state_folder']})")
     return "\n".join(lines)
 

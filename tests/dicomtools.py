@@ -7,17 +7,24 @@ Slices are 16-bit CT Image Storage (Hounsfield units via rescale), with the lung
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import socket
+import subprocess
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from tests.synthetic import NEGATIVE, POSITIVE, slice_array
+from tests.watchtools import wait_for
 
 PATIENT_NAME = "Doe^Jane-SECRET-4711"
 PATIENT_ID = "PID-SECRET-4711"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
 
 
 def free_port() -> int:
@@ -73,6 +80,54 @@ def write_series(folder: Path, count: int, study_uid: str | None = None, label: 
             dataset.save_as(path, write_like_original=False)
         paths.append(path)
     return paths
+
+
+class Orthanc:
+    """Orthanc on free ports with a config written here; its only known modality is ctpi on
+    127.0.0.1, its HTTP API refuses remote clients, and it is killed when the test ends."""
+
+    def __init__(self, tmp: Path, ctpi_port: int):
+        self.http, self.dicom = free_port(), free_port()
+        self.folder = tmp / "orthanc"
+        self.folder.mkdir()
+        config = {
+            "Name": "ctpi-test", "DicomAet": "ORTHANC", "DicomPort": self.dicom, "HttpPort": self.http,
+            "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
+            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
+            "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False, "DicomCheckModalityHost": True,
+            "DicomModalities": {"ctpi": ["CTPI", "127.0.0.1", ctpi_port]},
+            "HttpsVerifyPeers": False, "StableAge": 3600, "ConcurrentJobs": 1,
+        }
+        (self.folder / "orthanc.json").write_text(json.dumps(config))
+        self.log = self.folder / "orthanc.log"
+        self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=open(self.log, "wb"),
+                                        stderr=subprocess.STDOUT)
+        wait_for(self.ready, 60, interval=0.2, what="Orthanc")
+
+    def ready(self) -> bool:
+        assert self.process.poll() is None, self.log.read_text()[-2000:]
+        try:
+            return self.get("/system") is not None
+        except OSError:
+            return False
+
+    def get(self, path: str):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as response:
+            return json.loads(response.read()) if "json" in response.headers.get("Content-Type", "") else response.read()
+
+    def post(self, path: str, data: bytes, content_type: str = "application/json"):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, headers={"Content-Type": content_type})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
 
 
 __all__ = ["POSITIVE", "NEGATIVE", "free_port", "write_series", "PATIENT_NAME", "PATIENT_ID"]

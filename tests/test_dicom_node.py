@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
 import signal
@@ -13,7 +12,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -23,14 +21,13 @@ pytest.importorskip("pynetdicom")
 from device.config import ConfigError, load_config  # noqa: E402
 from device.dicom_node import instance_hash, study_folder  # noqa: E402
 from device.dicom_report import build_sr, encode  # noqa: E402
-from tests.dicomtools import PATIENT_ID, PATIENT_NAME, free_port, write_series  # noqa: E402
+from tests.dicomtools import ORTHANC, PATIENT_ID, PATIENT_NAME, Orthanc, free_port, write_series  # noqa: E402
 from tests.watchtools import wait_for  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = REPO / "models" / "mobilenetv2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 needs_dcmtk = pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed (Debian: dcmtk; make system-deps)")
-ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if os.path.exists("/usr/sbin/Orthanc") else None)
 MARKERS = ("SECRET", PATIENT_ID)
 
 
@@ -203,6 +200,9 @@ def test_storescu_studies_abort_and_resend_are_stored_once(node_factory, tmp_pat
     assert [row[0] for row in node.ledger("SELECT reason FROM refusals")] == ["broken"]
     watch_once(node)
     assert len(journal_paths(node)) == 12 and not node.stored()  # each triaged once, inbox emptied
+    status = subprocess.run([sys.executable, "-m", "device.cli", "status", "--state", str(node.state)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert "12 instances received (6 resent), 1 refused" in status.stdout, status.stdout + status.stderr
     for text in (node.log.read_bytes(), (node.state / "journal.sqlite").read_bytes(), (node.state / "dicom" / "node.sqlite").read_bytes()):
         assert not any(marker.encode() in text for marker in MARKERS)
 
@@ -238,54 +238,6 @@ def test_killed_node_loses_no_acknowledged_instance(node_factory, tmp_path):
 
 
 # -- Orthanc as the PACS ------------------------------------------------------------------------------
-
-
-class Orthanc:
-    """Orthanc on free ports with a config written here; its only known modality is ctpi on
-    127.0.0.1, its HTTP API refuses remote clients, and it is killed when the test ends."""
-
-    def __init__(self, tmp: Path, ctpi_port: int):
-        self.http, self.dicom = free_port(), free_port()
-        self.folder = tmp / "orthanc"
-        self.folder.mkdir()
-        config = {
-            "Name": "ctpi-test", "DicomAet": "ORTHANC", "DicomPort": self.dicom, "HttpPort": self.http,
-            "StorageDirectory": str(self.folder / "db"), "IndexDirectory": str(self.folder / "db"),
-            "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-            "DicomAlwaysAllowStore": False, "DicomAlwaysAllowEcho": False, "DicomCheckModalityHost": True,
-            "DicomModalities": {"ctpi": ["CTPI", "127.0.0.1", ctpi_port]},
-            "HttpsVerifyPeers": False, "StableAge": 3600, "ConcurrentJobs": 1,
-        }
-        (self.folder / "orthanc.json").write_text(json.dumps(config))
-        self.log = self.folder / "orthanc.log"
-        self.process = subprocess.Popen([ORTHANC, str(self.folder / "orthanc.json")], stdout=open(self.log, "wb"),
-                                        stderr=subprocess.STDOUT)
-        wait_for(self.ready, 60, interval=0.2, what="Orthanc")
-
-    def ready(self) -> bool:
-        assert self.process.poll() is None, self.log.read_text()[-2000:]
-        try:
-            return self.get("/system") is not None
-        except OSError:
-            return False
-
-    def get(self, path: str):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}{path}", timeout=10) as response:
-            return json.loads(response.read()) if "json" in response.headers.get("Content-Type", "") else response.read()
-
-    def post(self, path: str, data: bytes, content_type: str = "application/json"):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http}{path}", data=data, headers={"Content-Type": content_type})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return json.loads(response.read())
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.mark.system
