@@ -80,6 +80,7 @@ def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes
         start = time.perf_counter()
         decoded = decode_slice(data)
         decoded_at = time.perf_counter()
+        classifier.check(decoded)  # the input guard: not a chest CT slice -> BadSliceError "not-ct"
         pixels = prepare(decoded.pixels, classifier.bundle.spec)
         prepared_at = time.perf_counter()
     except BadSliceError as error:
@@ -307,7 +308,8 @@ def model_card_tab(classifier: Classifier) -> None:
 def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: bytes, key: str) -> None:
     with st.container(border=True):
         if result.error:
-            st.error(f"**{md_escape(result.name)}**: cannot be read — {md_escape(result.error)} (`{result.reason}`)")
+            what = "not scored" if result.reason == "not-ct" else "cannot be read"
+            st.error(f"**{md_escape(result.name)}**: {what} — {md_escape(result.error)} (`{result.reason}`)")
             return
         prediction, heatmap = result.prediction, result.heatmap
         positive = classifier.bundle.positive_label

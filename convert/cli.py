@@ -282,6 +282,10 @@ def convert(args, argv: list[str]) -> int:
         extra_files={CARD: card.encode("utf-8")},
         **identity,
     )
+    step("fitting the input guard on the training slices (python -m convert.guard)")
+    from convert.guard import fit_for_conversion  # the input guard, fitted on the same training slices
+
+    bundle = fit_for_conversion(args.out, args.data)
     step(f"done: {bundle.describe()}; {len(bundle.manifest['files'])} files with sha256 in manifest.json")
     return EXIT_OK
 

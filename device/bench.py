@@ -29,6 +29,7 @@ from PIL import Image
 from device import __version__
 from device.bundle import load_bundle
 from device.dataset import is_candidate
+from device.preprocess import decode_slice, prepare
 
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 5
@@ -139,14 +140,14 @@ def list_images(folder: Path) -> list[Path]:
     return images
 
 
-def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, images: list[str], backend: str | None) -> dict:
+def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, images: list[str], backend: str | None, guard: bool = True) -> dict:
     """One configuration, in the current process: what ``benchmark_model`` measures plus the
     end-to-end path. Meant to run in a fresh process (see :func:`run_benchmark`)."""
     from device.classifier import Classifier
 
     baseline_mb, _ = _memory_mb()
     started = time.perf_counter()
-    classifier = Classifier(model, fmt, threads, backend)
+    classifier = Classifier(model, fmt, threads, backend, guard=guard)
     init_ms = (time.perf_counter() - started) * 1000.0
     init_mb, _ = _memory_mb()
     spec = classifier.bundle.spec
@@ -164,12 +165,19 @@ def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, i
         start = time.perf_counter()
         classifier.probabilities(pixels)
         invoke_samples.append((time.perf_counter() - start) * 1000.0)
-    end_to_end = []
+    end_to_end, guard_samples, refused = [], [], 0
     for index in range(runs):
         path = images[index % len(images)]
+        # Classifier.predict's steps, from the file on disk, with the guard's verdict kept rather than
+        # raised: a slice it refuses is still scored, so every sample costs the whole path
         start = time.perf_counter()
-        classifier.predict(path)  # read + decode + preprocess + invoke, from the file on disk
+        decoded = decode_slice(path)
+        guard_start = time.perf_counter()
+        verdict = classifier.guard.check(decoded) if classifier.guard is not None else None
+        guard_samples.append((time.perf_counter() - guard_start) * 1000.0)
+        classifier.predict_pixels(prepare(decoded.pixels, classifier.bundle.spec))
         end_to_end.append((time.perf_counter() - start) * 1000.0)
+        refused += int(verdict is not None and not verdict.accepted)
     _, peak_mb = _memory_mb()
     model_path = classifier.bundle.model_path(classifier.format)
     e2e = summarize(end_to_end)
@@ -188,6 +196,9 @@ def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, i
         "warmup_ms": statistics.fmean(warmup_samples) if warmup_samples else None,
         "invoke_ms": summarize(invoke_samples),
         "end_to_end_ms": e2e,
+        "guard": "on" if classifier.guard is not None else ("off" if not guard else "none in bundle"),
+        "guard_ms": summarize(guard_samples),
+        "guard_refused": refused,  # of the end-to-end samples (scored anyway)
         "throughput_per_s": 1000.0 / e2e["mean"],
         "invoke_throughput_per_s": 1000.0 / statistics.fmean(invoke_samples),
         "rss_baseline_mb": baseline_mb,
@@ -216,6 +227,7 @@ def run_benchmark(
     backend: str | None = None,
     isolate: bool = True,
     on_progress=None,
+    guard: bool = True,
 ) -> dict:
     """Every model x thread count, in order; ``isolate`` runs each in a fresh process.
 
@@ -234,7 +246,7 @@ def run_benchmark(
         for index, (model, count) in enumerate(configurations, 1):
             if on_progress:
                 on_progress(index, len(configurations), f"{model} threads={count}")
-            kwargs = dict(model=model, fmt=fmt, threads=count, runs=runs, warmup=warmup, images=[str(p) for p in image_paths], backend=backend)
+            kwargs = dict(model=model, fmt=fmt, threads=count, runs=runs, warmup=warmup, images=[str(p) for p in image_paths], backend=backend, guard=guard)
             if isolate:
                 receiver, sender = context.Pipe(duplex=False)
                 process = context.Process(target=_child, args=(sender, kwargs))
@@ -283,7 +295,7 @@ def format_table(report: dict) -> str:
     footer = [
         "",
         "latencies in ms: init = interpreter load, first = first invoke, warm = warm-up mean, mean..max = invoke,",
-        "e2e = read + decode + preprocess + invoke of a PNG on disk; slices/s = 1000 / e2e mean (one stream)",
+        "e2e = read + decode + input guard + preprocess + invoke of a PNG on disk; slices/s = 1000 / e2e mean (one stream)",
         f"machine: {machine.get('cpu', machine['machine'])}, {machine['cores']} cores, {machine['system']}",
         f"settings: {report['settings']['runs']} runs, {report['settings']['warmup']} warm-up, images: {report['settings']['images']}",
         "throttling: " + (("none" if throttle["ok"] else ", ".join(throttle["flags"])) + f" ({throttle['raw']})" if throttle["available"] else throttle["note"]),
@@ -291,6 +303,14 @@ def format_table(report: dict) -> str:
     for r in report["results"]:
         if "error" not in r:
             footer.append(f"{r['model']} {r['format']}: {r['backend']} {r['backend_version']}, sha256 {r['sha256'][:16]}…")
+    for r in report["results"]:
+        if "error" not in r and "guard_ms" in r:
+            share = r["guard_ms"]["mean"] / r["end_to_end_ms"]["mean"]
+            footer.append(
+                f"input guard ({r['guard']}) {r['model']} threads={r['threads']}: {r['guard_ms']['mean']:.2f} ms mean, "
+                f"p90 {r['guard_ms']['p90']:.2f} ms per slice = {share:.1%} of e2e"
+                + (f" ({r['guard_refused']} of {r['end_to_end_ms']['count']} samples refused as not CT, scored anyway)" if r.get("guard_refused") else "")
+            )
     return "\n".join(lines + list(dict.fromkeys(footer)))
 
 
@@ -313,6 +333,7 @@ def register(subparsers) -> None:
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS, help=f"timed invokes and end-to-end slices (default {DEFAULT_RUNS})")
     parser.add_argument("--warmup", type=int, default=DEFAULT_WARMUP, help=f"untimed warm-up invokes (default {DEFAULT_WARMUP})")
     parser.add_argument("--images", type=Path, default=None, help="folder of slices for the end-to-end figure (default: synthetic 512x512 PNGs)")
+    parser.add_argument("--no-guard", action="store_true", help="leave the input guard out of the end-to-end figure")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
     parser.set_defaults(handler=run)
 
@@ -327,7 +348,7 @@ def run(args) -> int:
         if not args.json:
             print(f"[{index}/{total}] {what}", file=sys.stderr, flush=True)
 
-    report = run_benchmark(args.model, threads, args.runs, args.warmup, args.images, args.fmt, args.backend, on_progress=show)
+    report = run_benchmark(args.model, threads, args.runs, args.warmup, args.images, args.fmt, args.backend, on_progress=show, guard=not args.no_guard)
     if args.json:
         print_json(report)
     else:

@@ -14,7 +14,8 @@ import numpy as np
 
 from device.backends import Backend, BackendError, default_threads, dequantize, open_backend, quantize
 from device.bundle import Bundle, BundleError, load_bundle
-from device.preprocess import Source, decode_slice, prepare
+from device.guard import Guard, load_guard
+from device.preprocess import DecodedSlice, Source, decode_slice, prepare
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ class Classifier:
         fmt: str | None = None,
         threads: int | None = None,
         backend: str | None = None,
+        guard: bool = True,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        # the input guard (device.guard): None when switched off or the bundle predates guards
+        self.guard: Guard | None = load_guard(self.bundle) if guard else None
         self.format = fmt or self.bundle.default_format
         info = self.bundle.format_info(self.format)
         self.threads = threads or default_threads()
@@ -103,15 +107,27 @@ class Classifier:
             latency_ms={k: round(v, 3) for k, v in timings.items()},
         )
 
+    def check(self, decoded: DecodedSlice) -> float:
+        """Refuse what is not an axial chest CT slice (``BadSliceError`` reason ``not-ct``);
+        returns the guard's time in ms. Every path calls it between decoding and scoring."""
+        start = time.perf_counter()
+        if self.guard is not None:
+            self.guard.enforce(decoded)
+        return (time.perf_counter() - start) * 1000.0
+
     def predict(self, source: Source) -> Prediction:
-        """File (path or bytes) to prediction; raises ``BadSliceError`` for bad files."""
+        """File (path or bytes) to prediction; raises ``BadSliceError`` for bad files and,
+        with the guard on, for files that are not chest CT slices."""
         start = time.perf_counter()
         decoded = decode_slice(source)
         decoded_at = time.perf_counter()
+        guard_ms = self.check(decoded)
+        guarded_at = time.perf_counter()
         pixels = prepare(decoded.pixels, self.bundle.spec)
         prepared_at = time.perf_counter()
         return self.predict_pixels(
-            pixels, {"decode": (decoded_at - start) * 1000.0, "preprocess": (prepared_at - decoded_at) * 1000.0}
+            pixels,
+            {"decode": (decoded_at - start) * 1000.0, "guard": guard_ms, "preprocess": (prepared_at - guarded_at) * 1000.0},
         )
 
 

@@ -27,6 +27,7 @@ class Scores:
     labels: list[str] = field(default_factory=list)
     positive: list[float] = field(default_factory=list)
     failures: list[tuple[Path, str]] = field(default_factory=list)
+    refused: list[tuple[Path, str]] = field(default_factory=list)  # by the input guard: not chest CT
 
     def y_true(self, positive_label: str) -> np.ndarray:
         return np.array([label == positive_label for label in self.labels], dtype=np.int64)
@@ -39,7 +40,7 @@ def score_folder(classifier: Classifier, root: Path, show_progress: bool = True)
         try:
             prediction = classifier.predict(example.path)
         except BadSliceError as error:
-            scores.failures.append((example.path, str(error)))
+            (scores.refused if error.reason == "not-ct" else scores.failures).append((example.path, str(error)))
             continue
         scores.paths.append(example.path)
         scores.labels.append(example.label)
@@ -54,7 +55,9 @@ def evaluate_folder(classifier: Classifier, root: Path, threshold: float | None 
     if not scores.positive:
         raise ValueError(f"no slice under {root} could be scored")
     used = classifier.threshold if threshold is None else threshold
-    return binary_metrics(scores.y_true(classifier.bundle.positive_label), scores.positive, used), scores
+    metrics = binary_metrics(scores.y_true(classifier.bundle.positive_label), scores.positive, used)
+    metrics["refused"] = len(scores.refused)
+    return metrics, scores
 
 
 def register(subparsers) -> None:
@@ -65,6 +68,7 @@ def register(subparsers) -> None:
     add_threads_argument(parser)
     parser.add_argument("data", type=Path, metavar="DATA", help="folder with one subfolder per label (COVID/, NonCOVID/)")
     parser.add_argument("--threshold", type=float, default=None, help="decision threshold (default: the bundle's)")
+    parser.add_argument("--no-guard", action="store_true", help="score every slice, even those the input guard refuses as not chest CT")
     parser.set_defaults(handler=run)
 
 
@@ -90,10 +94,12 @@ def run(args) -> int:
 
     if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
         raise ValueError(f"--threshold {args.threshold} is not a probability in [0, 1]")
-    classifier = Classifier(args.model, args.fmt, args.threads, args.backend)
+    classifier = Classifier(args.model, args.fmt, args.threads, args.backend, guard=not args.no_guard)
     metrics, scores = evaluate_folder(classifier, args.data, args.threshold, show_progress=not args.json)
     for path, message in scores.failures:
         print(f"ctpi evaluate: skipped {path}: {message}", file=sys.stderr)
+    for path, message in scores.refused:
+        print(f"ctpi evaluate: refused {path}: {message}", file=sys.stderr)
     if args.json:
         print_json(metrics)
     else:
@@ -101,4 +107,6 @@ def run(args) -> int:
         print(format_table(metrics, classifier.bundle.positive_label))
         if scores.failures:
             print(f"{len(scores.failures)} file(s) could not be read (listed above) and are not counted")
+        if scores.refused:
+            print(f"{len(scores.refused)} file(s) refused by the input guard as not chest CT (listed above; --no-guard scores them)")
     return EXIT_FAILED_INPUTS if scores.failures else EXIT_OK

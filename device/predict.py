@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     add_threads_argument(parser)
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument("--no-guard", action="store_true", help="score every image, even one the input guard says is not a chest CT slice")
     parser.set_defaults(handler=run)
 
 
@@ -39,7 +40,7 @@ def predict_files(classifier: Classifier, files: list[Path]) -> list[dict]:
 def run(args) -> int:
     from device.cli import EXIT_FAILED_INPUTS, EXIT_OK, print_json
 
-    classifier = Classifier(args.model, args.fmt, args.threads, args.backend)
+    classifier = Classifier(args.model, args.fmt, args.threads, args.backend, guard=not args.no_guard)
     records = predict_files(classifier, args.files)
     if args.json:
         print_json(
@@ -55,7 +56,8 @@ def run(args) -> int:
         width = max(len(str(r["file"])) for r in records)
         for record in records:
             if "error" in record:
-                print(f"{record['file']:<{width}}  ERROR  {record['error']}", file=sys.stdout)
+                status = "REFUSED" if record["reason"] == "not-ct" else "ERROR"
+                print(f"{record['file']:<{width}}  {status}  {record['error']}", file=sys.stdout)
             else:
                 print(
                     f"{record['file']:<{width}}  {record['label']:<10} P({positive})={record['positive_probability']:.3f}"

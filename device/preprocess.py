@@ -111,6 +111,25 @@ class DecodedSlice:
     mode: str  # Pillow mode, or e.g. "MONOCHROME2/16" for DICOM
     width: int
     height: int
+    colour: np.ndarray | None = None  # uint8 RGB thumbnail (<= 64 px a side) of colour files, for device.guard
+
+
+COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+COLOUR_THUMBNAIL_SIDE = 64
+
+
+def _colour_thumbnail(image: Image.Image) -> np.ndarray | None:
+    """A small RGB copy of a colour image (alpha over black, as step 3): the input guard's
+    only view of colour, which step 3 removes. Grey modes give None."""
+    if image.mode not in COLOUR_MODES:
+        return None
+    factor = max(1, max(image.size) // COLOUR_THUMBNAIL_SIDE)
+    if image.mode not in ("RGB", "RGBA"):
+        image = image.convert("RGBA" if "transparency" in image.info or image.mode in ("PA", "RGBa") else "RGB")
+    small = image.reduce(factor) if factor > 1 else image
+    if small.mode == "RGBA":
+        small = Image.alpha_composite(Image.new("RGBA", small.size, (0, 0, 0, 255)), small)
+    return np.asarray(small.convert("RGB"), dtype=np.uint8)
 
 
 def read_source(source: Source) -> bytes:
@@ -205,7 +224,8 @@ def decode_slice(source: Source) -> DecodedSlice:
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise BadSliceError("truncated", f"{image.format} data is truncated or corrupt ({error})") from None
     pixels = _to_intensity(image)
-    return DecodedSlice(pixels, "JPEG" if image.format == "MPO" else image.format, image.mode, *image.size)
+    colour = _colour_thumbnail(image)
+    return DecodedSlice(pixels, "JPEG" if image.format == "MPO" else image.format, image.mode, *image.size, colour=colour)
 
 
 def _looks_like_text(data: bytes) -> bool:

@@ -289,6 +289,7 @@ class Reader(threading.Thread):
         self.done: queue.Queue = queue.Queue(maxsize=max(1, queue_size))
         self.stop = threading.Event()
         self.busy = False
+        self.check = None  # the classifier's input guard (decoded slice -> ms, or BadSliceError "not-ct")
 
     def idle(self) -> bool:
         return not self.busy and self.todo.empty() and self.done.empty()
@@ -353,13 +354,16 @@ class Reader(threading.Thread):
             item.size = len(data)
             read_at = time.perf_counter()
             decoded = decode_slice(data)
-            decoded_at = time.perf_counter()
-            item.pixels = prepare(decoded.pixels, self.spec)
             item.format, item.mode = decoded.format, decoded.mode
+            decoded_at = time.perf_counter()
+            guard_ms = self.check(decoded) if self.check is not None else 0.0
+            guarded_at = time.perf_counter()
+            item.pixels = prepare(decoded.pixels, self.spec)
             item.latency_ms = {
                 "read": (read_at - start) * 1000.0,
                 "decode": (decoded_at - read_at) * 1000.0,
-                "preprocess": (time.perf_counter() - decoded_at) * 1000.0,
+                "guard": guard_ms,
+                "preprocess": (time.perf_counter() - guarded_at) * 1000.0,
             }
         except BadSliceError as error:
             item.error = error
@@ -394,6 +398,7 @@ class Daemon:
         self.negative_label = others[0]
         self.arrivals = Arrivals(self.inbox, config.ignore, config.settle_seconds)
         self.reader = Reader(self.inbox, bundle.spec, config.queue_size, config.max_attempts)
+        self.reader.check = self.classifier.check
         self.in_flight: set[str] = set()
         self.signatures: dict[str, tuple | None] = {}
         self.batch: list[SliceResult] = []

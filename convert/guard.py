@@ -1,0 +1,245 @@
+"""Fit the input guard of a bundle (``guard.json``), measure it, and put its figures in the card.
+
+    python -m convert.guard --bundle models/mobilenetv2 --data DATA_A --data DATA_B
+    python -m convert.guard --report --bundle models/mobilenetv2 --data DATA_A --data DATA_B
+
+Each ``--data`` folder is one training source (an ImageFolder: ``train/<label>/*``, ``val/...``).
+One Gaussian per source is fitted on the **train** slices only (shrunk covariance) and accepts
+up to the ``--quantile`` of the train slices' squared Mahalanobis distances times ``--margin``.
+The figures are then measured: acceptance per source on train and val, and refusal per category
+on the negatives of :mod:`convert.guard_negatives` (never used for fitting, so they measure,
+not tune). ``guard.json`` is written into the bundle, the manifest re-hashed (so an edited
+guard is refused like an edited model) and the card's guard section rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from device.bundle import Bundle, load_bundle, write_manifest
+from device.dataset import is_candidate
+from device.guard import FEATURE_NAMES, FEATURE_VERSION, GUARD_FILE, Guard, SourceModel, features
+from device.preprocess import BadSliceError, decode_slice
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUANTILE = 99.5
+DEFAULT_MARGIN = 1.1
+DEFAULT_SHRINKAGE = 0.1
+GUARD_START, GUARD_END = "<!-- section:guard -->", "<!-- /section:guard -->"
+
+
+def slice_files(root: Path, split: str) -> list[Path]:
+    folder = Path(root) / split
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate(p)) if folder.is_dir() else []
+
+
+def feature_matrix(sources) -> tuple[np.ndarray, int]:
+    """Features of every file (paths or bytes) that decodes, and how many did not."""
+    rows, failed = [], 0
+    for source in sources:
+        try:
+            rows.append(features(decode_slice(source)))
+        except BadSliceError:
+            failed += 1
+    return (np.stack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)))), failed
+
+
+def fit_source(name: str, values: np.ndarray, quantile: float, margin: float, shrinkage: float) -> SourceModel:
+    if len(values) < len(FEATURE_NAMES) + 2:
+        raise ValueError(f"source {name}: {len(values)} train slices are too few to fit the guard (need {len(FEATURE_NAMES) + 2})")
+    mean = values.mean(axis=0)
+    covariance = np.cov(values, rowvar=False)
+    covariance = (1 - shrinkage) * covariance + shrinkage * np.diag(np.diag(covariance)) + 1e-6 * np.eye(len(mean))
+    precision = np.linalg.inv(covariance)
+    delta = values - mean
+    distances = np.einsum("ij,jk,ik->i", delta, precision, delta)
+    return SourceModel(name, mean, precision, float(np.percentile(distances, quantile) * margin))
+
+
+def fit_guard(train: dict[str, np.ndarray], quantile=DEFAULT_QUANTILE, margin=DEFAULT_MARGIN, shrinkage=DEFAULT_SHRINKAGE) -> Guard:
+    """A guard from each source's train feature matrix."""
+    sources = [fit_source(name, values, quantile, margin, shrinkage) for name, values in train.items()]
+    metadata = {
+        "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "rule": f"per source: squared Mahalanobis distance <= {quantile}th percentile of its train slices x {margin}",
+        "shrinkage": shrinkage,
+        "train_slices": {name: int(len(values)) for name, values in train.items()},
+    }
+    return Guard(sources, metadata)
+
+
+def acceptance(guard: Guard, sources) -> dict:
+    """How many of ``sources`` (files or bytes) the guard accepts, and why it refused the rest."""
+    accepted, refused, checks = 0, 0, {}
+    for source in sources:
+        try:
+            verdict = guard.check(decode_slice(source))
+        except BadSliceError as error:
+            checks[f"unreadable:{error.reason}"] = checks.get(f"unreadable:{error.reason}", 0) + 1
+            refused += 1
+            continue
+        if verdict.accepted:
+            accepted += 1
+        else:
+            refused += 1
+            checks[verdict.check] = checks.get(verdict.check, 0) + 1
+    total = accepted + refused
+    return {"n": total, "accepted": accepted, "refused": refused, "rate_accepted": accepted / total if total else None, "refused_by": checks}
+
+
+def measure(guard: Guard, data: list[Path], negative_seed: int = 1) -> dict:
+    """Acceptance per source and split, refusal per negative category."""
+    from convert.guard_negatives import negatives
+
+    figures = {"sources": {}, "negatives": {}}
+    for root in data:
+        figures["sources"][Path(root).name] = {split: acceptance(guard, slice_files(root, split)) for split in ("train", "val")}
+    for category, files in negatives(negative_seed).items():
+        result = acceptance(guard, files)
+        result["rate_refused"] = result["refused"] / result["n"] if result["n"] else None
+        figures["negatives"][category] = result
+    refused = sum(r["refused"] for r in figures["negatives"].values())
+    total = sum(r["n"] for r in figures["negatives"].values())
+    figures["negatives_overall"] = {"n": total, "refused": refused, "rate_refused": refused / total if total else None}
+    return figures
+
+
+def report_text(figures: dict) -> str:
+    lines = ["acceptance of real axial chest CT slices (train fitted the guard; val did not):"]
+    for name, splits in figures["sources"].items():
+        for split, r in splits.items():
+            if r["n"]:
+                lines.append(f"  {name:<14} {split:<5} {r['accepted']:>5}/{r['n']:<5} accepted  {r['rate_accepted']:.2%}  refused by {r['refused_by']}")
+    lines.append("refusal of images that are not chest CT slices (convert/guard_negatives.py, not used for fitting):")
+    for name, r in figures["negatives"].items():
+        lines.append(f"  {name:<34} {r['refused']:>4}/{r['n']:<4} refused  {r['rate_refused']:.1%}  {r['refused_by']}")
+    overall = figures["negatives_overall"]
+    lines.append(f"  {'all categories':<34} {overall['refused']:>4}/{overall['n']:<4} refused  {overall['rate_refused']:.1%}")
+    return "\n".join(lines)
+
+
+def guard_section(figures: dict, command: str) -> str:
+    """The model card's "Input guard" section."""
+    lines = [
+        GUARD_START,
+        "## Input guard",
+        "",
+        "Before a slice is scored, `device/guard.py` decides whether it is an axial chest CT slice; anything else is "
+        "refused with reason `not-ct` (`ctpi predict`, the watch daemon's `rejected/`, the page; `--no-guard` skips it). "
+        "Rules refuse colour images, flat images, noise and images without dark lungs inside a body; then one Gaussian "
+        f"per training source over {len(FEATURE_NAMES)} image features (`{GUARD_FILE}`, hashed in the manifest) refuses "
+        "what is unlike every source's train slices.",
+        "",
+        "| real CT source | split | slices | accepted |",
+        "|---|---|---|---|",
+    ]
+    for name, splits in figures["sources"].items():
+        for split, r in splits.items():
+            if r["n"]:
+                lines.append(f"| {name} | {split} | {r['n']} | {r['rate_accepted']:.1%} |")
+    lines += ["", "| not a chest CT slice | images | refused |", "|---|---|---|"]
+    for name, r in figures["negatives"].items():
+        lines.append(f"| {name} | {r['n']} | {r['rate_refused']:.1%} |")
+    overall = figures["negatives_overall"]
+    lines += [
+        f"| **all** | {overall['n']} | **{overall['rate_refused']:.1%}** |",
+        "",
+        "Train slices fitted the guard, so their acceptance is optimistic; val was not used. The negatives are built "
+        "from package sample images and synthetic renderings (`convert/guard_negatives.py`); the synthetic X-ray, "
+        "coronal, head and abdominal CT images are simple phantoms, so real ones of those kinds may pass more often. "
+        "A lung-base slice that is mostly abdomen can be refused.",
+        "",
+        f"Refit with: `{command}`",
+        GUARD_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def with_guard_section(card: str, section: str) -> str:
+    start, end = card.find(GUARD_START), card.find(GUARD_END)
+    if start >= 0 and end > start:
+        return card[:start] + section + card[end + len(GUARD_END) :].lstrip("\n")
+    return card.rstrip("\n") + "\n\n" + section
+
+
+def fit_bundle(bundle_path: Path, data: list[Path], quantile=DEFAULT_QUANTILE, margin=DEFAULT_MARGIN, command: str | None = None, report: bool = True) -> dict:
+    """Fit, write ``guard.json`` into the bundle, re-hash the manifest, update the card.
+    Returns the figures (empty without ``report``)."""
+    bundle = load_bundle(bundle_path)
+    train = {}
+    for root in data:
+        values, failed = feature_matrix(slice_files(root, "train"))
+        if failed:
+            log.warning("%s: %d train files could not be read", root, failed)
+        train[Path(root).name] = values
+    guard = fit_guard(train, quantile, margin)
+    figures = measure(guard, data) if report else {}
+    document = guard.to_dict()
+    if figures:
+        document["figures"] = figures
+    (bundle.path / GUARD_FILE).write_text(json.dumps(document, indent=1) + "\n", encoding="utf-8")
+    command = command or "python -m convert.guard --bundle BUNDLE " + " ".join(f"--data {Path(d).name}" for d in data)
+    manifest = dict(bundle.manifest)
+    manifest["guard"] = {"file": GUARD_FILE, "feature_version": FEATURE_VERSION, "sources": list(train), "command": command}
+    write_manifest(bundle.path, manifest)
+    card_path = bundle.path / "MODEL_CARD.md"
+    if figures and card_path.is_file():
+        card_path.write_text(with_guard_section(card_path.read_text(encoding="utf-8"), guard_section(figures, command)), encoding="utf-8")
+        write_manifest(bundle.path, manifest)  # the card is hashed too
+    load_bundle(bundle.path)  # the result must verify
+    return figures
+
+
+def fit_for_conversion(bundle_path: Path, data) -> Bundle:
+    """The conversion's guard step (``python -m convert``): fit on the same data folder(s)
+    the bundle was converted from, measure, and return the re-verified bundle."""
+    roots = list(data) if isinstance(data, (list, tuple)) else [data]
+    fit_bundle(Path(bundle_path), [Path(root) for root in roots])
+    return load_bundle(bundle_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert.guard", description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, required=True, action="append", help="bundle folder (repeat for several)")
+    parser.add_argument("--data", type=Path, required=True, action="append", help="an ImageFolder per training source (repeat)")
+    parser.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE, help=f"percentile of train distances accepted (default {DEFAULT_QUANTILE})")
+    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"factor on that distance (default {DEFAULT_MARGIN})")
+    parser.add_argument("--report", action="store_true", help="only measure the bundle's current guard; change nothing")
+    parser.add_argument("--json", action="store_true", help="figures as JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for root in args.data:
+        if not slice_files(root, "train"):
+            print(f"convert.guard: {root} has no train/<label>/ slices", file=sys.stderr)
+            return 2
+    for bundle_path in args.bundle:
+        if args.report:
+            from device.guard import load_guard
+
+            guard = load_guard(load_bundle(bundle_path))
+            if guard is None:
+                print(f"convert.guard: {bundle_path} has no {GUARD_FILE}; fit one first", file=sys.stderr)
+                return 2
+            figures = measure(guard, args.data)
+        else:
+            command = "python -m convert.guard --bundle " + str(bundle_path) + " " + " ".join(f"--data {root}" for root in args.data)
+            figures = fit_bundle(bundle_path, args.data, args.quantile, args.margin, command)
+        print(json.dumps(figures, indent=1) if args.json else f"{bundle_path}:\n{report_text(figures)}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

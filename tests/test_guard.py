@@ -1,0 +1,207 @@
+"""The input guard: what is not an axial chest CT slice is refused (``not-ct``) everywhere,
+CT-like slices are scored, and the guard's parameters travel hashed in the bundle."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from device.bundle import BundleError, load_bundle
+from device.classifier import Classifier
+from device.guard import GUARD_FILE, features
+from device.preprocess import BadSliceError, decode_slice
+from tests.synthetic import LABELS, NEGATIVE, POSITIVE, png_bytes, slice_array
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = [(96, 128), (128, 128), (120, 180), (192, 256), (80, 140)]
+
+
+def ct_like(label: str, seed: int, size=(96, 128)) -> bytes:
+    return png_bytes(slice_array(label, np.random.default_rng(seed), *size))
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def not_ct_files() -> dict[str, bytes]:
+    """Photos, patterns, a page of text and a synthetic chest X-ray: none is a CT slice."""
+    from convert.guard_negatives import _text_page, chest_xrays
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:160, 0:200].astype(np.float32)
+    photo = np.stack([yy * 1.5, xx * 1.2, 255 - yy], axis=-1) + rng.normal(0, 10, (160, 200, 3))
+    return {
+        "photo.jpg": encoded(Image.fromarray(np.clip(photo, 0, 255).astype(np.uint8)), "JPEG"),
+        "flat.png": encoded(Image.new("L", (128, 128), 128)),
+        "noise.png": encoded(Image.fromarray(rng.integers(0, 256, (128, 128), dtype=np.uint8))),
+        "gradient.png": encoded(Image.fromarray((xx / 200 * 255).astype(np.uint8))),
+        "page.png": encoded(_text_page(rng, (300, 400))),
+        "xray.png": encoded(chest_xrays(rng)[0]),
+    }
+
+
+@pytest.fixture(scope="module")
+def guarded_bundle(tmp_path_factory, tiny_bundle) -> Path:
+    """The tiny bundle with a guard fitted by ``convert.guard`` on synthetic CT-like slices."""
+    from convert.guard import fit_bundle
+
+    root = tmp_path_factory.mktemp("guard")
+    data = root / "synthetic-ct"
+    for label in LABELS:
+        folder = data / "train" / label
+        folder.mkdir(parents=True)
+        for index in range(40):
+            (folder / f"{index}.png").write_bytes(ct_like(label, 1000 + index + 100 * LABELS.index(label), SIZES[index % len(SIZES)]))
+    bundle = root / "tiny-guarded"
+    shutil.copytree(tiny_bundle, bundle)
+    fit_bundle(bundle, [data], quantile=100.0, margin=1.5, report=False)  # 80 near-identical slices: a wide margin
+    return bundle
+
+
+def write(folder: Path, files: dict[str, bytes]) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+        paths.append(folder / name)
+    return paths
+
+
+def test_ct_like_slices_are_scored(guarded_bundle):
+    classifier = Classifier(guarded_bundle)
+    for seed in range(10):
+        label = LABELS[seed % 2]
+        prediction = classifier.predict(ct_like(label, seed, SIZES[seed % len(SIZES)]))
+        assert prediction.label in LABELS
+        assert prediction.latency_ms["guard"] > 0
+
+
+def test_photos_patterns_documents_and_xrays_are_refused_as_not_ct(guarded_bundle):
+    classifier = Classifier(guarded_bundle)
+    for name, data in not_ct_files().items():
+        with pytest.raises(BadSliceError) as refused:
+            classifier.predict(data)
+        assert refused.value.reason == "not-ct", name
+        assert "not" in str(refused.value) and "CT" in str(refused.value), name
+
+
+def test_colour_photograph_gets_a_sentence_saying_so(guarded_bundle):
+    with pytest.raises(BadSliceError, match="colour photograph"):
+        Classifier(guarded_bundle).predict(not_ct_files()["photo.jpg"])
+
+
+def test_predict_refuses_not_ct_with_exit_1_and_no_guard_scores_everything(guarded_bundle, tmp_path, capsys):
+    from device.cli import main
+
+    files = write(tmp_path / "in", {**not_ct_files(), "slice.png": ct_like(POSITIVE, 77)})
+    assert main(["predict", "--model", str(guarded_bundle), "--json", *map(str, files)]) == 1
+    records = {Path(r["file"]).name: r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert records.pop("slice.png")["label"] in LABELS
+    assert all(r["reason"] == "not-ct" for r in records.values()), records
+    assert main(["predict", "--model", str(guarded_bundle), "--no-guard", "--json", *map(str, files)]) == 0
+    assert all("label" in r for r in json.loads(capsys.readouterr().out)["results"])
+    assert main(["predict", "--model", str(guarded_bundle), str(files[0])]) == 1
+    assert "REFUSED" in capsys.readouterr().out
+
+
+def test_evaluate_counts_refused_slices_and_scores_the_rest(guarded_bundle, tmp_path, capsys):
+    from device.cli import main
+
+    data = tmp_path / "data"
+    write(data / POSITIVE, {f"{i}.png": ct_like(POSITIVE, 200 + i) for i in range(4)} | {"noise.png": not_ct_files()["noise.png"]})
+    write(data / NEGATIVE, {f"{i}.png": ct_like(NEGATIVE, 300 + i) for i in range(4)} | {"page.png": not_ct_files()["page.png"]})
+    assert main(["evaluate", "--model", str(guarded_bundle), "--json", str(data)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["refused"] == 2 and metrics["n"] == 8
+    assert main(["evaluate", "--model", str(guarded_bundle), "--json", "--no-guard", str(data)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["refused"] == 0 and metrics["n"] == 10
+
+
+def test_daemon_moves_not_ct_files_to_rejected_with_a_journal_record(guarded_bundle, tmp_path):
+    from tests.watchtools import rows
+
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    write(inbox, {"photo.jpg": not_ct_files()["photo.jpg"], "xray.png": not_ct_files()["xray.png"], "slice.png": ct_like(NEGATIVE, 5)})
+    done = subprocess.run(
+        [sys.executable, "-m", "device.cli", "watch", "--inbox", str(inbox), "--state", str(state), "--model", str(guarded_bundle),
+         "--once", "--settle-seconds", "0.2", "--threads", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    records = {r["path"]: r for r in rows(state)}
+    for name in ("photo.jpg", "xray.png"):
+        assert records[name]["status"] == "rejected" and records[name]["reason"] == "not-ct", records[name]
+        assert "CT" in records[name]["message"]
+        assert (state / records[name]["stored_as"]).is_file() and records[name]["stored_as"].startswith("rejected/")
+    assert records["slice.png"]["status"] == "ok"
+
+
+def test_page_shows_the_refusal_sentence(guarded_bundle, tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from device.auth import write_password
+    from device.config import Config, UiConfig, WatchConfig
+    from device.ui import SETTINGS_ENVIRONMENT, settings_to_environment
+
+    st.cache_resource.clear()
+    write_password(tmp_path / "pw", "correct horse battery")
+    settings = Config(
+        watch=WatchConfig(inbox=tmp_path / "inbox", state=tmp_path / "state", model=guarded_bundle, settle_seconds=0.0),
+        ui=UiConfig(models_dir=guarded_bundle.parent, password_file=tmp_path / "pw", heatmap_grid=0),
+    )
+    monkeypatch.setenv(SETTINGS_ENVIRONMENT, settings_to_environment(settings))
+    page = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120)
+    page.run()
+    page.text_input[0].input("correct horse battery")
+    page.button[0].click()
+    page.run()
+    page.file_uploader[0].set_value([("holiday.jpg", not_ct_files()["photo.jpg"], "image/jpeg"), ("slice.png", ct_like(POSITIVE, 9), "image/png")])
+    page.run()
+    assert not page.exception, page.exception
+    errors = [e.value for e in page.error]
+    assert any("holiday.jpg" in e and "not-ct" in e and "colour photograph" in e for e in errors), errors
+    assert any(m.value.startswith("#### slice.png") for m in page.markdown)
+    st.cache_resource.clear()
+
+
+def test_edited_guard_is_refused_like_an_edited_model(guarded_bundle, tmp_path):
+    copy = tmp_path / "edited"
+    shutil.copytree(guarded_bundle, copy)
+    assert GUARD_FILE in load_bundle(copy).manifest["files"]
+    guard = json.loads((copy / GUARD_FILE).read_text())
+    guard["sources"][0]["threshold"] *= 1000  # would accept anything
+    (copy / GUARD_FILE).write_text(json.dumps(guard))
+    with pytest.raises(BundleError, match=GUARD_FILE):
+        load_bundle(copy)
+
+
+def test_bundle_without_a_guard_still_loads_and_says_so(tiny_bundle, caplog):
+    with caplog.at_level(logging.WARNING, logger="device.guard"):
+        classifier = Classifier(tiny_bundle)
+    assert classifier.guard is None
+    assert "no input guard" in caplog.text
+    assert classifier.predict(not_ct_files()["noise.png"]).label in LABELS
+
+
+def test_colour_thumbnail_only_for_colour_files():
+    grey = decode_slice(ct_like(POSITIVE, 1))
+    assert grey.colour is None
+    rgb = Image.fromarray(np.repeat(slice_array(POSITIVE, np.random.default_rng(1))[:, :, None], 3, axis=2))
+    decoded = decode_slice(encoded(rgb))
+    assert decoded.colour is not None and decoded.colour.shape[2] == 3
+    assert features(decoded)[-1] == 0.0  # a grey slice stored as RGB is not colourful
