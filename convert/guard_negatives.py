@@ -262,7 +262,7 @@ def mri(rng):
         import pydicom
         from pydicom.data import get_testdata_file
 
-        for name in ("MR_small.dcm", "emri_small.dcm"):
+        for name in ("MR_small.dcm",):  # shipped with pydicom; others would need a download
             path = get_testdata_file(name)
             if path:
                 array = pydicom.dcmread(path).pixel_array.astype(np.float32)
