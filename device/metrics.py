@@ -152,6 +152,80 @@ def choose_threshold(y_true, scores, rule: str = "youden", min_sensitivity: floa
     return float((chosen + lower.max()) / 2.0) if lower.size else float(chosen)
 
 
+# Several sources (hospitals, data sets) scored together: a model good on one and poor on
+# another is a poor model, so selection and the threshold look at the worst source, and every
+# figure is given per source as well as pooled.
+
+
+def worst_source_auc(y_true, scores, sources) -> float:
+    """The lowest per-source ROC AUC (NaN if a source lacks a class): what selection maximises."""
+    y, s = _arrays(y_true, scores)
+    groups = np.asarray(sources)
+    values = [roc_auc(y[groups == name], s[groups == name]) for name in _names(groups)]
+    return float(min(values)) if values else float("nan")
+
+
+def _names(groups: np.ndarray) -> list:
+    """Source names in first-appearance order (the order the data folders were given)."""
+    _, first = np.unique(groups, return_index=True)
+    return [groups[i] for i in sorted(first)]
+
+
+def source_metrics(y_true, scores, sources, threshold: float) -> dict:
+    """Pooled :func:`binary_metrics` (today's top-level keys, plus ``ece``) with the same
+    figures per source under ``"sources"`` (name -> metrics, in data-folder order) and the
+    worst source's AUC under ``"worst_source_auc"``. One source gives the same top level."""
+    y, s = _arrays(y_true, scores)
+    groups = np.asarray(sources)
+    if groups.shape != y.shape:
+        raise ValueError(f"{y.size} labels but {groups.size} source names")
+    pooled = binary_metrics(y, s, threshold)
+    pooled["ece"] = expected_calibration_error(y, s)
+    per_source = {}
+    for name in _names(groups):
+        member = groups == name
+        figures = binary_metrics(y[member], s[member], threshold)
+        figures["ece"] = expected_calibration_error(y[member], s[member])
+        per_source[str(name)] = figures
+    pooled["sources"] = per_source
+    pooled["worst_source_auc"] = float(min(f["auc"] for f in per_source.values())) if per_source else float("nan")
+    return pooled
+
+
+def choose_threshold_by_source(y_true, scores, sources, rule: str = "youden", min_sensitivity: float = 0.95) -> float:
+    """One threshold that serves every source, chosen on the worst one.
+
+    ``youden``: the threshold maximising the smallest per-source Youden's J (ties: the larger
+    pooled J, then the most sensitive, i.e. lowest, threshold). ``sensitivity95``: among
+    thresholds where every source keeps sensitivity >= ``min_sensitivity``, the one with the
+    best worst-source specificity. A single source gives exactly :func:`choose_threshold`.
+    Like it, the threshold lies halfway between two adjacent pooled scores."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; choose one of {THRESHOLD_RULES}")
+    y, s = _arrays(y_true, scores)
+    groups = np.asarray(sources)
+    names = _names(groups)
+    if len(names) <= 1:
+        return choose_threshold(y, s, rule, min_sensitivity)
+    for name in names:
+        member = groups == name
+        if y[member].min() == y[member].max():
+            raise ValueError(f"threshold selection needs both classes in every source; {name!r} has one")
+    unique = np.unique(s)
+    candidates = np.concatenate([[unique[0]], (unique[1:] + unique[:-1]) / 2.0, [np.nextafter(unique[-1], np.inf)]])
+    predicted = s[None, :] >= candidates[:, None]  # candidates x slices
+    tpr = np.stack([predicted[:, (groups == n) & (y == 1)].mean(axis=1) for n in names], axis=1)
+    tnr = np.stack([(~predicted[:, (groups == n) & (y == 0)]).mean(axis=1) for n in names], axis=1)
+    pooled_j = predicted[:, y == 1].mean(axis=1) + (~predicted[:, y == 0]).mean(axis=1) - 1.0
+    if rule == "youden":
+        primary = np.round((tpr + tnr - 1.0).min(axis=1), 12)
+    else:
+        primary = np.where(tpr.min(axis=1) >= min_sensitivity, np.round(tnr.min(axis=1), 12), -np.inf)
+    # lexsort: last key is primary; candidates ascend, so among ties the first is the lowest threshold
+    order = np.lexsort((np.arange(len(candidates)), -np.round(pooled_j, 12), -primary))
+    return float(candidates[order[0]])
+
+
 def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for a proportion (95 % by default): unlike the normal
     approximation it stays inside [0, 1] and is sound for the small counts a site check has.

@@ -4,7 +4,9 @@ Keras' own AUC metric approximates the curve with 200 buckets and runs inside th
 selection criterion must be the same figure ``ctpi evaluate`` prints, so the callback predicts
 val after every epoch and computes the Mann-Whitney AUC with the one metrics implementation.
 It checkpoints the best model to disk and stops a stage after ``patience`` epochs without
-improvement. Ties in AUC (common on 118 slices) go to the lower val loss.
+improvement. Ties in AUC (common on 118 slices) go to the lower val loss. With several sources
+the criterion is the worst source's AUC: a model good on one hospital and poor on another is a
+poor model.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from device.metrics import roc_auc
+from device.metrics import roc_auc, worst_source_auc
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +46,10 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
     before each ``fit``), so stage 2 only replaces the stage 1 checkpoint when it beats it."""
 
     def __init__(self, pixels: np.ndarray, y_true: np.ndarray, positive_index: int, checkpoint: Path,
-                 deadline: float | None = None):
+                 deadline: float | None = None, sources: np.ndarray | None = None, saved_model=None):
         super().__init__()
+        self.saved_model = saved_model  # the whole classifier when the fitted model is its tail
+        self.sources = None if sources is None or len(np.unique(sources)) < 2 else np.asarray(sources)
         self.deadline = deadline  # time.monotonic() after which no new epoch starts
         self.out_of_time = False
         self.pixels, self.y_true, self.positive_index = pixels, y_true, positive_index
@@ -67,18 +71,28 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
         scores = predict_positive(self.model, self.pixels, self.positive_index)
-        auc, loss = roc_auc(self.y_true, scores), cross_entropy(self.y_true, scores)
+        loss = cross_entropy(self.y_true, scores)
+        if self.sources is None:
+            auc = roc_auc(self.y_true, scores)
+        else:
+            auc = worst_source_auc(self.y_true, scores, self.sources)
+            logs["val_auc_pooled"] = roc_auc(self.y_true, scores)
+            for name in np.unique(self.sources):
+                member = self.sources == name
+                logs[f"val_auc_{name}"] = roc_auc(self.y_true[member], scores[member])
         logs["val_auc"], logs["val_loss"] = auc, loss
         logs["val_accuracy_at_half"] = float(np.mean((scores >= 0.5) == (self.y_true == 1)))
         key = (auc if not math.isnan(auc) else -math.inf, -loss)
         if key > self.best:
             self.best, self.best_epoch, self.best_stage = key, self.epoch_offset + epoch + 1, self.stage
             self.best_weights = self.model.get_weights()
-            self.model.save(self.checkpoint)
+            (self.saved_model if self.saved_model is not None else self.model).save(self.checkpoint)
             self.waited = 0
-            log.info("epoch %d (%s): val AUC %.4f, loss %.4f: new best, saved", epoch + 1, self.stage, auc, loss)
+            log.info("epoch %d (%s): val AUC %.4f%s, loss %.4f: new best, saved", epoch + 1, self.stage, auc,
+                     self._per_source(logs), loss)
         else:
             self.waited += 1
+            log.info("epoch %d (%s): val AUC %.4f%s, loss %.4f", epoch + 1, self.stage, auc, self._per_source(logs), loss)
             if self.patience and self.waited >= self.patience and epoch + 1 >= self.min_epochs:
                 log.info("no better val AUC for %d epochs: %s stage stops", self.waited, self.stage)
                 self.model.stop_training = True
@@ -86,6 +100,12 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
             log.warning("time budget reached after epoch %d (%s): training stops", epoch + 1, self.stage)
             self.out_of_time = True
             self.model.stop_training = True
+
+    def _per_source(self, logs: dict) -> str:
+        if self.sources is None:
+            return ""
+        parts = ", ".join(f"{key[8:]} {value:.4f}" for key, value in logs.items() if key.startswith("val_auc_"))
+        return f" (worst source; {parts})"
 
     def restore_best(self) -> None:
         if self.best_weights is not None:

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune MobileNetV2 or ResNet50 on CT slices (DATA/train, DATA/val) into RUN_DIR.",
     )
     parser.add_argument("--arch", choices=ARCHITECTURES, required=True)
-    parser.add_argument("--data", type=Path, required=True, help="ImageFolder with train/<label>/ and val/<label>/")
+    parser.add_argument("--data", type=Path, action="append", required=True,
+                        help="ImageFolder with train/<label>/ and val/<label>/, named for its source; repeat for several sources")
     parser.add_argument("--weights", required=True,
                         help="imagenet (Keras' own download), none (from scratch), or a Keras .weights.h5 file of the backbone")
     parser.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR) to write")
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--ema", dest="ema_momentum", type=float, help="weight moving-average momentum, e.g. 0.99 (0 = off)")
     knobs.add_argument("--no-class-weights", dest="class_weights", action="store_false", default=None)
     knobs.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
+    knobs.add_argument("--trunk-views", type=int,
+                       help="cache the frozen trunk for this many views per train slice and train the rest on them (0 = end to end)")
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
 
@@ -69,6 +72,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
+    "trunk_views",
 )
 
 
@@ -98,5 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         f"specificity {val['specificity']:.3f}, AUC {val['auc']:.3f}, ECE {val['ece']:.3f}, "
         f"threshold {run['threshold']:.4f} ({run['threshold_rule']})"
     )
+    if len(val.get("sources", {})) > 1:
+        for name, figures in val["sources"].items():
+            print(f"  {name}: accuracy {figures['accuracy']:.3f}, sensitivity {figures['sensitivity']:.3f}, "
+                  f"specificity {figures['specificity']:.3f}, AUC {figures['auc']:.3f}, ECE {figures['ece']:.3f}")
     print(f"wall time {time.perf_counter() - started:.0f} s ({(time.perf_counter() - started) / 60:.1f} min)")
     return 0

@@ -109,6 +109,111 @@ def load_split(root: Path, labels: list[str], spec: PreprocessSpec, cache_dir: P
     return Split(root.name, root, paths, names, targets, array, data_fingerprint, skipped)
 
 
+@dataclass
+class Source:
+    """One data source (an ImageFolder named for where its slices come from) with both splits."""
+
+    name: str
+    root: Path
+    train: Split
+    val: Split
+
+
+def load_sources(roots: list[Path], spec: PreprocessSpec, cache_dir: Path | None, show_progress: bool = True
+                 ) -> tuple[list[str], list[Source]]:
+    """Labels and the sources of several ImageFolders. All must have the same labels, and their
+    folder names (the source names every figure is reported under) must differ."""
+    roots = [Path(root) for root in roots]
+    if not roots:
+        raise DataError("at least one --data folder is needed")
+    names = [root.resolve().name for root in roots]
+    if len(set(names)) != len(names):
+        raise DataError(f"data folders must have different names (each is a source in every report): {names}")
+    labels = split_labels(roots[0])
+    for root in roots[1:]:
+        other = split_labels(root)
+        if other != labels:
+            raise DataError(f"{root} has labels {other} but {roots[0]} has {labels}: sources must share labels")
+    sources = [
+        Source(name, root, load_split(root / "train", labels, spec, cache_dir, show_progress),
+               load_split(root / "val", labels, spec, cache_dir, show_progress))
+        for name, root in zip(names, roots, strict=True)
+    ]
+    return labels, sources
+
+
+def stack_splits(sources: list[Source], split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pixels, targets and per-slice source names of one split over all sources, in order."""
+    parts = [getattr(source, split) for source in sources]
+    pixels = np.concatenate([part.pixels for part in parts])
+    targets = np.concatenate([part.targets for part in parts])
+    names = np.concatenate([np.full(len(part.targets), source.name) for part, source in zip(parts, sources, strict=True)])
+    return pixels, targets, names
+
+
+def balanced_epoch_size(sources: list[Source], n_labels: int, batch_size: int) -> int:
+    """Slices per epoch: about as many as the sources hold, rounded to whole rounds of the
+    (source x label) cells and whole batches, so every epoch draws each cell equally often."""
+    cells = len(sources) * n_labels
+    total = sum(len(source.train.targets) for source in sources)
+    unit = int(np.lcm(cells, batch_size))
+    return max(unit, int(round(total / unit)) * unit)
+
+
+def balanced_dataset(sources: list[Source], n_labels: int, recipe, seed: int, epoch_size: int,
+                     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+    """Batches drawn round-robin from every (source, label) cell, each cell reshuffled and
+    repeated on its own: an epoch of ``epoch_size`` slices holds exactly ``epoch_size / cells``
+    of each, so a large source cannot drown a small one nor a common label a rare one (the
+    small cells are seen more often than once per epoch, the large ones less). Augmentation
+    as in :func:`train_dataset`. Infinite: ``fit`` takes ``epoch_size / batch`` steps an epoch.
+
+    ``features`` (source name -> (inputs, label indices)) replaces each source's train pixels
+    with cached trunk features of augmented views (:func:`train.model.split_model`): they
+    are batched as they are, without augmentation."""
+    import tensorflow as tf
+
+    cells = []
+    for source_index, source in enumerate(sources):
+        inputs, targets = features[source.name] if features else (source.train.pixels, source.train.targets)
+        for label in range(n_labels):
+            members = np.flatnonzero(targets == label)
+            if members.size == 0:
+                raise DataError(f"source {source.name} has no training slices of label index {label}")
+            onehot = np.zeros((members.size, n_labels), dtype=np.float32)
+            onehot[:, label] = 1.0
+            cell = tf.data.Dataset.from_tensor_slices((inputs[members], onehot))
+            cell_seed = seed + 101 * (source_index * n_labels + label + 1)
+            cells.append(cell.shuffle(members.size, seed=cell_seed, reshuffle_each_iteration=True).repeat())
+    if epoch_size % len(cells):
+        raise ValueError(f"epoch size {epoch_size} is not a whole number of rounds over {len(cells)} cells")
+    choice = tf.data.Dataset.range(len(cells)).repeat()
+    dataset = tf.data.Dataset.choose_from_datasets(cells, choice)
+    if features:
+        return dataset.batch(recipe.batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y)).prefetch(2)
+    return _augmented_batches(dataset, recipe, seed)
+
+
+def trunk_views(trunk, pixels: np.ndarray, recipe, seed: int, views: int, show_progress: bool = True,
+                batch_size: int = 32) -> np.ndarray:
+    """Trunk features (float16) of ``views`` versions of every slice: the slice as it is, then
+    ``views - 1`` augmented ones (the train augmentation, a new random draw per view), stacked
+    view by view: row ``v * N + i`` is view ``v`` of slice ``i``."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with tqdm(total=views * len(pixels), desc="caching trunk views", unit="view", disable=not show_progress) as bar:
+        for view in range(views):
+            augment = augmenter(recipe, seed + 1000 * view, name=f"view{view}") if view and recipe.augment else None
+            for start in range(0, len(pixels), batch_size):
+                batch = pixels[start : start + batch_size].astype(np.float32)
+                if augment is not None:
+                    batch = augment(batch, training=True)
+                out.append(np.asarray(trunk(batch, training=False), dtype=np.float16))
+                bar.update(len(batch))
+    return np.concatenate(out)
+
+
 def augmenter(recipe, seed: int, zoom: tuple[float, float] | None = None, name: str = "augmentation"):
     """Train-only augmentation as Keras preprocessing layers, run inside ``tf.data`` (never in
     the saved model). Geometry fills with black, like the letterbox padding. Horizontal flips
@@ -140,6 +245,13 @@ def train_dataset(split: Split, n_labels: int, recipe, seed: int):
     onehot = np.eye(n_labels, dtype=np.float32)[split.targets]
     dataset = tf.data.Dataset.from_tensor_slices((split.pixels, onehot))
     dataset = dataset.shuffle(len(split.targets), seed=seed, reshuffle_each_iteration=True)
+    return _augmented_batches(dataset, recipe, seed)
+
+
+def _augmented_batches(dataset, recipe, seed: int):
+    """(uint8 slice, one-hot) examples to augmented float32 batches, the train-only steps."""
+    import tensorflow as tf
+
     if recipe.degrade > 0:
         randomness = tf.data.Dataset.random(seed=seed + 11, rerandomize_each_iteration=True).batch(2)
         dataset = tf.data.Dataset.zip(dataset, randomness).map(lambda pair, key: (degrade(pair[0], recipe.degrade, key), pair[1]))

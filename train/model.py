@@ -18,9 +18,15 @@ from device.bundle import file_sha256
 log = logging.getLogger(__name__)
 
 BACKBONE_NAME = "backbone"
+RESNET50_CUT = "conv4_block6_out"
 
 # Weights files whose provenance we know, by sha256: the description a report prints for them.
 KNOWN_WEIGHTS = {
+    "91b01414a6c056eee72c3da3a01676fcaaad25b60cfc45c77dc19b641ee902cf": (
+        "ImageNet ResNet50 weights for conv1 through stage 4 (conv4_block6_out), converted from Kaiming He's "
+        "Caffe ResNet-50 (the model Keras' own weights come from; identical numbers for those layers; see the "
+        "shared weights README)"
+    ),
     "22f873a4f165c75daab229267e8ade97d1e5e2a12c47a25f4a9eaf17b8e8313d": (
         "ImageNet MobileNetV2 1.0/224 weights (no top) dequantized from the google-coral/test_data "
         "int8 model tf2_mobilenet_v2_1.0_224_ptq.tflite, BatchNorm folded (see the shared weights README)"
@@ -90,7 +96,13 @@ def build_backbone(arch: str, img_size: int, weights: InitialWeights, weights_pa
             input_shape=shape, alpha=1.0, include_top=False, weights=keras_weights, name=BACKBONE_NAME
         )
     elif arch == "resnet50":
-        base = keras.applications.ResNet50(input_shape=shape, include_top=False, weights=keras_weights, name=BACKBONE_NAME)
+        # Cut after stage 4 ("C4", as Faster R-CNN's ResNet backbone): 1,024 channels at stride 16.
+        # The ImageNet weights that can be had offline stop there, stage 5 from random init would
+        # have to learn 15M parameters from ~1,900 slices on two cores, and the cut network is
+        # lighter on a Pi (8.6M parameters instead of 23.6M). With `imagenet` Keras' complete
+        # weights load first and the same cut applies, so both starts give the same graph.
+        full = keras.applications.ResNet50(input_shape=shape, include_top=False, weights=keras_weights)
+        base = keras.Model(full.input, full.get_layer(RESNET50_CUT).output, name=BACKBONE_NAME)
     else:
         raise ValueError(f"unknown architecture {arch!r}")
     if weights.kind == "file":
@@ -176,3 +188,29 @@ def set_stage(model, stage: str, unfreeze_from: str = "all", batchnorm_training:
         layer.trainable = index >= start and (batchnorm_training or not is_bn)
         trainable += int(layer.trainable and bool(layer.weights))
     return trainable
+
+
+def split_model(model, first_trainable: str):
+    """The classifier cut where the trainable part begins, as two models sharing its layers:
+    ``trunk`` (raw pixels to the input of backbone layer ``first_trainable``) and ``tail``
+    (those features to the class probabilities). Training ``tail`` trains ``model``.
+
+    With the trunk frozen and BatchNorm in inference mode, the trunk is a fixed function, so
+    its output can be computed once per augmented view of each slice and cached: an epoch
+    then costs only the tail, a fraction of the network (:func:`train.run.train_run`)."""
+    import keras
+
+    base = backbone(model)
+    names = [layer.name for layer in base.layers]
+    if first_trainable not in names:
+        raise ValueError(f"{first_trainable!r} is not a layer of {model.name}'s backbone")
+    cut = base.get_layer(first_trainable).input
+    inner_trunk = keras.Model(base.input, cut, name="trunk_backbone")
+    inner_tail = keras.Model(cut, base.output, name="tail_backbone")
+    scaled = model.layers[model.layers.index(base) - 1].output  # the scaled RGB input of the backbone
+    trunk = keras.Model(model.input, inner_trunk(scaled), name="trunk")
+    features = keras.Input(cut.shape[1:], name="trunk_features")
+    x = inner_tail(features, training=False)
+    for layer in model.layers[model.layers.index(base) + 1:]:
+        x = layer(x)
+    return trunk, keras.Model(features, x, name="tail")

@@ -57,7 +57,8 @@ class Recipe:
     weight_decay: float = 1e-4
     """Decoupled weight decay (AdamW) on the trainable weights."""
     class_weights: bool = True
-    """Weight the loss by inverse class frequency (train is 191 COVID / 234 NonCOVID)."""
+    """Weight the loss by inverse class frequency. Kept for old run.json files: training now
+    draws batches balanced over (source, label) cells, which balances classes without weights."""
     augment: bool = True
     """Train-only augmentation: horizontal flip, rotation, zoom, shift, brightness, contrast."""
     rotation: float = 10.0
@@ -83,6 +84,14 @@ class Recipe:
     off. Val scoring, checkpoints and the final model use the averaged weights, which are
     smoother than any single step's and wobble less from one epoch to the next on 118 val
     slices."""
+    trunk_views: int = 0
+    """Cache the frozen trunk (every backbone layer before ``unfreeze_from``) for this many
+    views of each train slice (the first as is, the others augmented), and train only the
+    rest of the network on the cached features; 0 trains end to end on augmented pixels.
+    Exact, not an approximation, while the trunk is frozen and BatchNorm is in inference
+    mode; the price is a fixed set of augmented views instead of fresh ones each epoch. It
+    makes ResNet50 trainable on two cores: the trunk's forward pass, most of an epoch's
+    cost, runs once per view instead of once per epoch."""
     max_minutes: float | None = None
     """Wall-time budget for the whole run: training stops after the epoch that crosses
     ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way
@@ -121,10 +130,14 @@ def default_recipe(arch: str, pretrained: bool) -> Recipe:
                 batchnorm_training=True, patience=15,
             )
         return recipe
-    recipe = Recipe(unfreeze_from="conv5_block1_1_conv")
+    # Pretrained ResNet50 (cut after stage 4, see train.model): the last three blocks of
+    # stage 4 adapt to CT, the trunk before them is frozen and cached for four views of each
+    # slice. Its BatchNorm is real (ImageNet statistics), kept in inference mode.
+    recipe = Recipe(unfreeze_from="conv4_block4_1_conv", trunk_views=4, head_epochs=3, fine_epochs=16, patience=6,
+                    fine_learning_rate=2e-4, max_minutes=80.0)
     if not pretrained:
         recipe = replace(
             recipe, img_size=128, head_epochs=0, fine_epochs=30, fine_learning_rate=1e-3, unfreeze_from="all",
-            batchnorm_training=True, patience=10, min_epochs=20, dropout=0.5, max_minutes=55.0,
+            batchnorm_training=True, patience=10, min_epochs=20, dropout=0.5, max_minutes=55.0, trunk_views=0,
         )
     return recipe

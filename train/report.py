@@ -49,53 +49,83 @@ def plot_history(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_roc(y_true, scores, metrics: dict, path: Path) -> None:
+def _by_source(y_true, scores, sources) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, y, scores) per source in data-folder order, then "pooled" when there are several."""
+    y, s = np.asarray(y_true), np.asarray(scores)
+    if sources is None:
+        return [("val", y, s)]
+    groups = np.asarray(sources)
+    _, first = np.unique(groups, return_index=True)
+    names = [str(groups[i]) for i in sorted(first)]
+    parts = [(name, y[groups == name], s[groups == name]) for name in names]
+    return parts + [("pooled", y, s)] if len(parts) > 1 else parts
+
+
+def _figures_for(metrics: dict, name: str) -> dict:
+    return metrics.get("sources", {}).get(name, metrics)
+
+
+def plot_roc(y_true, scores, metrics: dict, path: Path, sources=None) -> None:
+    """ROC curves on one plot: one per source (``sources``: a name per slice) and pooled,
+    each with its operating point at the one shared threshold."""
     plt = pyplot()
-    fpr, tpr, _ = roc_curve(y_true, scores)
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.plot(fpr, tpr, drawstyle="steps-post", label=f"AUC {metrics['auc']:.3f}")
+    fig, ax = plt.subplots(figsize=(5.0, 4.6))
+    for index, (name, y, s) in enumerate(_by_source(y_true, scores, sources)):
+        figures = _figures_for(metrics, name)
+        fpr, tpr, _ = roc_curve(y, s)
+        style = {"color": "black", "linestyle": "--"} if name == "pooled" else {"color": f"C{index}"}
+        ax.plot(fpr, tpr, drawstyle="steps-post", label=f"{name}: AUC {figures['auc']:.3f}", **style)
+        ax.scatter([1 - figures["specificity"]], [figures["sensitivity"]], zorder=3, color=style["color"], marker="o")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.scatter([1 - metrics["specificity"]], [metrics["sensitivity"]], color="C3", zorder=3,
-               label=f"threshold {metrics['threshold']:.3f}")
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
-    ax.set_title("ROC, val")
-    ax.legend(loc="lower right")
+    ax.set_title(f"ROC, val (dots: threshold {metrics['threshold']:.3f})")
+    ax.legend(loc="lower right", fontsize=8)
     save_figure(fig, path)
 
 
 def plot_confusion(metrics: dict, positive: str, negative: str, path: Path) -> None:
+    """Confusion matrices at the shared threshold: one per source and pooled."""
     plt = pyplot()
-    c = metrics["confusion"]
-    matrix = np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]])
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(matrix, cmap="Blues")
-    for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
-                color="white" if value > matrix.max() / 2 else "black")
-    ax.set_xticks([0, 1], [positive, negative])
-    ax.set_yticks([0, 1], [positive, negative])
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(f"val, threshold {metrics['threshold']:.3f}")
+    panels = [(name, figures) for name, figures in metrics.get("sources", {}).items()]
+    panels = panels + [("pooled", metrics)] if len(panels) > 1 else [("val", metrics)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.8), squeeze=False)
+    for ax, (name, figures) in zip(axes[0], panels, strict=True):
+        c = figures["confusion"]
+        matrix = np.array([[c["tp"], c["fn"]], [c["fp"], c["tn"]]])
+        ax.imshow(matrix, cmap="Blues")
+        for (i, j), value in np.ndenumerate(matrix):
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
+                    color="white" if value > matrix.max() / 2 else "black")
+        ax.set_xticks([0, 1], [positive, negative])
+        ax.set_yticks([0, 1], [positive, negative])
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"{name}, threshold {metrics['threshold']:.3f}", fontsize=9)
     save_figure(fig, path)
 
 
-def plot_reliability(y_true, scores, ece: float, positive: str, path: Path) -> None:
+def plot_reliability(y_true, scores, ece: float, positive: str, path: Path, sources=None) -> None:
+    """Reliability diagrams: one per source and pooled, each with its ECE."""
+    from device.metrics import expected_calibration_error
+
     plt = pyplot()
-    bins = [b for b in reliability_bins(y_true, scores) if b["count"]]
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-    ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["observed_rate"] for b in bins], width=0.09,
-           alpha=0.7, label="observed rate")
-    ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", color="C3",
-            label="mean predicted")
-    for b in bins:
-        ax.text((b["low"] + b["high"]) / 2, 0.02, str(b["count"]), ha="center", fontsize=7)
-    ax.set_xlabel(f"predicted P({positive})")
-    ax.set_ylabel(f"fraction {positive}")
-    ax.set_title(f"reliability, val (ECE {ece:.3f})")
-    ax.legend(loc="upper left", fontsize=8)
+    panels = _by_source(y_true, scores, sources)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.2), squeeze=False)
+    for ax, (name, y, s) in zip(axes[0], panels, strict=True):
+        bins = [b for b in reliability_bins(y, s) if b["count"]]
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.bar([(b["low"] + b["high"]) / 2 for b in bins], [b["observed_rate"] for b in bins], width=0.09,
+               alpha=0.7, label="observed rate")
+        ax.plot([b["mean_probability"] for b in bins], [b["observed_rate"] for b in bins], "o-", color="C3",
+                label="mean predicted")
+        for b in bins:
+            ax.text((b["low"] + b["high"]) / 2, 0.02, str(b["count"]), ha="center", fontsize=7)
+        ax.set_xlabel(f"predicted P({positive})")
+        ax.set_ylabel(f"fraction {positive}")
+        panel_ece = ece if name in ("val", "pooled") else expected_calibration_error(y, s)
+        ax.set_title(f"reliability, {name} (ECE {panel_ece:.3f})", fontsize=9)
+        ax.legend(loc="upper left", fontsize=8)
     save_figure(fig, path)
 
 
@@ -125,12 +155,12 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         "",
         f"- Initial weights: **{weights['kind']}** — {weights['description']}"
         + (f" (file `{weights['file']}`, sha256 `{weights['sha256']}`)" if weights["file"] else ""),
-        f"- Data: `{run['training_data']['name']}`, train fingerprint `{run['training_data']['fingerprint'][:16]}…`, "
-        f"counts {run['training_data']['counts']}",
+        *data_lines(run["training_data"]),
         f"- Command: `{command}`",
         f"- Seed {run['seed']}, wall time {run['wall_seconds'] / 60:.1f} min, TensorFlow {run['tensorflow_version']}, "
         f"Keras {run['keras_version']}",
         (f"- Best checkpoint: epoch {metrics['best_epoch']} ({metrics['best_stage']} stage), selected on val ROC AUC"
+         + (" of the worst source" if len(val.get("sources", {})) > 1 else "")
          if metrics["best_epoch"] is not None else f"- Ensemble of {len(metrics.get('members', []))} runs, each selected on val ROC AUC"),
         "",
         "## Validation figures",
@@ -148,6 +178,7 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         f"| threshold ({run['threshold_rule']}) | {val['threshold']:.4f} |",
         f"| confusion (tp, fn, fp, tn) | {c['tp']}, {c['fn']}, {c['fp']}, {c['tn']} |",
         "",
+        *source_table(val, run["positive_label"]),
         "Val chose the checkpoint and the threshold, so these figures are optimistic for unseen data; "
         "the held-back official test split is the honest measure.",
         "",
@@ -175,3 +206,33 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def data_lines(training_data: dict) -> list[str]:
+    """The report's data lines: every source with its fingerprints and counts."""
+    sources = training_data.get("sources")
+    if not sources:
+        return [f"- Data: `{training_data['name']}`, train fingerprint `{training_data['fingerprint'][:16]}…`, "
+                f"counts {training_data['counts']}"]
+    lines = [f"- Data: {len(sources)} sources, batches balanced over source × label ({training_data.get('sampler', '')})"]
+    for source in sources:
+        lines.append(f"  - `{source['name']}`: train fingerprint `{source['fingerprint'][:16]}…`, val fingerprint "
+                     f"`{source['val_fingerprint'][:16]}…`, counts {source['counts']}")
+    return lines
+
+
+def source_table(val: dict, positive: str) -> list[str]:
+    """Per-source figures at the one shared threshold (nothing for a single source)."""
+    sources = val.get("sources", {})
+    if len(sources) < 2:
+        return []
+    lines = [
+        "### Per source (one threshold for all)",
+        "",
+        f"| source | slices | accuracy | sensitivity ({positive}) | specificity | ROC AUC | ECE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, f in [*sources.items(), ("**pooled**", val)]:
+        lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['sensitivity']:.3f} | {f['specificity']:.3f} | "
+                     f"{f['auc']:.3f} | {f['ece']:.3f} |")
+    return [*lines, "", f"Worst-source ROC AUC (what selected the checkpoint): **{val['worst_source_auc']:.3f}**", ""]

@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from device.metrics import binary_metrics, choose_threshold, expected_calibration_error
+from device.metrics import choose_threshold_by_source, source_metrics
 from device.preprocess import PreprocessSpec
 from train import report
-from train.data import DataError, class_weights, load_split, split_labels, train_dataset
+from train.data import DataError, balanced_dataset, balanced_epoch_size, load_sources, stack_splits, trunk_views
 from train.gradcam import border_share, gradcam, uniform_border_share
-from train.model import InitialWeights, build_model, resolve_weights, set_stage
+from train.model import InitialWeights, build_model, resolve_weights, set_stage, split_model
 from train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class RunConfig:
     """What a run needs besides the recipe."""
 
     arch: str
-    data: Path
+    data: list[Path]  # one ImageFolder per source (a single Path is one source)
     weights: str  # imagenet | none | path
     out: Path
     recipe: Recipe
@@ -98,17 +98,19 @@ def train_run(config: RunConfig) -> dict:
         log.warning("%s exists from an earlier run; removed so nobody converts a half-written run", stale)
         stale.unlink()
 
-    labels = split_labels(config.data)
+    roots = [Path(config.data)] if isinstance(config.data, (str, Path)) else [Path(d) for d in config.data]
+    weights, weights_path = resolve_weights(config.weights)
+    spec = PreprocessSpec(height=recipe.img_size, width=recipe.img_size, channels=1)
+    labels, sources = load_sources(roots, spec, config.cache_dir, config.show_progress)
     positive = pick_positive(labels, config.positive_label)
     positive_index = labels.index(positive)
-    spec = PreprocessSpec(height=recipe.img_size, width=recipe.img_size, channels=1)
-    weights, weights_path = resolve_weights(config.weights)
-
-    train = load_split(Path(config.data) / "train", labels, spec, config.cache_dir, config.show_progress)
-    val = load_split(Path(config.data) / "val", labels, spec, config.cache_dir, config.show_progress)
-    y_val = (val.targets == positive_index).astype(np.int64)
-    if y_val.min() == y_val.max():
-        raise DataError("val needs slices of both labels to select a model and a threshold")
+    val_pixels, val_targets, val_sources = stack_splits(sources, "val")
+    val_paths = [f"{source.name}/{path}" for source in sources for path in source.val.paths]
+    y_val = (val_targets == positive_index).astype(np.int64)
+    for source in sources:
+        source_y = source.val.targets == positive_index
+        if source_y.min() == source_y.max():
+            raise DataError(f"{source.name}/val needs slices of both labels to select a model and a threshold")
 
     configure_tensorflow(config.seed, config.threads, config.deterministic)
     import keras
@@ -117,17 +119,30 @@ def train_run(config: RunConfig) -> dict:
     from train.callbacks import ValAUCCheckpoint, predict_positive
 
     model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
-    dataset = train_dataset(train, len(labels), recipe, config.seed)
-    weights_by_class = class_weights(train.targets, len(labels)) if recipe.class_weights else None
+    # Every batch holds each (source, label) cell equally often, so the loss needs no class
+    # weights: the sampler already balances labels, and sources too.
+    epoch_size = balanced_epoch_size(sources, len(labels), recipe.batch_size)
+    fitted_model, val_inputs, features = model, val_pixels, None
+    if recipe.trunk_views > 0:
+        if recipe.batchnorm_training or recipe.unfreeze_from == "all":
+            raise DataError("--trunk-views needs a frozen trunk: a pretrained start and --unfreeze-from a layer")
+        trunk, fitted_model = split_model(model, recipe.unfreeze_from)
+        print(f"caching the frozen trunk (up to {recipe.unfreeze_from}) for {recipe.trunk_views} views of each train slice", flush=True)
+        features = {}
+        for source in sources:
+            cached = trunk_views(trunk, source.train.pixels, recipe, config.seed, recipe.trunk_views, config.show_progress)
+            features[source.name] = (cached, np.tile(source.train.targets, recipe.trunk_views))
+        val_inputs = trunk_views(trunk, val_pixels, recipe, config.seed, 1, config.show_progress)
+    dataset = balanced_dataset(sources, len(labels), recipe, config.seed, epoch_size, features)
     checkpoint = out / "model.keras"
     # The budget keeps a margin for loading the checkpoint, Grad-CAM, plots and the report.
     deadline = None
     if recipe.max_minutes:
         deadline = time.monotonic() - (time.perf_counter() - started) + recipe.max_minutes * 60 * 0.95 - 60
-    selector = ValAUCCheckpoint(val.pixels, y_val, positive_index, checkpoint, deadline)
+    selector = ValAUCCheckpoint(val_inputs, y_val, positive_index, checkpoint, deadline, val_sources, saved_model=model)
     verbose = 1 if sys.stdout.isatty() else 2
     history: list[dict] = []
-    steps = int(np.ceil(len(train.targets) / recipe.batch_size))
+    steps = epoch_size // recipe.batch_size
 
     stages = [("head", recipe.head_epochs, recipe.head_learning_rate), ("fine", recipe.fine_epochs, recipe.fine_learning_rate)]
     for stage, epochs, learning_rate in stages:
@@ -141,15 +156,15 @@ def train_run(config: RunConfig) -> dict:
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps)
         # The weight average only in stage 2: in stage 1 the head starts from random weights.
         averaged = stage == "fine" and recipe.ema_momentum > 0
-        _compile(model, rate, recipe, ema=averaged)
+        _compile(fitted_model, rate, recipe, ema=averaged)
         log.info("stage %s: %d epochs, learning rate %g, %d trainable backbone layers", stage, epochs, learning_rate, trainable)
         print(f"stage {stage}: up to {epochs} epochs at learning rate {learning_rate:g}, {trainable} backbone layers trainable", flush=True)
         selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0, recipe.min_epochs)
         # SwapEMAWeights first: the averaged weights are in the model when the selector scores
         # val and saves the checkpoint at the end of each epoch.
         callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), selector] if averaged else [selector]
-        fitted = model.fit(
-            dataset, epochs=epochs, class_weight=weights_by_class, callbacks=callbacks, verbose=verbose, shuffle=False
+        fitted = fitted_model.fit(
+            dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False
         )  # the tf.data pipeline shuffles, with the run's seed
         for epoch, _ in enumerate(fitted.history["loss"]):
             row = {"epoch": len(history) + 1, "stage": stage}
@@ -163,18 +178,18 @@ def train_run(config: RunConfig) -> dict:
 
     # Everything below is computed from the saved checkpoint, so what ships is what was measured.
     best = keras.models.load_model(checkpoint)
-    val_scores = predict_positive(best, val.pixels, positive_index)
-    threshold = choose_threshold(y_val, val_scores, recipe.threshold_rule)
-    val_metrics = binary_metrics(y_val, val_scores, threshold)
-    val_metrics["ece"] = expected_calibration_error(y_val, val_scores)
+    val_scores = predict_positive(best, val_pixels, positive_index)
+    threshold = choose_threshold_by_source(y_val, val_scores, val_sources, recipe.threshold_rule)
+    val_metrics = source_metrics(y_val, val_scores, val_sources, threshold)
+    val = ScoredVal(val_paths, [labels[i] for i in val_targets], val_pixels, val_sources)
 
     _write_history(out / "history.csv", history)
     _write_scores(out / "val_scores.csv", val, labels, val_scores)
     report.plot_history(history, out / "training_curves.png")
-    report.plot_roc(y_val, val_scores, val_metrics, out / "roc.png")
+    report.plot_roc(y_val, val_scores, val_metrics, out / "roc.png", val_sources)
     negative = labels[1 - positive_index]
     report.plot_confusion(val_metrics, positive, negative, out / "confusion_matrix.png")
-    report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png")
+    report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png", val_sources)
     cam_summary = _gradcam_figures(lambda pixels, classes: gradcam(best, pixels, classes), val, labels, positive_index, y_val, val_scores, threshold, out, config.seed)
 
     metrics = {
@@ -196,13 +211,7 @@ def train_run(config: RunConfig) -> dict:
         "preprocessing": spec.to_manifest(),
         "img_size": recipe.img_size,
         "initial_weights": weights.to_dict(),
-        "training_data": {
-            "name": Path(config.data).resolve().name,
-            "fingerprint": train.fingerprint,
-            "val_fingerprint": val.fingerprint,
-            "counts": {"train": train.counts(labels), "val": val.counts(labels)},
-            "skipped": {"train": len(train.skipped), "val": len(val.skipped)},
-        },
+        "training_data": training_data(sources, labels),
         "metrics": {"val": val_metrics},
         "seed": config.seed,
         "wall_seconds": round(time.perf_counter() - started, 1),
@@ -217,6 +226,46 @@ def train_run(config: RunConfig) -> dict:
     partial.write_text(json.dumps(run, indent=2))
     partial.replace(out / "run.json")  # last, and atomic: its presence means the run is complete
     return run
+
+
+@dataclass
+class ScoredVal:
+    """Val of every source, stacked: what the scores CSV and Grad-CAM samples read."""
+
+    paths: list[str]  # "<source>/<path in its val split>"
+    labels: list[str]
+    pixels: np.ndarray
+    sources: np.ndarray
+
+
+def training_data(sources, labels: list[str]) -> dict:
+    """``run.json``'s data record: each source's name, fingerprints and counts, and combined
+    fingerprints (a hash of the sources' in order) under the keys single-source runs used."""
+    import hashlib
+
+    def combined(key: str) -> str:
+        if len(sources) == 1:
+            return getattr(sources[0], key).fingerprint
+        text = "|".join(f"{s.name}:{getattr(s, key).fingerprint}" for s in sources)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def total(split: str) -> dict:
+        return {label: sum(getattr(s, split).counts(labels)[label] for s in sources) for label in labels}
+
+    return {
+        "name": "+".join(source.name for source in sources),
+        "fingerprint": combined("train"),
+        "val_fingerprint": combined("val"),
+        "counts": {"train": total("train"), "val": total("val")},
+        "skipped": {"train": sum(len(s.train.skipped) for s in sources), "val": sum(len(s.val.skipped) for s in sources)},
+        "sampler": "round-robin over (source, label) cells",
+        "sources": [
+            {"name": s.name, "fingerprint": s.train.fingerprint, "val_fingerprint": s.val.fingerprint,
+             "counts": {"train": s.train.counts(labels), "val": s.val.counts(labels)},
+             "skipped": {"train": len(s.train.skipped), "val": len(s.val.skipped)}}
+            for s in sources
+        ],
+    }
 
 
 def _notes(selector, recipe: Recipe, weights: InitialWeights) -> list[str]:
@@ -259,14 +308,18 @@ def _gradcam_figures(heatmaps, val, labels, positive_index, y_val, scores, thres
     shares = border_share(all_cams)
     rng = np.random.default_rng(seed)
     chosen, titles = [], []
-    for truth in (1, 0):
-        for correct in (True, False):
-            members = np.flatnonzero((y_val == truth) & ((predicted_positive == (truth == 1)) == correct))
-            for index in rng.permutation(members)[:per_group]:
-                chosen.append(int(index))
-                name = labels[positive_index] if truth else labels[1 - positive_index]
-                verdict = "right" if correct else "WRONG"
-                titles.append(f"{name}, {verdict}, P={scores[index]:.2f}\n{val.paths[index][-28:]}")
+    sources = getattr(val, "sources", None)
+    groups = np.asarray(sources) if sources is not None else np.zeros(len(scores), dtype=int)
+    _, first = np.unique(groups, return_index=True)
+    names = [groups[i] for i in sorted(first)]
+    per_group = per_group if len(names) == 1 else 2  # every source in one figure
+    for source, truth, correct in ((n, t, c) for n in names for t in (1, 0) for c in (True, False)):
+        members = np.flatnonzero((groups == source) & (y_val == truth) & ((predicted_positive == (truth == 1)) == correct))
+        for index in rng.permutation(members)[:per_group]:
+            chosen.append(int(index))
+            name = labels[positive_index] if truth else labels[1 - positive_index]
+            verdict = "right" if correct else "WRONG"
+            titles.append(f"{name}, {verdict}, P={scores[index]:.2f}\n{val.paths[index][-28:]}")
     if chosen:
         report.plot_gradcam(val.pixels[chosen], all_cams[chosen], titles, out / "gradcam.png")
     return {
