@@ -13,7 +13,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from device.backends import Backend, BackendError, default_threads, dequantize, open_backend, quantize
+from device.band import UNCERTAIN, Band
 from device.bundle import Bundle, BundleError, load_bundle
+from device.calibration import Calibration
 from device.guard import Guard, load_guard
 from device.preprocess import DecodedSlice, Source, decode_slice, prepare
 
@@ -26,6 +28,7 @@ class Prediction:
     threshold: float
     model_sha256: str
     latency_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, invoke, total
+    uncertain_band: list[float] | None = None  # [low, high) of calibrated P where the label is "uncertain"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -62,6 +65,12 @@ class Classifier:
                 f"bundle {self.bundle.path}: model outputs {self.backend.output.shape[-1]} values but the "
                 f"manifest lists {len(self.bundle.labels)} labels"
             )
+        try:
+            self.calibration = Calibration.from_manifest(self.bundle.manifest.get("calibration"))
+            self.bundle_band = Band.from_manifest(self.bundle.manifest.get("uncertain_band"), self.bundle.threshold)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BundleError(f"bundle {self.bundle.path}: {error}; recalibrate it with `python -m convert.calibrate`") from None
+        self.site = None  # a device.sitecheck.SiteProfile accepted for this model, see use_site_profile
 
     @property
     def labels(self) -> list[str]:
@@ -69,22 +78,42 @@ class Classifier:
 
     @property
     def threshold(self) -> float:
-        return self.bundle.threshold
+        """On the calibrated scale: the site profile's when one is in use, else the bundle's."""
+        return self.site.threshold if self.site is not None else self.bundle.threshold
 
-    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities (label order) for one preprocessed ``H x W x C`` uint8 slice."""
+    @property
+    def band(self) -> Band | None:
+        """The "uncertain — review" band in use (site profile's, else the bundle's; None: none)."""
+        return self.site.band if self.site is not None else self.bundle_band
+
+    def use_site_profile(self, profile) -> None:
+        """Decide with a site profile's threshold and band (``None``: the bundle's again).
+        A profile accepted for another model file is refused (``SiteProfileError``)."""
+        if profile is not None:
+            profile.check_model(self.sha256)
+        self.site = profile
+
+    def raw_probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """The model's own output (label order) for one preprocessed ``H x W x C`` uint8 slice,
+        before calibration: what ``python -m convert.calibrate`` fits on."""
         tensor = quantize(pixels[None, ...].astype(np.float32), self.backend.input)
         output = dequantize(self.backend.invoke(tensor), self.backend.output)
         return output.reshape(-1)
+
+    def probabilities(self, pixels: np.ndarray) -> np.ndarray:
+        """Class probabilities (label order), the positive one calibrated by the bundle's map."""
+        return self.calibration.apply_distribution(self.raw_probabilities(pixels), self.bundle.positive_index)
 
     def probabilities_batch(self, batch: np.ndarray) -> np.ndarray:
         """``N x H x W x C`` uint8 to ``N x labels`` (one invoke per slice: models have batch 1)."""
         return np.stack([self.probabilities(pixels) for pixels in batch]) if len(batch) else np.zeros((0, len(self.labels)))
 
     def decide(self, probabilities: np.ndarray) -> tuple[str, float]:
-        """Label and positive probability: positive iff its probability reaches the threshold,
-        otherwise the most probable of the other labels."""
+        """Label and positive probability: ``uncertain`` inside the band, else positive iff its
+        probability reaches the threshold, otherwise the most probable of the other labels."""
         positive = float(probabilities[self.bundle.positive_index])
+        if self.band is not None and self.band.contains(positive):
+            return UNCERTAIN, positive
         if positive >= self.threshold:
             return self.bundle.positive_label, positive
         others = [i for i in range(len(self.labels)) if i != self.bundle.positive_index]
@@ -105,6 +134,7 @@ class Classifier:
             threshold=self.threshold,
             model_sha256=self.sha256,
             latency_ms={k: round(v, 3) for k, v in timings.items()},
+            uncertain_band=self.band.to_manifest() if self.band is not None else None,
         )
 
     def check(self, decoded: DecodedSlice) -> float:

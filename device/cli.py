@@ -21,6 +21,7 @@ from device.bundle import BundleError
 VERB_MODULES = (
     "device.predict",
     "device.evaluate",
+    "device.sitecheck",
     "device.bench",
     "device.capture",
     "device.watch",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from pathlib import Path
 
+from device.band import display_label
 from device.journal import Journal
 
 CSV_COLUMNS = (
@@ -63,7 +64,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "recorded (UTC)": (row["recorded_at"] or "")[:19].replace("T", " "),
             "study": row["study"] or "",
             "file": row["path"],
-            "label": row["label"] if row["status"] == "ok" else f"rejected: {row['reason']}",
+            "label": display_label(row["label"]) if row["status"] == "ok" else f"rejected: {row['reason']}",
             "probability": None if row["positive_probability"] is None else round(row["positive_probability"], 3),
             "model": (row["model_sha256"] or "")[:12],
         }

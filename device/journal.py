@@ -47,10 +47,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
+from device.band import UNCERTAIN
 from device.studies import RULE, aggregate
 
 JOURNAL_NAME = "journal.sqlite"
-SCHEMA_VERSION = 2  # 2: slices.pruned_at (retention)
+SCHEMA_VERSION = 3  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
@@ -76,7 +77,8 @@ CREATE TABLE IF NOT EXISTS slices (
     recorded_at REAL NOT NULL,
     stored_as TEXT,                     -- relative to the state folder
     moved_at REAL,                      -- NULL until the file has left the inbox
-    pruned_at REAL                      -- when retention deleted the stored file (record kept)
+    pruned_at REAL,                     -- when retention deleted the stored file (record kept)
+    uncertain_band TEXT                 -- JSON [low, high] of P where the label is 'uncertain'; NULL: no band
 );
 CREATE INDEX IF NOT EXISTS slices_unmoved ON slices(path) WHERE moved_at IS NULL;
 CREATE INDEX IF NOT EXISTS slices_study ON slices(study);
@@ -86,6 +88,7 @@ CREATE TABLE IF NOT EXISTS studies (
     slices INTEGER NOT NULL,            -- readable slices
     rejected INTEGER NOT NULL,
     positive_slices INTEGER NOT NULL,
+    uncertain_slices INTEGER NOT NULL DEFAULT 0,  -- slices labelled 'uncertain' (verdict 'review' if no positive)
     probability REAL,
     label TEXT,
     positive INTEGER,                   -- 1 if label is the positive label
@@ -120,6 +123,10 @@ def _migrate(connection: sqlite3.Connection, version: int) -> None:
     columns = {row[1] for row in connection.execute("PRAGMA table_info(slices)")}
     if version < 2 and "pruned_at" not in columns:
         connection.execute("ALTER TABLE slices ADD COLUMN pruned_at REAL")
+    if version < 3 and "uncertain_band" not in columns:
+        connection.execute("ALTER TABLE slices ADD COLUMN uncertain_band TEXT")
+    if version < 3 and "uncertain_slices" not in {row[1] for row in connection.execute("PRAGMA table_info(studies)")}:
+        connection.execute("ALTER TABLE studies ADD COLUMN uncertain_slices INTEGER NOT NULL DEFAULT 0")
 
 
 class JournalError(RuntimeError):
@@ -147,6 +154,7 @@ class SliceResult:
     format: str | None = None
     mode: str | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
+    uncertain_band: list[float] | None = None  # the band in force when it was scored
     movable: bool = True  # False when there is no file left in the inbox to move
 
     @property
@@ -279,13 +287,14 @@ class Journal:
                 cursor = db.execute(
                     "INSERT INTO slices (path, study, sha256, size, status, label, positive, positive_probability,"
                     " probabilities, threshold, model_name, model_sha256, reason, message, format, mode, latency_ms,"
-                    " seen_at, recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " seen_at, recorded_at, uncertain_band) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         result.path, result.study, result.sha256, result.size, result.status, result.label,
                         None if result.positive is None else int(result.positive), result.positive_probability,
                         json.dumps(result.probabilities) if result.probabilities is not None else None,
                         result.threshold, result.model_name, result.model_sha256, result.reason, result.message,
                         result.format, result.mode, json.dumps(result.latency_ms), result.seen_at, now,
+                        json.dumps(result.uncertain_band) if result.uncertain_band is not None else None,
                     ),
                 )
                 record_id = cursor.lastrowid
@@ -307,26 +316,30 @@ class Journal:
     @staticmethod
     def _update_study(db, name, threshold, model_sha256, positive_label, negative_label, now) -> None:
         rows = db.execute(
-            "SELECT id, status, positive_probability, threshold, recorded_at FROM slices WHERE study = ? ORDER BY id",
+            "SELECT id, status, label, positive_probability, threshold, recorded_at FROM slices WHERE study = ? ORDER BY id",
             (name,),
         ).fetchall()
         readable = [row for row in rows if row["status"] == "ok"]
         if threshold is None:  # a group of rejected files only: keep the study's threshold
             known = db.execute("SELECT threshold FROM studies WHERE name = ?", (name,)).fetchone()
             threshold = known["threshold"] if known else (readable[-1]["threshold"] if readable else None)
-        verdict = aggregate([row["positive_probability"] for row in readable], threshold or 0.0, positive_label, negative_label)
+        verdict = aggregate(
+            [row["positive_probability"] for row in readable], threshold or 0.0, positive_label, negative_label,
+            uncertain=[row["label"] == UNCERTAIN for row in readable],
+        )
         db.execute(
             "INSERT INTO studies (name, slices, rejected, positive_slices, probability, label, positive, threshold, rule,"
-            " top_slice_id, model_sha256, first_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " top_slice_id, model_sha256, first_at, updated_at, uncertain_slices) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(name) DO UPDATE SET slices = excluded.slices, rejected = excluded.rejected,"
-            " positive_slices = excluded.positive_slices, probability = excluded.probability, label = excluded.label,"
+            " positive_slices = excluded.positive_slices, uncertain_slices = excluded.uncertain_slices,"
+            " probability = excluded.probability, label = excluded.label,"
             " positive = excluded.positive, threshold = excluded.threshold, rule = excluded.rule, top_slice_id = excluded.top_slice_id,"
             " model_sha256 = coalesce(excluded.model_sha256, studies.model_sha256), updated_at = excluded.updated_at",
             (
                 name, verdict.slices, len(rows) - len(readable), verdict.positive_slices, verdict.probability,
                 verdict.label, None if verdict.label is None else int(verdict.label == positive_label), threshold, RULE,
                 readable[verdict.top_index]["id"] if verdict.top_index is not None else None,
-                model_sha256, rows[0]["recorded_at"] if rows else now, now,
+                model_sha256, rows[0]["recorded_at"] if rows else now, now, verdict.uncertain_slices,
             ),
         )
 
@@ -385,8 +398,8 @@ class Journal:
     @staticmethod
     def _slice(row: sqlite3.Row) -> dict:
         record = dict(row)
-        for key in ("probabilities", "latency_ms"):
-            record[key] = json.loads(record[key]) if record[key] else None
+        for key in ("probabilities", "latency_ms", "uncertain_band"):
+            record[key] = json.loads(record[key]) if record.get(key) else None
         record["positive"] = None if record["positive"] is None else bool(record["positive"])
         for key in ("seen_at", "recorded_at", "moved_at", "pruned_at"):
             record[key] = iso(record.get(key))
@@ -434,14 +447,18 @@ class Journal:
     def counts(self) -> dict:
         row = self._db.execute(
             "SELECT count(*) AS slices, coalesce(sum(status = 'ok'), 0) AS ok, coalesce(sum(status = 'rejected'), 0) AS rejected,"
-            " coalesce(sum(positive = 1), 0) AS positive, coalesce(sum(moved_at IS NULL), 0) AS awaiting_move FROM slices"
+            " coalesce(sum(positive = 1), 0) AS positive, coalesce(sum(label = 'uncertain'), 0) AS uncertain,"
+            " coalesce(sum(moved_at IS NULL), 0) AS awaiting_move FROM slices"
         ).fetchone()
         counts = dict(row)
         columns = {info[1] for info in self._db.execute("PRAGMA table_info(slices)")}
         counts["pruned"] = (
             self._db.execute("SELECT count(*) FROM slices WHERE pruned_at IS NOT NULL").fetchone()[0] if "pruned_at" in columns else 0
         )  # a reader may open a journal the daemon has not migrated yet
-        studies = self._db.execute("SELECT count(*) AS studies, coalesce(sum(positive = 1), 0) AS positive_studies FROM studies").fetchone()
+        studies = self._db.execute(
+            "SELECT count(*) AS studies, coalesce(sum(positive = 1), 0) AS positive_studies,"
+            " coalesce(sum(label = 'review'), 0) AS review_studies FROM studies"
+        ).fetchone()
         counts.update(dict(studies))
         counts["rejected_by_reason"] = {
             row["reason"]: row["n"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from device.band import display_label
 from device.classifier import Classifier
 from device.preprocess import BadSliceError
 
@@ -52,7 +53,11 @@ def run(args) -> int:
         )
     else:
         positive = classifier.bundle.positive_label
-        print(f"model {classifier.bundle.describe(classifier.format)} on {classifier.backend.name}, threshold {classifier.threshold:.3f}")
+        band = classifier.band
+        print(
+            f"model {classifier.bundle.describe(classifier.format)} on {classifier.backend.name}, threshold {classifier.threshold:.3f}"
+            + (f", uncertain band [{band.low:.3f}, {band.high:.3f})" if band is not None else "")
+        )
         width = max(len(str(r["file"])) for r in records)
         for record in records:
             if "error" in record:
@@ -60,7 +65,7 @@ def run(args) -> int:
                 print(f"{record['file']:<{width}}  {status}  {record['error']}", file=sys.stdout)
             else:
                 print(
-                    f"{record['file']:<{width}}  {record['label']:<10} P({positive})={record['positive_probability']:.3f}"
+                    f"{record['file']:<{width}}  {display_label(record['label']):<18} P({positive})={record['positive_probability']:.3f}"
                     f"  {record['latency_ms']['total']:.1f} ms"
                 )
     return EXIT_FAILED_INPUTS if any("error" in r for r in records) else EXIT_OK

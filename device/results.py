@@ -17,10 +17,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from device import dicom_node
+from device.band import display_label
 from device.journal import Journal, JournalError
 
 CSV_COLUMNS = (
-    "id", "recorded_at", "path", "study", "status", "label", "positive_probability", "threshold",
+    "id", "recorded_at", "path", "study", "status", "label", "positive_probability", "threshold", "uncertain_band",
     "reason", "message", "sha256", "size", "format", "model_name", "model_sha256", "stored_as", "pruned_at",
 )
 STALE_AFTER_BEATS = 3
@@ -87,24 +88,24 @@ def run_results(args) -> int:
 def format_results(slices: list[dict], studies: list[dict]) -> str:
     lines = []
     if studies:
-        lines.append(f"{'study':<24} {'verdict':<10} {'P(max)':>7} {'positive':>8} {'slices':>6} {'rejected':>8}")
+        lines.append(f"{'study':<24} {'verdict':<10} {'P(max)':>7} {'positive':>8} {'uncertain':>9} {'slices':>6} {'rejected':>8}")
         for study in studies:
             probability = "-" if study["probability"] is None else f"{study['probability']:.3f}"
             lines.append(
                 f"{study['name']:<24} {study['label'] or '-':<10} {probability:>7} {study['positive_slices']:>8} "
-                f"{study['slices']:>6} {study['rejected']:>8}"
+                f"{study.get('uncertain_slices') or 0:>9} {study['slices']:>6} {study['rejected']:>8}"
             )
         lines.append("")
-    lines.append(f"{'recorded (UTC)':<19} {'file':<40} {'result':<10} {'P':>6}  model/reason")
+    lines.append(f"{'recorded (UTC)':<19} {'file':<40} {'result':<18} {'P':>6}  model/reason")
     for record in slices:
         when = (record["recorded_at"] or "")[:19].replace("T", " ")
         if record["status"] == "ok":
             lines.append(
-                f"{when:<19} {record['path']:<40} {record['label']:<10} {record['positive_probability']:>6.3f}  "
+                f"{when:<19} {record['path']:<40} {display_label(record['label']):<18} {record['positive_probability']:>6.3f}  "
                 f"{(record['model_sha256'] or '')[:12]}"
             )
         else:
-            lines.append(f"{when:<19} {record['path']:<40} {'REJECTED':<10} {'':>6}  {record['reason']}: {record['message']}")
+            lines.append(f"{when:<19} {record['path']:<40} {'REJECTED':<18} {'':>6}  {record['reason']}: {record['message']}")
     lines.append(f"{len(slices)} slice(s)")
     return "\n".join(lines)
 
@@ -150,6 +151,10 @@ def format_status(status: dict) -> str:
         lines.append(f"problem     {heartbeat['message']}")
     if model:
         lines.append(f"model       {model['name']} {model['format']} sha256 {model['sha256'][:16]}… threshold {model['threshold']:.3f}")
+        if model.get("site_profile"):
+            lines.append(f"site        {model['site_profile']}")
+        if model.get("site_profile_error"):
+            lines.append(f"site        REFUSED: {model['site_profile_error']}")
         lines.append(f"inbox       {heartbeat['inbox']}: {heartbeat['waiting']} settling, {heartbeat['queue']} queued")
         if heartbeat.get("rss_mb"):
             lines.append(f"memory      {heartbeat['rss_mb']:.0f} MB (peak {heartbeat['peak_rss_mb']:.0f} MB)")
@@ -160,7 +165,10 @@ def format_status(status: dict) -> str:
     )
     if counts["rejected_by_reason"]:
         lines.append("rejected    " + ", ".join(f"{reason} {n}" for reason, n in counts["rejected_by_reason"].items()))
-    lines.append(f"studies     {counts['studies']} ({counts['positive_studies']} positive)")
+    lines.append(
+        f"studies     {counts['studies']} ({counts['positive_studies']} positive"
+        + (f", {counts['review_studies']} to review" if counts.get("review_studies") else "") + ")"
+    )
     lines.extend(dicom_node.format_status(status.get("dicom")))
     lines.append(f"disk free   {status['disk']['free_mb']:.0f} MB of {status['disk']['total_mb']:.0f} MB ({status['state_folder']})")
     return "\n".join(lines)

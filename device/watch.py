@@ -392,6 +392,7 @@ class Daemon:
         self._check_folders()
         self.notifier = notifier or Notifier()
         self.classifier = Classifier(str(config.model), config.format, config.threads, None)
+        self.site_error = self.use_site_profile()
         bundle = self.classifier.bundle
         self.positive_label = bundle.positive_label
         others = [label for label in bundle.labels if label != bundle.positive_label]
@@ -408,6 +409,22 @@ class Daemon:
         self.processed = {"ok": 0, "rejected": 0}
         self.started_at = time.time()
         self.journal: Journal | None = None
+
+    def use_site_profile(self) -> str | None:
+        """Decide with ``STATE/site-profile.json`` (``ctpi site-check --accept``) when it was
+        accepted for this model; a profile for another model is refused (logged, shown by
+        ``ctpi status`` and the page) and the bundle's own threshold applies."""
+        from device.sitecheck import SiteProfileError, load_site_profile
+
+        try:
+            profile = load_site_profile(self.state)
+            self.classifier.use_site_profile(profile)
+        except SiteProfileError as error:
+            log.error("%s", error, extra={"event": "site-profile-refused"})
+            return str(error)
+        if profile is not None:
+            log.info("%s (%s)", profile.describe(), profile.path, extra={"event": "site-profile"})
+        return None
 
     def _check_folders(self) -> None:
         if not self.inbox.is_dir():
@@ -438,6 +455,9 @@ class Daemon:
                 "format": self.classifier.format,
                 "sha256": self.classifier.sha256,
                 "threshold": self.classifier.threshold,
+                "uncertain_band": self.classifier.band.to_manifest() if self.classifier.band is not None else None,
+                "site_profile": self.classifier.site.describe() if self.classifier.site is not None else None,
+                "site_profile_error": self.site_error,
                 "backend": self.classifier.backend.name,
                 "threads": self.classifier.threads,
             },
@@ -599,6 +619,7 @@ class Daemon:
         result.model_sha256 = prediction.model_sha256
         result.format, result.mode = item.format, item.mode
         result.latency_ms = prediction.latency_ms
+        result.uncertain_band = prediction.uncertain_band
         return result
 
     def flush(self) -> None:

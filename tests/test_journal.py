@@ -89,7 +89,7 @@ def test_a_journal_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path):
     with Journal.open_readonly(tmp_path) as reader:  # `ctpi status` before the daemon upgraded it
         assert reader.counts()["pruned"] == 0 and reader.query_slices()[0]["pruned_at"] is None
     with Journal.open(tmp_path) as journal:
-        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 3
         journal.mark_moved([record.id])
         assert [r["id"] for r in journal.prunable(before=9e12)] == [record.id]
         journal.mark_pruned([record.id])
