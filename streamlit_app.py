@@ -19,13 +19,16 @@ import numpy as np
 import streamlit as st
 
 from device.auth import AuthError, LoginThrottle, read_password_hash
+from device.band import REVIEW, UNCERTAIN, UNCERTAIN_DISPLAY, display_label
 from device.bundle import BundleError, find_bundles, load_bundle
 from device.classifier import Classifier, Prediction
 from device.config import Config, UiConfig
-from device.heatmap import Heatmap, occlusion_map, overlay
+from device.heatmap import OPACITY, Heatmap, colour_scale, legend, occlusion_map, overlay
 from device.history import REJECTED, HistoryFilter, disk_free, process_memory_mb, slice_page, table_rows, to_csv
 from device.journal import Journal, JournalError
+from device.plots import reliability_svg, roc_svg
 from device.preprocess import BadSliceError, decode_slice, prepare
+from device.sitecheck import SiteProfileError, load_site_profile
 from device.ui import settings_from_environment
 
 DISPLAY_WIDTH = 260  # pixels per image column: two of them and the figures fit a laptop screen
@@ -97,20 +100,47 @@ def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes
     return result
 
 
-def probability_bar(probability: float, threshold: float, positive_label: str) -> str:
-    """An HTML bar of P(positive) with a marker at the bundle's threshold."""
+def probability_bar(probability: float, threshold: float, positive_label: str, band: list[float] | None = None) -> str:
+    """An HTML bar of P(positive) with a marker at the threshold and the "uncertain — review"
+    band shaded."""
     over = probability >= threshold
-    colour = "#d33" if over else "#2a8a4a"
+    uncertain = band is not None and band[0] <= probability < band[1]
+    colour = "#e0a100" if uncertain else "#d33" if over else "#2a8a4a"
+    shade = (
+        f'<div data-band="{band[0]:.3f},{band[1]:.3f}" title="uncertain — review" style="position:absolute;'
+        f'left:{band[0] * 100:.1f}%;width:{(band[1] - band[0]) * 100:.1f}%;top:0;bottom:0;'
+        'background:repeating-linear-gradient(45deg,rgba(224,161,0,.45) 0 4px,rgba(224,161,0,.15) 4px 8px)"></div>'
+        if band else ""
+    )
     return (
         '<div style="font-size:0.85rem;margin:0.2rem 0 0.6rem 0">'
-        f'<div style="display:flex;justify-content:space-between"><span>P({html.escape(positive_label)})</span>'
+        f'<div style="display:flex;justify-content:space-between"><span>P({html.escape(positive_label)}), calibrated</span>'
         f"<span><b>{probability:.3f}</b></span></div>"
         '<div style="position:relative;height:14px;background:#e6e8eb;border-radius:7px;overflow:hidden">'
-        f'<div style="width:{probability * 100:.1f}%;height:100%;background:{colour}"></div>'
+        f'<div style="width:{probability * 100:.1f}%;height:100%;background:{colour}"></div>{shade}'
         f'<div style="position:absolute;left:{threshold * 100:.1f}%;top:0;bottom:0;width:2px;background:#222"></div>'
         "</div>"
         f'<div style="position:relative;height:1.1rem"><span style="position:absolute;left:{threshold * 100:.1f}%;'
-        f'transform:translateX(-50%);color:#555">threshold {threshold:.2f}</span></div></div>'
+        f'transform:translateX(-50%);color:#555">threshold {threshold:.2f}</span></div>'
+        + (f'<div style="color:#8a6d00">uncertain — review band {band[0]:.2f}–{band[1]:.2f}</div>' if band else "")
+        + "</div>"
+    )
+
+
+def heatmap_legend(scale: float, positive_label: str) -> str:
+    """A colour bar for the overlay: the colours at their drawn opacity over mid grey, with
+    the change of P each end stands for (this image's own scale)."""
+    stops = ", ".join(
+        f"rgba({r},{g},{b},{OPACITY * abs(value):.2f}) {(value + 1) * 50:.0f}%" for value, (r, g, b) in legend(21)
+    )
+    label = html.escape(positive_label)
+    return (
+        '<div data-legend="heatmap" style="font-size:0.75rem;width:260px;margin-top:-0.4rem">'
+        f'<div style="height:12px;border-radius:3px;background:linear-gradient(to right, {stops}), #808080"></div>'
+        '<div style="display:flex;justify-content:space-between;color:#444">'
+        f"<span>−{scale:.2f}</span><span>0</span><span>+{scale:.2f}</span></div>"
+        f'<div style="color:#444">change of P({label}) when the region is hidden: warm = evidence for {label}, '
+        "blue = against</div></div>"
     )
 
 
@@ -247,11 +277,16 @@ def choose_model(config: Config) -> Classifier | None:
     except (BundleError, RuntimeError, ValueError) as error:
         st.sidebar.error(f"This model cannot be used: {error}")
         return None
+    apply_site_profile(classifier, config.watch.state)
     manifest = classifier.bundle.manifest
     st.sidebar.caption(
         f"{manifest['name']} {manifest['version']} · {manifest['architecture']} · threshold {classifier.threshold:.3f} "
         f"for {classifier.bundle.positive_label} · sha256 `{classifier.sha256[:12]}`"
     )
+    if classifier.site is not None:
+        st.sidebar.caption(f"**{classifier.site.describe()}** (`ctpi site-check --accept`)")
+    elif st.session_state.get("site_error"):
+        st.sidebar.warning(st.session_state.site_error)
     figures = [row for row in model_figures(manifest.get("metrics") or {}) if row["model"] in (classifier.format, "model")]
     if figures:
         row = figures[0]
@@ -260,6 +295,19 @@ def choose_model(config: Config) -> Classifier | None:
             f"specificity {row['specificity']:.3f} · ROC AUC {row['auc']:.3f} (n = {row['n']})"
         )
     return classifier
+
+
+def apply_site_profile(classifier: Classifier, state: Path) -> None:
+    """Decide with the state folder's site profile when it was accepted for this model; a
+    profile for another model (or an unreadable one) is refused and the reason kept for the
+    sidebar. Read on every rerun, so an accepted profile applies at once."""
+    st.session_state.site_error = None
+    try:
+        profile = load_site_profile(state)
+        classifier.use_site_profile(profile)
+    except SiteProfileError as error:
+        classifier.use_site_profile(None)
+        st.session_state.site_error = str(error)
 
 
 FIGURES = ("accuracy", "sensitivity", "specificity", "auc")
@@ -297,12 +345,69 @@ def model_card_tab(classifier: Classifier) -> None:
         st.html(html_table([{"metric": key, "value": str(value)} for key, value in flatten(metrics).items()], "metrics"))
     else:
         st.info("This bundle's manifest records no metrics.")
+    calibration_section(manifest, bundle.positive_label)
+    site_section(classifier)
     card = bundle.path / "MODEL_CARD.md"
     if card.is_file():
         with st.expander("MODEL_CARD.md", expanded=True):
             st.markdown(card.read_text(encoding="utf-8"))
     else:
         st.caption("This bundle has no MODEL_CARD.md.")
+
+
+def calibration_section(manifest: dict, positive_label: str) -> None:
+    """ECE per val source before and after calibration, the reliability diagram, the band."""
+    entry = manifest.get("calibration")
+    if not entry:
+        st.warning("This bundle's P is not calibrated: run `python -m convert.calibrate` on it.")
+        return
+    st.subheader("Calibration")
+    band = manifest.get("uncertain_band")
+    st.markdown(
+        f"P({positive_label}) = sigmoid({entry['a']:.3f} · logit(p) + {entry['b']:.3f}) ({entry['method']}, fitted on "
+        f"{entry['fitted_on']['n']} val slices); threshold {manifest['threshold']:.3f} on this scale"
+        + (f"; **uncertain — review** band [{band[0]:.3f}, {band[1]:.3f})" if band else "")
+    )
+    rows = []
+    for name, after in entry["ece_after"].items():
+        figures = entry["band"]["figures"].get(name, {})
+        rows.append({
+            "val source": name, "slices": entry["reliability"][name]["after"]["n"],
+            "ECE before": round(entry["ece_before"][name], 3), "ECE after": round(after, 3),
+            "in band": figures.get("in_band"), "accuracy outside band": round(figures.get("accuracy_outside", float("nan")), 3),
+        })  # fmt: skip
+    st.html(html_table(rows, "calibration"))
+    st.html(reliability_svg({name: r["after"]["bins"] for name, r in entry["reliability"].items()}, "Reliability after calibration (val)"))
+
+
+def site_section(classifier: Classifier) -> None:
+    """The accepted site profile's report: ROC curve and the figures with their intervals."""
+    site = classifier.site
+    if site is None:
+        st.caption("No site profile: `ctpi site-check --model BUNDLE DATA --accept` checks the model on local slices.")
+        return
+    report = site.data["report"]
+    st.subheader("Site check")
+    st.markdown(f"**{site.describe()}** · data fingerprint `{site.data['data']['fingerprint'][:12]}` · rule {site.data['rule']}")
+    rows = []
+    for title, point in (("bundle", report["bundle"]), ("site (in use)", report["proposed"])):
+        sensitivity, specificity = point["sensitivity"], point["specificity"]
+        rows.append({
+            "threshold": title, "value": round(point["threshold"], 3),
+            "sensitivity": f"{sensitivity['value']:.3f} ({sensitivity['ci95'][0]:.3f}–{sensitivity['ci95'][1]:.3f})",
+            "specificity": f"{specificity['value']:.3f} ({specificity['ci95'][0]:.3f}–{specificity['ci95'][1]:.3f})",
+            "uncertain": point["band"]["in_band"], "accuracy outside band": round(point["band"]["accuracy_outside"], 3),
+        })  # fmt: skip
+    st.html(html_table(rows, "site"))
+    auc = report["auc"]
+    st.caption(
+        f"ROC AUC {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}–{auc['ci95'][1]:.3f}, DeLong) · ECE {report['calibration']['ece']:.3f} · "
+        f"{report['data']['n']} slices scored, {report['refused']['n']} refused, {report['uncertain']} uncertain at the bundle's band · "
+        "intervals: 95% Wilson"
+    )
+    point = report["proposed"]
+    mark = (1 - point["specificity"]["value"], point["sensitivity"]["value"])
+    st.html(roc_svg({"site slices": (report["roc"]["fpr"], report["roc"]["tpr"])}, "ROC on local slices", {"site threshold": mark}))
 
 
 def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: bytes, key: str) -> None:
@@ -314,7 +419,10 @@ def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: 
         prediction, heatmap = result.prediction, result.heatmap
         positive = classifier.bundle.positive_label
         flagged = prediction.label == positive
-        badge = f":red-background[**{prediction.label}**]" if flagged else f":green-background[**{prediction.label}**]"
+        if prediction.label == UNCERTAIN:
+            badge = f":orange-background[**{UNCERTAIN_DISPLAY}**]"
+        else:
+            badge = f":red-background[**{prediction.label}**]" if flagged else f":green-background[**{prediction.label}**]"
         st.markdown(
             f"#### {md_escape(result.name)}\n{badge} · P({positive}) = **{prediction.positive_probability:.3f}** "
             f"(threshold {prediction.threshold:.2f}) · {prediction.latency_ms['total']:.0f} ms"
@@ -323,15 +431,16 @@ def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: 
         original.image(result.pixels[..., 0], caption="model input", width=DISPLAY_WIDTH, clamp=True)
         if heatmap is not None:
             explained.image(overlay(result.pixels, heatmap.sensitivity), caption="occlusion heatmap", width=DISPLAY_WIDTH)
+            explained.html(heatmap_legend(colour_scale(heatmap.sensitivity), positive))
             explanation = (
-                f"heatmap: {heatmap.invokes} invokes in {heatmap.seconds:.1f} s; red = hiding it lowers P({positive}), "
+                f"heatmap: {heatmap.invokes} invokes in {heatmap.seconds:.1f} s; warm = hiding it lowers P({positive}), "
                 "blue = raises it  \n"
             )
         else:
             explained.caption("Heatmaps are off (switch above the uploader).")
             explanation = ""
         with figures:
-            st.html(probability_bar(prediction.positive_probability, prediction.threshold, positive))
+            st.html(probability_bar(prediction.positive_probability, prediction.threshold, positive, prediction.uncertain_band))
             latency = prediction.latency_ms
             st.caption(
                 f"latency: decode {latency.get('decode', 0):.1f} · preprocess {latency.get('preprocess', 0):.1f} · "
@@ -431,7 +540,9 @@ def history_tab(config: Config, classifier: Classifier) -> None:
         studies = journal.studies()
         since_column, label_column, study_column = st.columns(3)
         since = since_column.date_input("Recorded since (UTC)", value=None, key="history_since")
-        label = label_column.selectbox("Label", [None, *labels, REJECTED], format_func=lambda v: "any" if v is None else v, key="history_label")
+        label = label_column.selectbox(
+            "Label", [None, *labels, UNCERTAIN, REJECTED], format_func=lambda v: "any" if v is None else display_label(v), key="history_label"
+        )
         study = study_column.selectbox("Study", [None, *(s["name"] for s in studies)], format_func=lambda v: "any" if v is None else v, key="history_study")
         chosen = HistoryFilter(since=since, label=label, study=study)
         if st.session_state.get("history_filter") != chosen:  # new filter: back to the first page
@@ -441,8 +552,10 @@ def history_tab(config: Config, classifier: Classifier) -> None:
             if verdict and verdict["label"]:
                 st.markdown(
                     f"**Study {html.escape(study)}**: **{verdict['label']}**, P = {verdict['probability']:.3f} "
-                    f"(rule `{verdict['rule']}`: the most suspicious slice decides) · {verdict['slices']} slices, "
-                    f"{verdict['positive_slices']} over the threshold, {verdict['rejected']} rejected · updated {verdict['updated_at'][:19]}"
+                    f"(rule `{verdict['rule']}`: the most suspicious slice decides; an uncertain slice and no positive one: "
+                    f"{REVIEW}) · {verdict['slices']} slices, {verdict['positive_slices']} over the threshold, "
+                    + (f"{verdict['uncertain_slices']} uncertain, " if verdict.get("uncertain_slices") else "")
+                    + f"{verdict['rejected']} rejected · updated {verdict['updated_at'][:19]}"
                 )
         page = slice_page(journal, chosen, st.session_state.history_page, config.ui.page_size)
         if page.rows:
@@ -468,7 +581,7 @@ def history_tab(config: Config, classifier: Classifier) -> None:
             with st.expander(f"Studies ({len(studies)})"):
                 rows = [
                     {"study": s["name"], "verdict": s["label"], "probability": None if s["probability"] is None else round(s["probability"], 3), "slices": s["slices"],
-                     "over threshold": s["positive_slices"], "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19]}
+                     "over threshold": s["positive_slices"], "uncertain": s.get("uncertain_slices") or 0, "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19]}
                     for s in studies
                 ]  # fmt: skip
                 st.html(html_table(rows, "studies", flag=lambda row: row["verdict"] == flagged_label))
@@ -489,6 +602,10 @@ def status_tab(config: Config, classifier: Classifier) -> None:
             st.error(f"Watch daemon: {beat['message']}")
         model = beat.get("model") or {}
         st.caption(f"daemon model: {model.get('name')} {model.get('format')} · sha256 `{str(model.get('sha256'))[:12]}` · {model.get('backend')} × {model.get('threads')} threads")
+        if model.get("site_profile"):
+            st.caption(f"daemon: {model['site_profile']}")
+        if model.get("site_profile_error"):
+            st.warning(f"Watch daemon: {model['site_profile_error']}")
     else:
         daemon.metric("Watch daemon", "no heartbeat", border=True)
     if counts is not None:

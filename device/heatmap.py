@@ -18,11 +18,17 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_GRID = 7
-# A map whose largest change is below this is drawn faint rather than stretched to full
-# colour: a 0.01 wiggle in probability is noise, not an explanation.
-COLOUR_FLOOR = 0.05
-POSITIVE_RGB = np.array([230.0, 40.0, 40.0])  # hiding the region lowers P(positive)
-NEGATIVE_RGB = np.array([40.0, 110.0, 230.0])  # hiding the region raises P(positive)
+# Changes of P below NOISE are not drawn at all; above it the map is normalised per image to
+# its largest change, but never to less than COLOUR_FLOOR, so a 0.02 wiggle is not stretched
+# to full colour as if it were an explanation.
+NOISE = 0.01
+COLOUR_FLOOR = 0.03
+OPACITY = 0.85
+# Evidence for the positive label: a perceptual ramp (inferno's upper half: purple, red,
+# orange, pale yellow) whose lightness rises with the evidence, so the strongest region is the
+# brightest on dark lung as on grey tissue. Evidence against it: navy to cyan.
+POSITIVE_STOPS = np.array([[120, 28, 109], [187, 55, 84], [237, 105, 37], [251, 180, 26], [252, 255, 164]], np.float64)
+NEGATIVE_STOPS = np.array([[35, 45, 120], [30, 90, 190], [40, 150, 230], [110, 215, 250]], np.float64)
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,42 @@ def occlusion_map(classifier, pixels: np.ndarray, grid: int = DEFAULT_GRID) -> H
     )
 
 
-def overlay(pixels: np.ndarray, sensitivity: np.ndarray, opacity: float = 0.6) -> np.ndarray:
-    """The slice in grey with the map blended on top (red: supports the positive label, blue:
-    argues against it), as ``H x W x 3`` uint8 ready for display."""
-    grey = pixels[..., 0].astype(np.float32)
-    scale = max(float(np.abs(sensitivity).max()), COLOUR_FLOOR)
-    strength = np.clip(sensitivity / scale, -1.0, 1.0)
-    alpha = (opacity * np.abs(strength))[..., None]
-    colour = np.where(strength[..., None] >= 0, POSITIVE_RGB, NEGATIVE_RGB)
-    blended = np.repeat(grey[..., None], 3, axis=2) * (1.0 - alpha) + colour * alpha
+def colour_scale(sensitivity: np.ndarray) -> float:
+    """The change of P drawn at full colour for this map (its largest, at least COLOUR_FLOOR)."""
+    return max(float(np.abs(sensitivity).max()), COLOUR_FLOOR)
+
+
+def strength(sensitivity: np.ndarray, scale: float) -> np.ndarray:
+    """Signed evidence in [-1, 1]: 0 up to NOISE, 1 at ``scale``."""
+    magnitude = np.clip((np.abs(sensitivity) - NOISE) / max(scale - NOISE, 1e-9), 0.0, 1.0)
+    return np.sign(sensitivity) * magnitude
+
+
+def colours(values: np.ndarray) -> np.ndarray:
+    """RGB (float 0..255) of signed evidence values in [-1, 1] (``... x 3``)."""
+    values = np.asarray(values, dtype=np.float64)
+    out = np.empty(values.shape + (3,))
+    for stops, side in ((POSITIVE_STOPS, values >= 0), (NEGATIVE_STOPS, values < 0)):
+        position = np.abs(values[side]) * (len(stops) - 1)
+        low = np.clip(np.floor(position).astype(int), 0, len(stops) - 2)
+        fraction = (position - low)[..., None]
+        out[side] = stops[low] * (1 - fraction) + stops[low + 1] * fraction
+    return out
+
+
+def legend(steps: int = 11) -> list[tuple[float, tuple[int, int, int]]]:
+    """Colour-bar stops ``(signed evidence -1..1, rgb)`` from most negative to most positive,
+    for a legend beside the overlay (multiply by :func:`colour_scale` for units of P)."""
+    values = np.linspace(-1.0, 1.0, steps)
+    return [(float(v), tuple(int(round(c)) for c in rgb)) for v, rgb in zip(values, colours(values), strict=True)]
+
+
+def overlay(pixels: np.ndarray, sensitivity: np.ndarray, opacity: float = OPACITY) -> np.ndarray:
+    """The slice in grey with the map blended on top, as ``H x W x 3`` uint8 ready for display:
+    normalised per image (:func:`colour_scale`), opacity proportional to the evidence, warm
+    colours where the region supports the positive label, blue where it argues against it."""
+    grey = pixels[..., 0].astype(np.float64)
+    evidence = strength(sensitivity, colour_scale(sensitivity))
+    alpha = (opacity * np.abs(evidence))[..., None]
+    blended = np.repeat(grey[..., None], 3, axis=2) * (1.0 - alpha) + colours(evidence) * alpha
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
