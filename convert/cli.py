@@ -41,7 +41,7 @@ from convert.model_card import render_model_card
 from convert.onnx_export import ONNX_OPSET
 from convert.run import RunError, load_run
 from device.backends import BackendError
-from device.bundle import FORMATS, BundleError
+from device.bundle import FORMATS, BundleError, load_bundle
 from device.classifier import Classifier
 from device.dataset import fingerprint, list_examples
 
@@ -286,6 +286,13 @@ def convert(args, argv: list[str]) -> int:
     from convert.guard import fit_for_conversion  # the input guard, fitted on the same training slices
 
     bundle = fit_for_conversion(args.out, args.data)
+    step("calibrating P on val and choosing the uncertain band (python -m convert.calibrate)")
+    from convert.calibrate import calibrate_bundle  # the same step that finalises a shipped bundle
+
+    sources = args.data if isinstance(args.data, list) else [args.data]
+    calibrate_bundle(args.out, sources, command="python -m convert.calibrate " + shlex.join(
+        ["--bundle", str(args.out), *(f"--data={source}" for source in sources)]))
+    bundle = load_bundle(args.out)
     step(f"done: {bundle.describe()}; {len(bundle.manifest['files'])} files with sha256 in manifest.json")
     return EXIT_OK
 

@@ -239,3 +239,76 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+CALIBRATION_START, CALIBRATION_END = "<!-- section:calibration -->", "<!-- /section:calibration -->"
+RELIABILITY_FILE = "reliability.svg"
+
+
+def calibration_section(entry: dict, band: list[float] | None, threshold: float) -> str:
+    """The card's "Calibration and the uncertain band" section from the manifest's
+    ``calibration`` entry (written by ``python -m convert.calibrate``)."""
+    sources = entry["sources"]
+    fraction = lambda value: "n/a" if value is None else f"{value:.1%}"  # noqa: E731
+    lines = [
+        CALIBRATION_START,
+        "## Calibration and the uncertain band",
+        "",
+        f"P({entry['positive_label']}) is calibrated on labelled val slices by **{entry['method']}** scaling of the "
+        f"model's logit, applied by the device after the model (every format): "
+        f"`P = sigmoid({entry['a']:.4f} · logit(p) + {entry['b']:.4f})`, fitted on the {entry['format']} model's "
+        f"outputs of {entry['fitted_on']['n']} slices ({', '.join(sources)}; {entry['weighting']}). "
+        f"The map is increasing, so ROC AUC and every decision are unchanged: the threshold "
+        f"{entry['raw_threshold']:.4f} on the model's scale is **{threshold:.4f}** on the calibrated scale.",
+        "",
+    ]
+    if band:
+        lines += [
+            f"Slices with calibrated P in **[{band[0]:.3f}, {band[1]:.3f})** are labelled `uncertain — review` instead "
+            f"of a class (rule: {entry['band']['rule']}; target {'reached' if entry['band']['reached_target'] else 'not reached'}).",
+            "",
+        ]
+    lines += [
+        "| val source | slices | ECE before | ECE after | in the band | accuracy outside the band | accuracy (no band) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in [*sources, "pooled"]:
+        if name not in entry["ece_after"]:
+            continue
+        figures = entry["band"]["figures"].get(name, {})
+        lines.append(
+            f"| {name} | {entry['reliability'][name]['after']['n']} | {entry['ece_before'][name]:.3f} | "
+            f"{entry['ece_after'][name]:.3f} | {figures.get('in_band', 'n/a')} ({fraction(figures.get('fraction_in_band'))}) | "
+            f"{_number(figures.get('accuracy_outside'))} | {_number(figures.get('accuracy_all'))} |"
+        )
+    lines += [
+        "",
+        "ECE: expected calibration error over 10 equal-width bins of P. Fitted and measured on the same val "
+        "slices (which also chose the threshold), so these figures are optimistic; a site check on local "
+        "slices (`ctpi site-check`) measures them where the model is used.",
+        "",
+        f"![Reliability diagram per val source, after calibration]({RELIABILITY_FILE})",
+        "",
+        f"Recalibrate with: `{entry['command']}`",
+        CALIBRATION_END,
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def with_calibration_section(card: str, section: str, threshold: float, raw_threshold: float) -> str:
+    """``card`` with its calibration section replaced (or appended) and the headline threshold
+    stated on the calibrated scale."""
+    import re
+
+    start, end = card.find(CALIBRATION_START), card.find(CALIBRATION_END)
+    if start >= 0 and end > start:
+        card = card[:start] + section + card[end + len(CALIBRATION_END) :].lstrip("\n")
+    else:
+        card = card.rstrip("\n") + "\n\n" + section
+    return re.sub(
+        r"at threshold \*\*[0-9.]+\*\*( \(calibrated[^)]*\))?",
+        f"at threshold **{threshold:.4f}** (calibrated; {raw_threshold:.4f} on the model's own scale)",
+        card,
+        count=1,
+    )
