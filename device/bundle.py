@@ -5,6 +5,18 @@ input spec, quantization, preprocessing, threshold, metrics, checksums), so noth
 project hard-codes ``224``, a label list or a threshold. :func:`load_bundle` is the only
 reader: it checks every file's sha256 and refuses incomplete manifests with a message that
 names the file and what to do about it.
+
+The manifest itself decides labels (threshold, labels, input spec, guard, calibration,
+uncertain band: whatever it holds), so it is sealed: ``bundle_sha256`` is the sha256 of the
+canonical JSON of every other key (:func:`bundle_digest`), written by :func:`write_manifest`
+and checked by :func:`load_bundle`. Since ``files`` lists the sha256 of every model file, this
+one value names the whole bundle, manifest and files together; it is the identity recorded
+with every result, so a changed threshold is a changed identity. A hand edit is refused. The
+seal is a digest, not a signature: it stops edits by mistake or by a well-meaning operator;
+against someone who can write the release, what protects the Pi is that the deploy pins the
+digest in the units' command line (``--bundle-sha256``, root-owned in /etc/systemd/system)
+and that releases are root-owned while the services run as ``ctpi``. See README, "Bundle
+integrity".
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ REQUIRED_KEYS = (
     "training_data",
 )
 REQUIRED_FORMAT_KEYS = ("file", "runtime", "input", "output")
+DIGEST_KEY = "bundle_sha256"  # the seal: sha256 of the canonical manifest without this key
 
 
 class BundleError(Exception):
@@ -53,6 +66,14 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def bundle_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON (sorted keys, no spaces, ASCII) of every key but
+    :data:`DIGEST_KEY`: covers whatever the manifest holds, including keys added later."""
+    content = {key: value for key, value in manifest.items() if key != DIGEST_KEY}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -104,7 +125,13 @@ class Bundle:
         return self.path / self.format_info(fmt)["file"]
 
     def sha256(self, fmt: str | None = None) -> str:
+        """The model file's sha256 (what a site profile is accepted for)."""
         return self.manifest["files"][self.format_info(fmt)["file"]]
+
+    @property
+    def digest(self) -> str:
+        """The bundle's identity: manifest and, through its checksums, every file."""
+        return bundle_digest(self.manifest)
 
     def describe(self, fmt: str | None = None) -> str:
         fmt = fmt or self.default_format
@@ -146,11 +173,38 @@ def _validate(path: Path, manifest: dict) -> None:
         raise _fail(path, f"default_format {manifest['default_format']!r} is not among {sorted(formats)}")
 
 
-def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+def _check_seal(path: Path, manifest: dict, expected_sha256: str | None) -> None:
+    recorded = manifest.get(DIGEST_KEY)
+    if not isinstance(recorded, str):
+        raise _fail(
+            path,
+            f"{MANIFEST} has no {DIGEST_KEY} seal, so an edit to it could not be told apart from the original; "
+            "use a bundle made by this ctpi (`python -m convert`, or the bundle from the release)",
+        )
+    actual = bundle_digest(manifest)
+    if actual != recorded:
+        raise _fail(
+            path,
+            f"{MANIFEST} was edited after the bundle was made (its content hashes to {actual[:16]}…, its seal says "
+            f"{recorded[:16]}…); a changed threshold, label or band would change every decision. Copy the bundle "
+            "again from its release or re-make it with `python -m convert`; a site's own threshold belongs in the "
+            "site profile (`ctpi site-check --accept`), never in the bundle",
+        )
+    if expected_sha256 and actual != expected_sha256.lower():
+        raise _fail(
+            path,
+            f"is bundle {actual[:16]}…, not {expected_sha256[:16]}… that this service was deployed with "
+            "(--bundle-sha256); re-deploy the release (`make deploy`) instead of changing models on the Pi",
+        )
+
+
+def load_bundle(path: str | Path, verify: bool = True, expected_sha256: str | None = None) -> Bundle:
     """Read and verify a bundle folder (or its ``manifest.json``).
 
     Every file listed in the manifest must exist and match its sha256; an unlisted file in
     the folder is ignored (it can never be loaded as a model, since formats name their files).
+    The manifest must match its seal (``bundle_sha256``) and, when ``expected_sha256`` is given
+    (the digest a deploy pinned), be exactly that bundle.
     """
     path = Path(path)
     if path.name == MANIFEST:
@@ -180,6 +234,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
                     "changed or corrupted after the bundle was made; copy the bundle again or re-run "
                     "`python -m convert`",
                 )
+    _check_seal(path, manifest, expected_sha256)
     try:
         spec = PreprocessSpec.from_manifest(manifest["preprocessing"])
     except (TypeError, ValueError) as error:
@@ -199,7 +254,9 @@ def write_manifest(folder: str | Path, manifest: dict) -> dict:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != MANIFEST and not path.name.startswith(".")
     }
+    manifest.pop(DIGEST_KEY, None)
     _validate(folder, manifest)
+    manifest[DIGEST_KEY] = bundle_digest(manifest)
     text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
     with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp", encoding="utf-8") as handle:
         handle.write(text)

@@ -103,3 +103,64 @@ def test_find_bundles_lists_folders_with_a_manifest(tiny_bundle, tmp_path):
     shutil.copytree(tiny_bundle, tmp_path / "b")
     (tmp_path / "not-a-bundle").mkdir()
     assert find_bundles(tmp_path) == [tmp_path / "b"]
+
+
+def test_hand_edited_manifest_is_refused_naming_it(bundle_copy, tiny_bundle):
+    """The issue's scenario: threshold 0.99 typed into a copied bundle's manifest."""
+    manifest = read_manifest(bundle_copy)
+    manifest["threshold"] = 0.99
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(BundleError, match="manifest.json was edited after the bundle was made.*site profile"):
+        load_bundle(bundle_copy)
+    with pytest.raises(BundleError, match="edited"):
+        Classifier(bundle_copy)
+
+
+@pytest.mark.parametrize("key, value", [("labels", ["NonCOVID", "COVID"]), ("calibration", {"a": 1.0, "b": 3.0}),
+                                        ("uncertain_band", [0.0, 1.0]), ("a_field_added_next_year", 1)])
+def test_any_manifest_content_is_covered_by_the_seal(bundle_copy, key, value):
+    """Generic: the seal covers whatever the manifest holds, known keys or not."""
+    manifest = read_manifest(bundle_copy)
+    manifest[key] = value
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="edited"):
+        load_bundle(bundle_copy)
+
+
+def test_manifest_without_a_seal_is_refused(bundle_copy):
+    manifest = read_manifest(bundle_copy)
+    del manifest["bundle_sha256"]
+    (bundle_copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no bundle_sha256 seal"):
+        load_bundle(bundle_copy)
+
+
+def test_reformatting_the_manifest_keeps_its_identity(bundle_copy, tiny_bundle):
+    """The seal is over content, not bytes: key order and whitespace do not matter."""
+    manifest = read_manifest(bundle_copy)
+    (bundle_copy / MANIFEST).write_text(json.dumps(dict(reversed(list(manifest.items()))), indent=7))
+    assert load_bundle(bundle_copy).digest == load_bundle(tiny_bundle).digest == manifest["bundle_sha256"]
+
+
+def test_write_manifest_reseals_so_bundle_tools_keep_working(bundle_copy, tiny_bundle):
+    """convert.guard / convert.calibrate rewrite manifests through write_manifest: a new field
+    gives a new, valid identity."""
+    manifest = read_manifest(bundle_copy)
+    write_manifest(bundle_copy, manifest | {"note": "recalibrated"})
+    reloaded = load_bundle(bundle_copy)
+    assert reloaded.manifest["note"] == "recalibrated" and reloaded.digest != load_bundle(tiny_bundle).digest
+
+
+def test_deploy_pin_refuses_another_bundle(bundle_copy, tiny_bundle):
+    pinned = load_bundle(tiny_bundle).digest
+    assert load_bundle(bundle_copy, expected_sha256=pinned).digest == pinned
+    write_manifest(bundle_copy, read_manifest(bundle_copy) | {"threshold": 0.25})  # a validly sealed other bundle
+    with pytest.raises(BundleError, match="not .* that this service was deployed with"):
+        load_bundle(bundle_copy, expected_sha256=pinned)
+
+
+def test_shipped_bundles_are_sealed():
+    from pathlib import Path
+
+    for bundle in find_bundles(Path(__file__).resolve().parents[1] / "models"):
+        assert load_bundle(bundle).digest == read_manifest(bundle)["bundle_sha256"]
