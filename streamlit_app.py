@@ -270,7 +270,8 @@ def choose_model(config: Config) -> Classifier | None:
     default = resolved.index(preferred.resolve()) if preferred.resolve() in resolved else 0
     chosen = st.sidebar.selectbox("Model", bundles, index=default, format_func=lambda p: p.name, key="bundle")
     try:
-        bundle = load_bundle(chosen, verify=False)
+        pinned = config.watch.bundle_sha256 if Path(chosen).resolve() == preferred.resolve() else None
+        bundle = load_bundle(chosen, verify=False, expected_sha256=pinned or None)
         formats = list(bundle.formats)
         fmt = st.sidebar.selectbox("Format", formats, index=formats.index(bundle.default_format), key="format")
         classifier = get_classifier(str(chosen), fmt, settings.threads or config.watch.threads)
@@ -447,7 +448,8 @@ def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: 
                 f"invoke {latency['invoke']:.1f} ms  \n"
                 f"{explanation}"
                 f"{result.source['format']} {result.source['width']}×{result.source['height']} "
-                f"({result.size_bytes / 1024:.0f} KB) · model sha256 `{prediction.model_sha256[:12]}`"
+                f"({result.size_bytes / 1024:.0f} KB) · model sha256 `{prediction.model_sha256[:12]}` · "
+                f"bundle `{prediction.bundle_sha256[:12]}`"
             )
             if st.button("Send to inbox", key=f"inbox-{key}", help=f"copy this file into {inbox} for the watch daemon"):
                 try:

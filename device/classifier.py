@@ -29,6 +29,7 @@ class Prediction:
     model_sha256: str
     latency_ms: dict[str, float] = field(default_factory=dict)  # decode, preprocess, invoke, total
     uncertain_band: list[float] | None = None  # [low, high) of calibrated P where the label is "uncertain"
+    bundle_sha256: str = ""  # the bundle's identity: manifest (threshold, labels, band, ...) and files together
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,7 @@ class Classifier:
         info = self.bundle.format_info(self.format)
         self.threads = threads or default_threads()
         self.sha256 = self.bundle.sha256(self.format)
+        self.bundle_sha256 = self.bundle.digest
         self.backend: Backend = open_backend(self.bundle.model_path(self.format), info["runtime"], self.threads, backend)
         spec = self.bundle.spec
         expected = (1, spec.height, spec.width, spec.channels)
@@ -135,6 +137,7 @@ class Classifier:
             model_sha256=self.sha256,
             latency_ms={k: round(v, 3) for k, v in timings.items()},
             uncertain_band=self.band.to_manifest() if self.band is not None else None,
+            bundle_sha256=self.bundle_sha256,
         )
 
     def check(self, decoded: DecodedSlice) -> float:

@@ -48,6 +48,10 @@ class WatchConfig:
     """Folder the daemon owns: ``journal.sqlite`` and the ``done/`` and ``rejected/`` files."""
     model: Path = Path("models/mobilenetv2")
     """Model bundle folder."""
+    bundle_sha256: str = ""
+    """The identity (``bundle_sha256``) ``model`` must have; the deploy pins it in the units'
+    command lines, so a bundle changed on the Pi after the deploy is refused. Empty: any
+    bundle whose manifest matches its own seal."""
     format: str | None = None
     """Model format inside the bundle (``int8``, ``float32``, ...); default: the bundle's own."""
     threads: int | None = None

@@ -508,6 +508,7 @@ def register(subparsers) -> None:
     parser.add_argument("--inbox", type=Path, default=None, help="the watch daemon's inbox ([watch] inbox)")
     parser.add_argument("--state", type=Path, default=None, help="the watch daemon's state folder ([watch] state)")
     parser.add_argument("--model", type=Path, default=None, help="the bundle the watch daemon runs ([watch] model)")
+    parser.add_argument("--bundle-sha256", default=None, help="refuse a bundle whose identity is not this (the deploy pins it)")
     parser.add_argument("--no-heatmap", action="store_true", help="Secondary Capture without the heatmap (no model in the node)")
     parser.add_argument("--log-format", choices=[f.value for f in LogFormat], default=None, help="text (default) or json lines")
     parser.set_defaults(handler=run)
@@ -521,10 +522,17 @@ def run(args) -> int:
         config.dicom, aet=args.aet, host=args.host, port=args.port, allow=tuple(args.allow) if args.allow else None,
         send_to=args.send_to, stable_seconds=args.stable_seconds, heatmap=False if args.no_heatmap else None,
     )
-    watch = override(config.watch, inbox=args.inbox, state=args.state, model=args.model)
+    watch = override(config.watch, inbox=args.inbox, state=args.state, model=args.model, bundle_sha256=args.bundle_sha256)
     configure_logging(LogFormat(args.log_format) if args.log_format else watch.log_format, getattr(args, "verbose", False))
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name patients
     try:
+        if watch.bundle_sha256:  # the bundle the deploy pinned, or nothing is sent under its name
+            from device.bundle import BundleError, load_bundle
+
+            try:
+                load_bundle(watch.model, verify=False, expected_sha256=watch.bundle_sha256)
+            except BundleError as error:
+                raise ConfigError(str(error)) from None
         node = Node(dicom, watch.inbox, watch.state, watch.model, watch.format)
     except ConfigError as error:
         print(f"ctpi dicom: {error}", file=sys.stderr)

@@ -18,7 +18,7 @@ from device.journal import Journal
 
 CSV_COLUMNS = (
     "id", "recorded_at", "study", "path", "status", "label", "positive_probability", "threshold",
-    "reason", "message", "format", "model_name", "model_sha256", "sha256", "stored_as", "pruned_at",
+    "reason", "message", "format", "model_name", "model_sha256", "bundle_sha256", "sha256", "stored_as", "pruned_at",
 )  # fmt: skip
 REJECTED = "rejected"  # the label filter's choice for files that were refused
 
@@ -67,6 +67,7 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "label": display_label(row["label"]) if row["status"] == "ok" else f"rejected: {row['reason']}",
             "probability": None if row["positive_probability"] is None else round(row["positive_probability"], 3),
             "model": (row["model_sha256"] or "")[:12],
+            "bundle": (row.get("bundle_sha256") or "")[:12],
         }
         for row in rows
     ]

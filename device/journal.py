@@ -51,7 +51,8 @@ from device.band import UNCERTAIN
 from device.studies import RULE, aggregate
 
 JOURNAL_NAME = "journal.sqlite"
-SCHEMA_VERSION = 3  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices
+SCHEMA_VERSION = 4  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices;
+# 4: slices.bundle_sha256
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
@@ -78,7 +79,8 @@ CREATE TABLE IF NOT EXISTS slices (
     stored_as TEXT,                     -- relative to the state folder
     moved_at REAL,                      -- NULL until the file has left the inbox
     pruned_at REAL,                     -- when retention deleted the stored file (record kept)
-    uncertain_band TEXT                 -- JSON [low, high] of P where the label is 'uncertain'; NULL: no band
+    uncertain_band TEXT,                -- JSON [low, high] of P where the label is 'uncertain'; NULL: no band
+    bundle_sha256 TEXT                  -- the bundle identity: manifest and files, see device.bundle.bundle_digest
 );
 CREATE INDEX IF NOT EXISTS slices_unmoved ON slices(path) WHERE moved_at IS NULL;
 CREATE INDEX IF NOT EXISTS slices_study ON slices(study);
@@ -125,6 +127,8 @@ def _migrate(connection: sqlite3.Connection, version: int) -> None:
         connection.execute("ALTER TABLE slices ADD COLUMN pruned_at REAL")
     if version < 3 and "uncertain_band" not in columns:
         connection.execute("ALTER TABLE slices ADD COLUMN uncertain_band TEXT")
+    if version < 4 and "bundle_sha256" not in columns:
+        connection.execute("ALTER TABLE slices ADD COLUMN bundle_sha256 TEXT")
     if version < 3 and "uncertain_slices" not in {row[1] for row in connection.execute("PRAGMA table_info(studies)")}:
         connection.execute("ALTER TABLE studies ADD COLUMN uncertain_slices INTEGER NOT NULL DEFAULT 0")
 
@@ -155,6 +159,7 @@ class SliceResult:
     mode: str | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)
     uncertain_band: list[float] | None = None  # the band in force when it was scored
+    bundle_sha256: str | None = None  # the bundle's identity: a changed manifest is a changed identity
     movable: bool = True  # False when there is no file left in the inbox to move
 
     @property
@@ -287,7 +292,8 @@ class Journal:
                 cursor = db.execute(
                     "INSERT INTO slices (path, study, sha256, size, status, label, positive, positive_probability,"
                     " probabilities, threshold, model_name, model_sha256, reason, message, format, mode, latency_ms,"
-                    " seen_at, recorded_at, uncertain_band) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " seen_at, recorded_at, uncertain_band, bundle_sha256)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         result.path, result.study, result.sha256, result.size, result.status, result.label,
                         None if result.positive is None else int(result.positive), result.positive_probability,
@@ -295,6 +301,7 @@ class Journal:
                         result.threshold, result.model_name, result.model_sha256, result.reason, result.message,
                         result.format, result.mode, json.dumps(result.latency_ms), result.seen_at, now,
                         json.dumps(result.uncertain_band) if result.uncertain_band is not None else None,
+                        result.bundle_sha256,
                     ),
                 )
                 record_id = cursor.lastrowid

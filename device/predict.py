@@ -46,7 +46,8 @@ def run(args) -> int:
     if args.json:
         print_json(
             {
-                "model": {"name": classifier.bundle.name, "format": classifier.format, "sha256": classifier.sha256},
+                "model": {"name": classifier.bundle.name, "format": classifier.format, "sha256": classifier.sha256,
+                          "bundle_sha256": classifier.bundle_sha256},
                 "backend": {"name": classifier.backend.name, "version": classifier.backend.version(), "threads": classifier.threads},
                 "results": records,
             }

@@ -22,7 +22,8 @@ from device.journal import Journal, JournalError
 
 CSV_COLUMNS = (
     "id", "recorded_at", "path", "study", "status", "label", "positive_probability", "threshold", "uncertain_band",
-    "reason", "message", "sha256", "size", "format", "model_name", "model_sha256", "stored_as", "pruned_at",
+    "reason", "message", "sha256", "size", "format", "model_name", "model_sha256", "bundle_sha256", "stored_as",
+    "pruned_at",
 )
 STALE_AFTER_BEATS = 3
 _RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
@@ -96,13 +97,13 @@ def format_results(slices: list[dict], studies: list[dict]) -> str:
                 f"{study.get('uncertain_slices') or 0:>9} {study['slices']:>6} {study['rejected']:>8}"
             )
         lines.append("")
-    lines.append(f"{'recorded (UTC)':<19} {'file':<40} {'result':<18} {'P':>6}  model/reason")
+    lines.append(f"{'recorded (UTC)':<19} {'file':<40} {'result':<18} {'P':>6}  bundle/reason")
     for record in slices:
         when = (record["recorded_at"] or "")[:19].replace("T", " ")
         if record["status"] == "ok":
             lines.append(
                 f"{when:<19} {record['path']:<40} {display_label(record['label']):<18} {record['positive_probability']:>6.3f}  "
-                f"{(record['model_sha256'] or '')[:12]}"
+                f"{(record.get('bundle_sha256') or record['model_sha256'] or '')[:12]}"
             )
         else:
             lines.append(f"{when:<19} {record['path']:<40} {'REJECTED':<18} {'':>6}  {record['reason']}: {record['message']}")

@@ -92,6 +92,7 @@ def add_ui_arguments(parser) -> None:
     parser.add_argument("--port", type=int, default=None, help=f"TCP port (default {ui.port})")
     parser.add_argument("--models", type=Path, default=None, help=f"folder of bundles for the model selector (default {ui.models_dir})")
     parser.add_argument("--model", type=Path, default=None, help=f"bundle selected first (default {watch.model})")
+    parser.add_argument("--bundle-sha256", default=None, help="refuse --model unless its identity is this (the deploy pins it)")
     parser.add_argument("--state", type=Path, default=None, help=f"the watch daemon's state folder: history and status (default {watch.state})")
     parser.add_argument("--inbox", type=Path, default=None, help=f"the watch daemon's inbox, for 'send to inbox' (default {watch.inbox})")
     parser.add_argument("--password-file", type=Path, default=None, help=f"the password hash (default {ui.password_file})")
@@ -110,7 +111,7 @@ def config_from_args(args) -> Config:
         password_file=args.password_file,
         max_upload_mb=args.max_upload_mb,
     )
-    watch = override(config.watch, model=args.model, state=args.state, inbox=args.inbox)
+    watch = override(config.watch, model=args.model, state=args.state, inbox=args.inbox, bundle_sha256=args.bundle_sha256)
     if ui.max_upload_mb < 1 or not 0 < ui.port < 65536:
         raise ValueError("--max-upload-mb must be at least 1 and --port between 1 and 65535")
     return dataclasses.replace(config, ui=ui, watch=watch)

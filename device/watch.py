@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device import __version__
+from device.bundle import load_bundle
 from device.config import ConfigError, LogFormat, WatchConfig, load_config, override
 from device.journal import Journal, JournalError, SliceResult
 from device.preprocess import BadSliceError, decode_slice, prepare, read_source
@@ -391,7 +392,8 @@ class Daemon:
         self.state = Path(config.state).absolute()
         self._check_folders()
         self.notifier = notifier or Notifier()
-        self.classifier = Classifier(str(config.model), config.format, config.threads, None)
+        bundle = load_bundle(config.model, expected_sha256=config.bundle_sha256 or None)
+        self.classifier = Classifier(bundle, config.format, config.threads, None)
         self.site_error = self.use_site_profile()
         bundle = self.classifier.bundle
         self.positive_label = bundle.positive_label
@@ -620,6 +622,7 @@ class Daemon:
         result.format, result.mode = item.format, item.mode
         result.latency_ms = prediction.latency_ms
         result.uncertain_band = prediction.uncertain_band
+        result.bundle_sha256 = prediction.bundle_sha256
         return result
 
     def flush(self) -> None:
@@ -661,7 +664,7 @@ class Daemon:
                      "sha256": result.sha256}
             if result.status == "ok":
                 extra.update(label=result.label, positive_probability=round(result.positive_probability, 4),
-                             model_sha256=result.model_sha256)
+                             model_sha256=result.model_sha256, bundle_sha256=result.bundle_sha256)
                 log.info("%s: %s P=%.3f (model %s)", result.path, result.label, result.positive_probability,
                          (result.model_sha256 or "")[:12], extra=extra)
             else:
@@ -829,6 +832,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--inbox", type=Path, default=None, help="folder slices are dropped into (subfolders are studies)")
     parser.add_argument("--state", type=Path, default=None, help="folder for the journal and processed files")
     parser.add_argument("--model", type=Path, default=None, help="model bundle (default models/mobilenetv2)")
+    parser.add_argument("--bundle-sha256", default=None, help="refuse a bundle whose identity is not this (the deploy pins it)")
     parser.add_argument("--format", dest="fmt", default=None, help="model format in the bundle (default: the bundle's default)")
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: cores, at most 4)")
     parser.add_argument("--settle-seconds", type=float, default=None, help="how long a file must be unchanged before it is read")
@@ -845,6 +849,7 @@ def config_from_args(args) -> WatchConfig:
         inbox=args.inbox,
         state=args.state,
         model=args.model,
+        bundle_sha256=args.bundle_sha256,
         format=args.fmt,
         threads=args.threads,
         settle_seconds=args.settle_seconds,

@@ -89,7 +89,7 @@ def test_a_journal_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path):
     with Journal.open_readonly(tmp_path) as reader:  # `ctpi status` before the daemon upgraded it
         assert reader.counts()["pruned"] == 0 and reader.query_slices()[0]["pruned_at"] is None
     with Journal.open(tmp_path) as journal:
-        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 4
         journal.mark_moved([record.id])
         assert [r["id"] for r in journal.prunable(before=9e12)] == [record.id]
         journal.mark_pruned([record.id])
@@ -107,3 +107,20 @@ def test_retention_lists_only_triaged_files_moved_before_the_cutoff(tmp_path):
 
         assert journal.prunable(before=time.time() - 3600) == []  # moved just now: not due
         assert [r["id"] for r in journal.prunable(before=time.time() + 1)] == [old.id]  # never unmoved or rejected
+
+
+def test_a_schema_3_journal_gains_the_bundle_identity_column(tmp_path):
+    import sqlite3
+
+    with Journal.open(tmp_path) as journal:
+        journal.record([ok("s/a.png", 0.9, "1" * 64)], "COVID", "NonCOVID")
+    db = sqlite3.connect(tmp_path / "journal.sqlite")
+    db.executescript("ALTER TABLE slices RENAME COLUMN bundle_sha256 TO unused; PRAGMA user_version=3;")
+    db.close()
+    with Journal.open(tmp_path) as journal:
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        later = ok("s/b.png", 0.2, "2" * 64)
+        later.bundle_sha256 = "b" * 64
+        journal.record([later], "COVID", "NonCOVID")
+        by_path = {r["path"]: r for r in journal.query_slices()}
+    assert by_path["s/a.png"]["bundle_sha256"] is None and by_path["s/b.png"]["bundle_sha256"] == "b" * 64
