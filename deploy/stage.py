@@ -52,6 +52,9 @@ KEEP_STAGED = 5  # staged releases kept on the desktop
 PROBE = "import sys, platform; print(sys.version_info[0], sys.version_info[1], platform.machine(), *platform.libc_ver())"
 
 
+UNIT_PLACEHOLDERS = ("@BUNDLE@", "@BUNDLE_SHA256@")  # in systemd/*.service, filled in by render_unit
+
+
 class StageError(Exception):
     """A release that cannot be built on the desktop; nothing on any Pi has changed yet."""
 
@@ -163,6 +166,14 @@ def _git_describe(source: Path) -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def render_unit(text: str, bundle_folder: str, bundle_sha256: str) -> str:
+    """A unit of the source tree as the release ships it: ``@BUNDLE@`` becomes the shipped
+    bundle's folder under ``models/`` and ``@BUNDLE_SHA256@`` its identity, which the service
+    then insists on (``--bundle-sha256``). Why at staging: a release carries its own units, so
+    a rollback restarts the previous release with the previous release's model."""
+    return text.replace("@BUNDLE_SHA256@", bundle_sha256).replace("@BUNDLE@", bundle_folder)
+
+
 def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
     """Build the release folder ``out/<version>`` (reused when it already exists)."""
     source, model = Path(source), Path(model)
@@ -183,6 +194,8 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
         if (model / name).is_file():
             (shipped_model / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(model / name, shipped_model / name)
+    for unit in sorted((work / "systemd").glob("*.service")):
+        unit.write_text(render_unit(unit.read_text(encoding="utf-8"), shipped_model.name, bundle.digest), encoding="utf-8")
     shutil.copy2(RELEASE_SCRIPT, work / "release.sh")
     (work / HEALTH_SLICE).parent.mkdir()
     (work / HEALTH_SLICE).write_bytes(health_slice())
@@ -205,6 +218,7 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
                     "name": bundle.name,
                     "version": bundle.manifest["version"],
                     "sha256": bundle.sha256(),
+                    "bundle_sha256": bundle.digest,
                 },
                 "extras": extras,
                 "requirements_sha256": requirements_sha256,

@@ -742,7 +742,8 @@ class Daemon:
             self.arrivals.scan()
             model = self.classifier.bundle.describe(self.classifier.format)
             log.info("watching %s with %s; state in %s", self.inbox, model, self.state,
-                     extra={"event": "ready", "model_sha256": self.classifier.sha256})
+                     extra={"event": "ready", "model_sha256": self.classifier.sha256,
+                            "bundle_sha256": self.classifier.bundle_sha256, "bundle": str(self.classifier.bundle.path)})
             self.notifier.ready(status=f"watching {self.inbox}")
             return self.loop()
         finally:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from deploy.stage import render_unit
+
 UNITS = sorted((Path(__file__).resolve().parents[1] / "systemd").glob("*.service"))
 MAX_EXPOSURE = 2.0
 
@@ -27,7 +29,8 @@ def installed(unit: Path, root: Path) -> Path:
         stub.parent.mkdir(parents=True, exist_ok=True)
         stub.write_text("#!/bin/sh\nexit 0\n")
         stub.chmod(0o755)
-    text = unit.read_text().replace("/opt/ctpi", str(prefix)).replace("/var/lib/ctpi", str(data))
+    text = render_unit(unit.read_text(), "mobilenetv2", "0" * 64)  # what deploy/stage.py ships
+    text = text.replace("/opt/ctpi", str(prefix)).replace("/var/lib/ctpi", str(data))
     target = root / unit.name
     target.write_text(text)
     return target
