@@ -5,9 +5,13 @@ PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 CTPI    := $(VENV)/bin/ctpi
-DATA    ?= ../shared/data/covid-ct
+DATA    ?= ../shared/data/covid-ct ../shared/data/sarscov2-ct
 ARCH    ?= mobilenetv2
-WEIGHTS ?= ../shared/weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5
+WEIGHTS_mobilenetv2 := ../shared/weights/mobilenet_v2_1.0_224_imagenet_notop.weights.h5
+WEIGHTS_resnet50    := ../shared/weights/resnet50_imagenet_c4.weights.h5
+WEIGHTS ?= $(WEIGHTS_$(ARCH))
+# one --data per source folder in DATA
+DATA_ARGS = $(foreach folder,$(DATA),--data $(folder))
 RUN     ?= runs/$(ARCH)
 OUT     ?= models/$(ARCH)
 SEEDS   ?=
@@ -54,22 +58,22 @@ lint: $(VENV)/.stamp-dev ## ruff
 run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
 	$(CTPI) run --model $(MODEL) --inbox $(INBOX) --state $(STATE) --host $(HOST) --port $(PORT)
 
-train: $(VENV)/.stamp-train ## fine-tune ARCH on DATA from WEIGHTS into RUN (SEEDS="42 1 2": one run per seed, averaged into RUN)
+train: $(VENV)/.stamp-train ## fine-tune ARCH on the DATA sources from WEIGHTS into RUN (SEEDS="42 1 2": one run per seed, averaged into RUN)
 ifeq ($(words $(SEEDS)),0)
-	$(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN) $(TRAIN_ARGS)
+	$(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN) $(TRAIN_ARGS)
 else
 	@set -e; for seed in $(SEEDS); do \
 	  echo "== member seed $$seed -> $(RUN)-seed$$seed"; \
-	  $(PY) -m train --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(TRAIN_ARGS); \
+	  $(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(TRAIN_ARGS); \
 	done
-	$(PY) -m train.ensemble --data $(DATA) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
+	$(PY) -m train.ensemble $(DATA_ARGS) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
 endif
 
-pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on DATA/train from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
-	$(PY) -m train.pretrain --arch $(ARCH) --data $(DATA) --weights $(WEIGHTS) --out $(SSL)
+pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on the first DATA source's train/ from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
+	$(PY) -m train.pretrain --arch $(ARCH) --data $(firstword $(DATA)) --weights $(WEIGHTS) --out $(SSL)
 
 convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int8, float16, float32, onnx) with the accuracy gate
-	$(PY) -m convert --run $(RUN) --data $(DATA) --out $(OUT)
+	$(PY) -m convert --run $(RUN) $(DATA_ARGS) --out $(OUT)
 
 bench: $(VENV)/.stamp-onnx ## on-device benchmark of MODEL with THREADS
 	$(CTPI) bench --model $(MODEL) --threads $(THREADS)

@@ -1,8 +1,9 @@
 """``python -m convert``: a training run to a verified model bundle, through the accuracy gate.
 
 Steps: read ``RUN/run.json`` and ``RUN/model.keras``; draw the int8 calibration slices from
-``DATA/train``; convert to every requested format; assemble a candidate bundle; score every
-format against the Keras float model on ``DATA/val`` and on the unused training slices; refuse
+``DATA/train`` (equally from every source when ``--data`` is repeated); convert to every
+requested format; assemble a candidate bundle; score every format against the Keras float
+model on ``DATA/val`` (pooled and per source) and on the unused training slices; refuse
 the conversion (exit 1) when a format fails the gate; benchmark the candidate with
 ``ctpi bench``; write the final bundle with its figures and ``MODEL_CARD.md``.
 
@@ -43,7 +44,7 @@ from convert.run import RunError, load_run
 from device.backends import BackendError
 from device.bundle import FORMATS, BundleError, load_bundle
 from device.classifier import Classifier
-from device.dataset import fingerprint, list_examples
+from device.dataset import combined_fingerprint, fingerprint, list_examples
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_CALIBRATION_SAMPLES = 200
@@ -55,7 +56,8 @@ log = logging.getLogger("convert")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, required=True, help="training run folder (model.keras + run.json)")
-    parser.add_argument("--data", type=Path, required=True, help="ImageFolder root with train/ and val/")
+    parser.add_argument("--data", type=Path, action="append", required=True,
+                        help="ImageFolder root with train/ and val/, one per source, in the run's order (repeat)")
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated, from {', '.join(FORMATS)} (default: all)")
     parser.add_argument("--default-format", default=None, help="the format ctpi runs by default (default: int8 when present)")
@@ -100,16 +102,18 @@ def _figure_table(keras: dict, formats: dict, split: str) -> str:
     return "\n".join(rows)
 
 
-def _run_gate(candidate: Path, formats, referee: Classifier, splits: dict, reference: dict):
-    """Keras figures per split, every format's figures per split, and the gate's reasons to refuse."""
+def _run_gate(candidate: Path, formats, referee: Classifier, splits: dict, reference: dict, sources: dict):
+    """Keras figures per split, every format's figures per split (and per source under
+    ``sources``), and the gate's reasons to refuse."""
     keras_figures, keras_labels = {}, {}
     for split, slices in splits.items():
-        keras_figures[split], keras_labels[split] = reference_figures(referee, slices, reference[split])
+        keras_figures[split], keras_labels[split] = reference_figures(referee, slices, reference[split], sources[split])
     format_results, failures = {}, []
     for fmt in formats:
         classifier = Classifier(candidate, fmt)
         format_results[fmt] = {
-            split: format_figures(classifier, slices, reference[split], keras_labels[split], f"gate {fmt} on {split}")
+            split: format_figures(classifier, slices, reference[split], keras_labels[split], f"gate {fmt} on {split}",
+                                  sources[split])
             for split, slices in splits.items()
         }
         failures += check(format_results[fmt], keras_figures, fmt)
@@ -153,27 +157,40 @@ def convert(args, argv: list[str]) -> int:
     step(f"reading training run {args.run}")
     run = load_run(args.run)
     labels, spec = run.labels, run.spec
-    train_root, val_root = args.data / "train", args.data / "val"
-    train_examples = list_examples(train_root, labels)
-    val_examples = list_examples(val_root, labels)
-    train_fingerprint = fingerprint(train_examples, train_root)
+    roots = [Path(root) for root in args.data]
+    names = [root.resolve().name for root in roots]
+    seed = args.seed if args.seed is not None else int(run.info.get("seed") or 0)
+    train_examples, val_examples, calibration_examples, holdout_examples = [], [], [], []
+    source_of: dict[Path, str] = {}
+    fingerprints = []
+    for index, (name, root) in enumerate(zip(names, roots, strict=True)):
+        source_train, source_val = list_examples(root / "train", labels), list_examples(root / "val", labels)
+        fingerprints.append((name, fingerprint(source_train, root / "train")))
+        # int8 calibration draws equally from every source (the model must work on each).
+        share = args.calibration_samples // len(roots) + (index < args.calibration_samples % len(roots))
+        chosen, rest = stratified_split(source_train, share, seed)
+        train_examples += source_train
+        val_examples += source_val
+        calibration_examples += chosen
+        holdout_examples += rest
+        source_of.update({example.path: name for example in source_train + source_val})
+    train_fingerprint = combined_fingerprint(fingerprints)
     recorded = run.info["training_data"].get("fingerprint")
     if recorded != train_fingerprint:
         log.warning(
             "%s has fingerprint %s… but the run was trained on %s…: calibrating on other data than training",
-            train_root, train_fingerprint[:12], str(recorded)[:12],
+            " + ".join(map(str, roots)), train_fingerprint[:12], str(recorded)[:12],
         )
-    seed = args.seed if args.seed is not None else int(run.info.get("seed") or 0)
-    calibration_examples, holdout_examples = stratified_split(train_examples, args.calibration_samples, seed)
     step(
-        f"{len(train_examples)} train slices: {len(calibration_examples)} for calibration (seed {seed}), "
-        f"{len(holdout_examples)} held out; {len(val_examples)} val slices"
+        f"{len(train_examples)} train slices of {len(roots)} source(s): {len(calibration_examples)} for calibration "
+        f"(seed {seed}), {len(holdout_examples)} held out; {len(val_examples)} val slices"
     )
     calibration = load_slices(calibration_examples, spec, "calibration slices")
     splits = {
         GATED_SPLIT: load_slices(val_examples, spec, "val slices"),
         "train_holdout": load_slices(holdout_examples, spec, "held-out train slices"),
     }
+    split_sources = {split: [source_of[e.path] for e in slices.examples] for split, slices in splits.items()}
 
     step(f"loading {run.model_path}")
     model = run.load_model()
@@ -217,7 +234,7 @@ def convert(args, argv: list[str]) -> int:
         assemble_bundle(candidate, models, metrics={}, **identity)
 
         referee = Classifier(candidate, default_format)  # any format: only its decision rule is used
-        keras_figures, format_results, failures = _run_gate(candidate, formats, referee, splits, reference)
+        keras_figures, format_results, failures = _run_gate(candidate, formats, referee, splits, reference, split_sources)
         _check_reference(keras_figures, run.info["metrics"].get("val", {}).get("auc"))
         for split in splits:
             print(_figure_table(keras_figures, format_results, split), file=sys.stderr)
@@ -230,7 +247,7 @@ def convert(args, argv: list[str]) -> int:
             bench = {"error": "skipped (--no-bench)"}
         else:
             step(f"ctpi bench on the candidate, threads {args.bench_threads}")
-            bench = bench_formats(candidate, formats, args.bench_threads, args.bench_runs, val_root)
+            bench = bench_formats(candidate, formats, args.bench_threads, args.bench_runs, roots[0] / "val")
             if "error" in bench:
                 log.warning("benchmark: %s", bench["error"])
 
@@ -248,6 +265,7 @@ def convert(args, argv: list[str]) -> int:
             "bias_correction": int8_model is not None,
             "holdout": len(splits["train_holdout"].examples),
             "train_fingerprint_matches_run": recorded == train_fingerprint,
+            "sources": {name: sum(1 for e in calibration.examples if source_of[e.path] == name) for name in names},
         }
         command = "python -m convert " + shlex.join(argv)
         card = render_model_card(
@@ -261,6 +279,8 @@ def convert(args, argv: list[str]) -> int:
                 "train (calibration)": _counts(calibration.examples, labels),
                 "train (held out from calibration)": _counts(splits["train_holdout"].examples, labels),
                 "val": _counts(splits[GATED_SPLIT].examples, labels),
+                **({f"val, {name}": _counts([e for e in splits[GATED_SPLIT].examples if source_of[e.path] == name], labels)
+                    for name in names} if len(names) > 1 else {}),
             },
             calibration=calibration_info,
             metrics={"keras": keras_figures, "formats": format_results},
@@ -285,11 +305,11 @@ def convert(args, argv: list[str]) -> int:
     step("fitting the input guard on the training slices (python -m convert.guard)")
     from convert.guard import fit_for_conversion  # the input guard, fitted on the same training slices
 
-    bundle = fit_for_conversion(args.out, args.data)
+    bundle = fit_for_conversion(args.out, roots)
     step("calibrating P on val and choosing the uncertain band (python -m convert.calibrate)")
     from convert.calibrate import calibrate_bundle  # the same step that finalises a shipped bundle
 
-    sources = args.data if isinstance(args.data, list) else [args.data]
+    sources = roots
     calibrate_bundle(args.out, sources, command="python -m convert.calibrate " + shlex.join(
         ["--bundle", str(args.out), *(f"--data={source}" for source in sources)]))
     bundle = load_bundle(args.out)

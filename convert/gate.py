@@ -17,7 +17,7 @@ import numpy as np
 
 from convert.calibration import Slices
 from device.classifier import Classifier
-from device.metrics import binary_metrics
+from device.metrics import binary_metrics, source_metrics
 
 GATED_SPLIT = "val"
 
@@ -81,12 +81,22 @@ def score_format(classifier: Classifier, slices: Slices, description: str) -> tu
     return np.array(positive, dtype=np.float64), labels
 
 
-def reference_figures(classifier: Classifier, slices: Slices, reference: np.ndarray) -> tuple[dict, list[str]]:
-    """Keras float metrics with the bundle's threshold and decision rule, and its labels."""
+def _figures(y_true, positive, threshold: float, sources) -> dict:
+    """binary_metrics, with per-source figures under ``sources`` when there are several."""
+    if sources is None or len(set(sources)) < 2:
+        return binary_metrics(y_true, positive, threshold)
+    figures = source_metrics(y_true, positive, np.asarray(sources), threshold)
+    figures.pop("ece"), figures.pop("worst_source_auc")
+    return figures
+
+
+def reference_figures(classifier: Classifier, slices: Slices, reference: np.ndarray, sources=None) -> tuple[dict, list[str]]:
+    """Keras float metrics with the bundle's threshold and decision rule, and its labels
+    (``sources``: a source name per slice, for figures per source too)."""
     labels = [classifier.decide(row)[0] for row in reference]
     positive = reference[:, classifier.bundle.positive_index].astype(np.float64)
     y_true = slices.y_true(classifier.bundle.positive_label)
-    return _clean(binary_metrics(y_true, positive, classifier.threshold)), labels
+    return _clean(_figures(y_true, positive, classifier.threshold, sources)), labels
 
 
 def format_figures(
@@ -95,6 +105,7 @@ def format_figures(
     reference: np.ndarray,
     reference_labels: list[str],
     description: str,
+    sources=None,
 ) -> dict:
     """Metrics of one format on one split, plus its distance from Keras: label agreement and
     max/mean |delta P(positive)|."""
@@ -102,8 +113,13 @@ def format_figures(
     reference_positive = reference[:, classifier.bundle.positive_index].astype(np.float64)
     y_true = slices.y_true(classifier.bundle.positive_label)
     delta = np.abs(positive - reference_positive)
-    figures = binary_metrics(y_true, positive, classifier.threshold)
-    figures["agreement"] = float(np.mean([a == b for a, b in zip(labels, reference_labels, strict=True)])) if labels else float("nan")
+    figures = _figures(y_true, positive, classifier.threshold, sources)
+    agree = np.array([a == b for a, b in zip(labels, reference_labels, strict=True)])
+    figures["agreement"] = float(agree.mean()) if labels else float("nan")
+    for name, per_source in figures.get("sources", {}).items():
+        member = np.asarray(sources) == name
+        per_source["agreement"] = float(agree[member].mean())
+        per_source["max_abs_delta"] = float(delta[member].max())
     figures["max_abs_delta"] = float(delta.max()) if delta.size else float("nan")
     figures["mean_abs_delta"] = float(delta.mean()) if delta.size else float("nan")
     return _clean(figures)

@@ -12,25 +12,36 @@ INTENDED_USE = """\
 **Decision support for triage, not a diagnostic device.** The model gives each axial lung CT
 slice a probability that it shows COVID-19 pneumonia patterns, so that a radiologist can look
 at likely-positive studies first. It must not be used to rule COVID-19 in or out, to decide
-treatment, or without a clinician reading the images. It has not been validated on scanner
-output of any hospital, only on the public research data set below."""
+treatment, or without a clinician reading the images. It was measured only on the public
+research data listed below: before go-live a hospital checks it on its own labelled slices
+(`ctpi site-check`)."""
+
+SOURCES = {
+    "covid-ct": "COVID-CT (Zhao et al., arXiv:2003.13865): figures cut out of papers (COVID) and slices "
+                "from other public sources (non-COVID); official patient-disjoint split",
+    "sarscov2-ct": "SARS-CoV-2 CT-scan dataset (Soares et al., medRxiv 2020.04.24.20078584): scanner exports "
+                   "of real patients of hospitals in São Paulo, non-COVID patients often with other lung "
+                   "diseases; split by (pseudo-)patient",
+}
 
 FAILURE_MODES = """\
-- **Figure crops, not scanner slices.** The COVID slices of the training data were cut out of
-  figures in papers; the non-COVID ones come from other sources (MedPix, LUNA, Radiopaedia,
-  PMC). The model may have learnt *where a picture came from* as much as what the lung shows.
-  Expect lower accuracy on real DICOM series.
-- **Burnt-in arrows, letters, scale bars** from the figures are in many training slices and
-  correlate with the label; annotated images can push the score either way.
-- **Mode and size shortcuts.** In the source data, colour mode, alpha channel and image size
-  correlate with the label. Preprocessing removes mode and size (one grey channel, letterboxed,
-  contrast-stretched), but crops that look like a paper figure may still be scored as COVID.
-- **Label noise.** At least two training slices labelled non-COVID are COVID figures from a
-  COVID-19 paper; the data set was labelled from figure captions.
-- **Small validation set.** val has {val_slices} slices; one slice is {val_step:.2f} points of
-  accuracy. Confidence intervals on every figure above are wide.
-- **Out of scope:** other pneumonias were only present as non-COVID examples by chance, not
-  by design; non-lung or non-axial images get a score anyway (the model cannot refuse them)."""
+- **Two sources are not every hospital.** Selection used the worst of the sources' val AUC and
+  one threshold serves both, but another scanner, window or export path can still shift the
+  scores: check on local slices (`ctpi site-check`) before relying on the threshold.
+- **Figure crops.** COVID-CT's COVID slices were cut out of papers, its non-COVID ones come
+  from other sources (MedPix, LUNA, Radiopaedia, PMC): a model can learn *where a picture came
+  from*. Burnt-in arrows, letters and scale bars are in many of those slices.
+- **Shortcuts in the files.** Colour mode, alpha channel and image size correlate with the
+  label in both sources. Preprocessing removes mode (one grey channel) but letterboxing keeps
+  the aspect ratio visible.
+- **Label noise.** COVID-CT was labelled from figure captions (at least two non-COVID training
+  slices are COVID figures); the São Paulo patients are grouped into coarse pseudo-patients.
+- **Small validation sets.** val has {val_slices} slices; one slice is {val_step:.2f} points of
+  accuracy on the pooled set and more on the smaller source. Val chose the epoch and the
+  threshold, so its figures are optimistic.
+- **Out of scope:** slices that are not axial chest CT are refused by the input guard where it
+  recognises them (see its section); what slips through still gets a score. Other pneumonias
+  appear only as non-COVID examples, not by design."""
 
 
 def _size(size_bytes: int) -> str:
@@ -61,6 +72,40 @@ def _metrics_table(keras: dict, formats: dict, sizes: dict, split: str) -> list[
             f"{_number(got['mean_abs_delta'], 4)} | {_size(sizes[fmt])} |"
         )
     return rows
+
+
+def _source_lines(training_data: dict) -> list[str]:
+    """One line per training source: what it is, its fingerprint and slice counts."""
+    sources = training_data.get("sources") or []
+    if not sources:
+        return []
+    lines = [f"**Sources** ({len(sources)}; batches drew every source × label cell equally often):", ""]
+    for source in sources:
+        counts = source.get("counts", {})
+        lines.append(f"- `{source['name']}`: {SOURCES.get(source['name'], 'an ImageFolder of CT slices')}; "
+                     f"train {counts.get('train')}, val {counts.get('val')}, train fingerprint `{source['fingerprint'][:16]}…`")
+    return [*lines, ""]
+
+
+def _per_source_tables(keras: dict, formats: dict, split: str) -> list[str]:
+    """val figures of every format per source, at the bundle's one threshold."""
+    names = list(keras[split].get("sources", {}))
+    if len(names) < 2:
+        return []
+    lines = [f"### {split} per source (one threshold for all)", ""]
+    for name in names:
+        lines += [
+            f"**{name}**",
+            "",
+            "| model | slices | accuracy | sensitivity | specificity | ROC AUC | agreement with Keras |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for model, figures in [("Keras float", keras[split]), *[(fmt, f[split]) for fmt, f in formats.items()]]:
+            got = figures["sources"][name]
+            lines.append(f"| {model} | {got['n']} | {_number(got['accuracy'])} | {_number(got['sensitivity'])} | "
+                         f"{_number(got['specificity'])} | {_number(got['auc'])} | {_number(got.get('agreement')) if model != 'Keras float' else '—'} |")
+        lines.append("")
+    return lines
 
 
 def _bench_section(bench: dict) -> list[str]:
@@ -163,12 +208,12 @@ def render_model_card(
         "## Data and split",
         "",
         f"Trained on **{manifest['training_data'].get('name', 'unknown data')}** (training-data fingerprint "
-        f"`{str(manifest['training_data'].get('fingerprint', ''))[:16]}…`, see `manifest.json`) with the data "
-        "set's official patient-disjoint split: fitted on train, selected (epoch, threshold) on val. Any test "
-        "split was not used here; it is held back for people who did not tune on it. The val figures below "
-        "therefore include model selection on val: they are optimistic. For COVID-CT (Zhao et al., "
-        "arXiv:2003.13865) see the data set's README for the split's provenance.",
+        f"`{str(manifest['training_data'].get('fingerprint', ''))[:16]}…`, see `manifest.json`) with each data "
+        "set's patient-disjoint split: fitted on train, selected (epoch, threshold) on val. Test splits and "
+        "held-back patients were not used here; they are kept for people who did not tune on them. The val "
+        "figures below therefore include model selection on val: they are optimistic.",
         "",
+        *_source_lines(manifest["training_data"]),
         "| split | " + " | ".join(manifest["labels"]) + " | total |",
         "|---|" + "---|" * (len(manifest["labels"]) + 1),
     ]
@@ -202,6 +247,7 @@ def render_model_card(
         "",
         *_metrics_table(metrics["keras"], metrics["formats"], sizes, "val"),
         "",
+        *_per_source_tables(metrics["keras"], metrics["formats"], "val"),
         "### train slices not used for calibration",
         "",
         "Seen in training, so accuracy here is not a generalisation figure; it is a larger sample for "

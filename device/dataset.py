@@ -67,3 +67,12 @@ def fingerprint(examples: list[Example], root: Path) -> str:
         content = hashlib.sha256(example.path.read_bytes()).hexdigest()
         digest.update(f"{example.path.relative_to(root).as_posix()}\t{example.label}\t{content}\n".encode())
     return digest.hexdigest()
+
+
+def combined_fingerprint(named: list[tuple[str, str]]) -> str:
+    """One fingerprint for the same split of several sources, from (source name, fingerprint)
+    pairs in order: the split's own fingerprint for a single source, so one-source runs and
+    bundles keep the fingerprints they always had."""
+    if len(named) == 1:
+        return named[0][1]
+    return hashlib.sha256("|".join(f"{name}:{value}" for name, value in named).encode()).hexdigest()

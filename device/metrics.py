@@ -168,7 +168,7 @@ def worst_source_auc(y_true, scores, sources) -> float:
 def _names(groups: np.ndarray) -> list:
     """Source names in first-appearance order (the order the data folders were given)."""
     _, first = np.unique(groups, return_index=True)
-    return [groups[i] for i in sorted(first)]
+    return [str(groups[i]) for i in sorted(first)]
 
 
 def source_metrics(y_true, scores, sources, threshold: float) -> dict:
@@ -210,7 +210,7 @@ def choose_threshold_by_source(y_true, scores, sources, rule: str = "youden", mi
     for name in names:
         member = groups == name
         if y[member].min() == y[member].max():
-            raise ValueError(f"threshold selection needs both classes in every source; {name!r} has one")
+            raise ValueError(f"threshold selection needs both classes in every source; '{name}' has one")
     unique = np.unique(s)
     candidates = np.concatenate([[unique[0]], (unique[1:] + unique[:-1]) / 2.0, [np.nextafter(unique[-1], np.inf)]])
     predicted = s[None, :] >= candidates[:, None]  # candidates x slices

@@ -7,7 +7,10 @@ import pytest
 from device.cli import main
 from device.dataset import list_examples
 
-EVALUATE_KEYS = {"n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "confusion", "threshold"}
+EVALUATE_KEYS = {
+    "n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "confusion", "threshold",
+    "ece", "refused", "sources", "worst_source_auc",
+}
 
 
 def run_json(capsys, argv):

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from device.metrics import binary_metrics, choose_threshold, expected_calibration_error
+from device.metrics import choose_threshold_by_source, source_metrics
 from device.preprocess import PreprocessSpec
 from train import report
-from train.data import DataError, load_split
+from train.data import DataError
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def member_models(model) -> list:
     return [layer for layer in model.layers if layer.name.startswith(MEMBER_PREFIX)]
 
 
-def ensemble_run(runs: list[Path], data: Path, out: Path, cache_dir: Path | None = Path(".cache/train"),
+def ensemble_run(runs: list[Path], data: list[Path] | Path, out: Path, cache_dir: Path | None = Path(".cache/train"),
                  command: str = "", seed: int = 0) -> dict:
     """Build, score on val and write ``out`` as a complete run folder; returns its ``run.json``."""
     started = time.perf_counter()
@@ -106,10 +106,13 @@ def ensemble_run(runs: list[Path], data: Path, out: Path, cache_dir: Path | None
     labels, positive = first["labels"], first["positive_label"]
     positive_index = labels.index(positive)
     spec = PreprocessSpec.from_manifest(first["preprocessing"])
-    val = load_split(Path(data) / "val", labels, spec, cache_dir, show_progress=True)
-    if val.fingerprint != first["training_data"]["val_fingerprint"]:
-        raise EnsembleError(f"{Path(data) / 'val'} is not the val split the members were selected on")
-    y_val = (val.targets == positive_index).astype(np.int64)
+    from train.run import load_val
+
+    roots = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
+    val, val_targets, val_fingerprint = load_val(roots, labels, spec, cache_dir)
+    if val_fingerprint != first["training_data"]["val_fingerprint"]:
+        raise EnsembleError(f"the val splits of {', '.join(map(str, roots))} are not those the members were selected on")
+    y_val = (val_targets == positive_index).astype(np.int64)
 
     import keras
 
@@ -125,9 +128,8 @@ def ensemble_run(runs: list[Path], data: Path, out: Path, cache_dir: Path | None
     if not np.allclose(val_scores, np.mean(member_scores, axis=0), atol=1e-5):
         raise AssertionError("the ensemble graph does not compute the mean of its members")  # a Keras regression
 
-    threshold = choose_threshold(y_val, val_scores, first["threshold_rule"])
-    val_metrics = binary_metrics(y_val, val_scores, threshold)
-    val_metrics["ece"] = expected_calibration_error(y_val, val_scores)
+    threshold = choose_threshold_by_source(y_val, val_scores, val.sources, first["threshold_rule"])
+    val_metrics = source_metrics(y_val, val_scores, val.sources, threshold)
     from device.metrics import roc_auc
 
     member_rows = [
@@ -145,9 +147,9 @@ def ensemble_run(runs: list[Path], data: Path, out: Path, cache_dir: Path | None
     _write_scores(out / "val_scores.csv", val, labels, val_scores)
     _write_member_scores(out / "member_val_scores.csv", val, member_rows, member_scores)
     _plot_members(member_rows, member_scores, y_val, val_metrics, out / "training_curves.png", runs)
-    report.plot_roc(y_val, val_scores, val_metrics, out / "roc.png")
+    report.plot_roc(y_val, val_scores, val_metrics, out / "roc.png", val.sources)
     report.plot_confusion(val_metrics, positive, labels[1 - positive_index], out / "confusion_matrix.png")
-    report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png")
+    report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png", val.sources)
     cams = _member_gradcams(members, val, labels, positive_index, y_val, val_scores, threshold, out, seed)
 
     metrics = {
@@ -226,9 +228,9 @@ def _member_gradcams(members, val, labels, positive_index, y_val, scores, thresh
 def _write_member_scores(path: Path, val, rows: list[dict], member_scores: list[np.ndarray]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", *[row["run"] for row in rows]])
-        for index, (relative, label) in enumerate(zip(val.paths, val.labels, strict=True)):
-            writer.writerow([relative, label, *[repr(float(scores[index])) for scores in member_scores]])
+        writer.writerow(["path", "source", "label", *[row["run"] for row in rows]])
+        for index, (relative, source, label) in enumerate(zip(val.relative, val.sources, val.labels, strict=True)):
+            writer.writerow([relative, source, label, *[repr(float(scores[index])) for scores in member_scores]])
 
 
 def _plot_members(rows, member_scores, y_val, val_metrics, path: Path, runs) -> None:
@@ -264,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Average finished training runs (same labels, data and preprocessing) into one run folder.",
     )
     parser.add_argument("--runs", type=Path, nargs="+", required=True, help="member run folders")
-    parser.add_argument("--data", type=Path, required=True, help="the ImageFolder the members were trained on")
+    parser.add_argument("--data", type=Path, action="append", required=True,
+                        help="an ImageFolder the members were trained on (repeat for each source, in the same order)")
     parser.add_argument("--out", type=Path, required=True, help="run folder to write")
     parser.add_argument("--cache", type=lambda value: Path(value) if value else None, default=Path(".cache/train"),
                         help="preprocessed-slice cache folder ('' for none)")

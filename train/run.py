@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from device.dataset import combined_fingerprint
 from device.metrics import choose_threshold_by_source, source_metrics
 from device.preprocess import PreprocessSpec
 from train import report
@@ -181,7 +182,8 @@ def train_run(config: RunConfig) -> dict:
     val_scores = predict_positive(best, val_pixels, positive_index)
     threshold = choose_threshold_by_source(y_val, val_scores, val_sources, recipe.threshold_rule)
     val_metrics = source_metrics(y_val, val_scores, val_sources, threshold)
-    val = ScoredVal(val_paths, [labels[i] for i in val_targets], val_pixels, val_sources)
+    val = ScoredVal(val_paths, [labels[i] for i in val_targets], val_pixels, val_sources,
+                    [path for source in sources for path in source.val.paths])
 
     _write_history(out / "history.csv", history)
     _write_scores(out / "val_scores.csv", val, labels, val_scores)
@@ -236,18 +238,33 @@ class ScoredVal:
     labels: list[str]
     pixels: np.ndarray
     sources: np.ndarray
+    relative: list[str]  # the path inside its source's val split
+
+
+def load_val(roots: list[Path], labels: list[str], spec: PreprocessSpec, cache_dir: Path | None,
+             show_progress: bool = True) -> tuple[ScoredVal, np.ndarray, str]:
+    """Val of every source folder stacked (as the run scored it), its label indices, and the
+    combined val fingerprint :func:`training_data` records (to check it is the same val)."""
+    from train.data import load_split
+
+    splits = [(Path(root).resolve().name, load_split(Path(root) / "val", labels, spec, cache_dir, show_progress))
+              for root in roots]
+    val = ScoredVal(
+        [f"{name}/{path}" for name, split in splits for path in split.paths],
+        [label for _, split in splits for label in split.labels],
+        np.concatenate([split.pixels for _, split in splits]),
+        np.concatenate([np.full(len(split.paths), name) for name, split in splits]),
+        [path for _, split in splits for path in split.paths],
+    )
+    targets = np.concatenate([split.targets for _, split in splits])
+    return val, targets, combined_fingerprint([(name, split.fingerprint) for name, split in splits])
 
 
 def training_data(sources, labels: list[str]) -> dict:
     """``run.json``'s data record: each source's name, fingerprints and counts, and combined
     fingerprints (a hash of the sources' in order) under the keys single-source runs used."""
-    import hashlib
-
     def combined(key: str) -> str:
-        if len(sources) == 1:
-            return getattr(sources[0], key).fingerprint
-        text = "|".join(f"{s.name}:{getattr(s, key).fingerprint}" for s in sources)
-        return hashlib.sha256(text.encode()).hexdigest()
+        return combined_fingerprint([(s.name, getattr(s, key).fingerprint) for s in sources])
 
     def total(split: str) -> dict:
         return {label: sum(getattr(s, split).counts(labels)[label] for s in sources) for label in labels}
@@ -286,12 +303,13 @@ def _write_history(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def _write_scores(path: Path, split, labels: list[str], scores: np.ndarray) -> None:
+def _write_scores(path: Path, split: ScoredVal, labels: list[str], scores: np.ndarray) -> None:
+    """``val_scores.csv``: path inside the source's val split, source, label, P(positive)."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path", "label", "positive_probability"])
-        for relative, label, score in zip(split.paths, split.labels, scores, strict=True):
-            writer.writerow([relative, label, repr(float(score))])
+        writer.writerow(["path", "source", "label", "positive_probability"])
+        for relative, source, label, score in zip(split.relative, split.sources, split.labels, scores, strict=True):
+            writer.writerow([relative, source, label, repr(float(score))])
 
 
 def _gradcam_figures(heatmaps, val, labels, positive_index, y_val, scores, threshold, out: Path, seed: int,
