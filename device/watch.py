@@ -59,6 +59,22 @@ class StorageError(RuntimeError):
     """The state folder cannot take more results (read-only, full, I/O error)."""
 
 
+# Crash tests only: a named point where the daemon stops itself (SIGSTOP) so that a test can
+# SIGKILL it exactly there, e.g. between "journal committed" and "file moved". The crash is a
+# real kill -9; this only makes its timing deterministic. Read once, here; unset in production.
+PAUSE_ENVIRONMENT = "CTPI_TEST_PAUSE_AT"  # "committed" or "decoding:<inbox-relative path>"
+_PAUSE_AT = os.environ.get(PAUSE_ENVIRONMENT, "")
+
+
+def pause_point(name: str, subject: str = "") -> None:
+    """Stop this process at ``name`` when a crash test asked for it; otherwise nothing."""
+    if _PAUSE_AT and _PAUSE_AT in (name, f"{name}:{subject}"):
+        log.warning("stopped at %s %s for a crash test", name, subject, extra={"event": "paused", "point": name})
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
 # -- logging ----------------------------------------------------------------------------------
 
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
@@ -347,6 +363,7 @@ class Reader(threading.Thread):
                     f"the daemon stopped {attempts - 1} times while decoding this file (a decoder crash or the memory "
                     "limit); it was set aside without being decoded again",
                 )
+            pause_point("decoding", relative)
             if info.st_size > 0 and not os.access(path, os.R_OK):
                 raise BadSliceError("unreadable", "permission denied")
             data = read_source(path)
@@ -636,6 +653,7 @@ class Daemon:
             self.block(str(error))
             return
         self.batch.clear()
+        pause_point("committed")  # the dangerous window: recorded, not yet moved
         moved, folders = [], set()
         try:
             for record in recorded:

@@ -1,14 +1,21 @@
-"""Crash safety: files keep arriving while the daemon is SIGKILLed and restarted every second."""
+"""Crash safety: files keep arriving while the daemon is SIGKILLed and restarted every second.
+
+Every third life is killed exactly between "journal committed" and "file moved" (the daemon
+parks itself there when asked, see tests/test_watch_crash.py); the others at a random moment."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import threading
 import time
 
 import pytest
 
+from device.watch import PAUSE_ENVIRONMENT
 from tests.synthetic import NEGATIVE, POSITIVE
+from tests.test_watch_crash import stopped
 from tests.watchtools import DaemonProcess, drop, inbox_files, rows, sha256, slice_png, wait_for
 
 FILES = 300
@@ -33,14 +40,22 @@ def test_killed_daemon_loses_no_slice(tmp_path, tiny_bundle):
     arrivals = threading.Thread(target=writer)
     arrivals.start()
     rng = random.Random(5)
-    kills, deadline = 0, time.monotonic() + 90
+    kills, window_kills, logs, deadline = 0, 0, [], time.monotonic() + 120
     while kills < KILLS or arrivals.is_alive() or inbox_files(inbox):
         assert time.monotonic() < deadline, f"soak did not finish: {len(inbox_files(inbox))} files left"
-        daemon = DaemonProcess(inbox, state, tiny_bundle, "--log-format", "json", settle=0.2)
+        in_window = kills < KILLS and kills % 3 == 2 and (arrivals.is_alive() or bool(inbox_files(inbox)))
+        env = {PAUSE_ENVIRONMENT: "committed"} if in_window else None
+        daemon = DaemonProcess(inbox, state, tiny_bundle, "--log-format", "json", settle=0.2, env=env)
         try:
             daemon.wait_ready()
-            time.sleep(rng.uniform(0.3, 1.0))
-            if kills < KILLS:
+            if in_window:
+                wait_for(lambda process=daemon.process: stopped(process), 30, what="the daemon to park after a commit")
+                os.kill(daemon.process.pid, signal.SIGKILL)  # committed, not moved
+                daemon.process.wait(10)
+                window_kills += 1
+                kills += 1
+            elif kills < KILLS:
+                time.sleep(rng.uniform(0.3, 1.0))
                 daemon.kill()  # SIGKILL: no cleanup, mid-commit or mid-move
                 kills += 1
             else:
@@ -48,7 +63,11 @@ def test_killed_daemon_loses_no_slice(tmp_path, tiny_bundle):
                 assert daemon.terminate() == 0
         finally:
             daemon.close()
+            logs.append(daemon.log_path.read_text(errors="replace"))
     arrivals.join()
+    recovered = sum(log.count('"event": "recovered"') for log in logs)
+    print(f"{kills} kills, {window_kills} between commit and move, {recovered} interrupted moves recovered")
+    assert window_kills >= 2 and recovered >= window_kills  # each window kill left at least one move to finish
     records = rows(state)
     assert len(records) == FILES, f"{len(records)} records for {FILES} files"
     assert len({r["path"] for r in records}) == FILES, "a file was recorded twice"
