@@ -31,7 +31,7 @@ from device.preprocess import BadSliceError, decode_slice
 log = logging.getLogger(__name__)
 
 DEFAULT_QUANTILE = 99.5
-DEFAULT_MARGIN = 1.1
+DEFAULT_MARGIN = 1.0
 DEFAULT_SHRINKAGE = 0.1
 GUARD_START, GUARD_END = "<!-- section:guard -->", "<!-- /section:guard -->"
 
@@ -102,7 +102,7 @@ def measure(guard: Guard, data: list[Path], negative_seed: int = 1) -> dict:
     figures = {"sources": {}, "negatives": {}}
     for root in data:
         figures["sources"][Path(root).name] = {split: acceptance(guard, slice_files(root, split)) for split in ("train", "val")}
-    for category, files in negatives(negative_seed).items():
+    for category, files in negatives(negative_seed, part=None).items():  # both parts: nothing is fitted on them
         result = acceptance(guard, files)
         result["rate_refused"] = result["refused"] / result["n"] if result["n"] else None
         figures["negatives"][category] = result
@@ -134,9 +134,11 @@ def guard_section(figures: dict, command: str) -> str:
         "",
         "Before a slice is scored, `device/guard.py` decides whether it is an axial chest CT slice; anything else is "
         "refused with reason `not-ct` (`ctpi predict`, the watch daemon's `rejected/`, the page; `--no-guard` skips it). "
-        "Rules refuse colour images, flat images, noise and images without dark lungs inside a body; then one Gaussian "
-        f"per training source over {len(FEATURE_NAMES)} image features (`{GUARD_FILE}`, hashed in the manifest) refuses "
-        "what is unlike every source's train slices.",
+        "A DICOM file whose header says it is not CT (Modality), not axial (ImageOrientationPatient, 30° tolerance) or "
+        "not the chest (BodyPartExamined HEAD, ABDOMEN...) is refused at once. Rules refuse colour images, flat images, "
+        "noise and images without dark lungs inside a body; then one Gaussian per training source over "
+        f"{len(FEATURE_NAMES)} features of a 64-pixel thumbnail (`{GUARD_FILE}`, hashed in the manifest) refuses what is "
+        "unlike every source's train slices.",
         "",
         "| real CT source | split | slices | accepted |",
         "|---|---|---|---|",
@@ -153,8 +155,9 @@ def guard_section(figures: dict, command: str) -> str:
         f"| **all** | {overall['n']} | **{overall['rate_refused']:.1%}** |",
         "",
         "Train slices fitted the guard, so their acceptance is optimistic; val was not used. The negatives are built "
-        "from package sample images and synthetic renderings (`convert/guard_negatives.py`); the synthetic X-ray, "
-        "coronal, head and abdominal CT images are simple phantoms, so real ones of those kinds may pass more often. "
+        "from package sample images and synthetic renderings (`convert/guard_negatives.py`, both parts) and were never "
+        "used for fitting; the synthetic X-ray, coronal, head and abdominal CT images are simple phantoms, so real "
+        "images of those kinds given as PNG or JPEG may pass more often (as DICOM their header refuses them). "
         "A lung-base slice that is mostly abdomen can be refused.",
         "",
         f"Refit with: `{command}`",

@@ -4,8 +4,13 @@ Built only from what installable packages ship (scikit-image's and scikit-learn'
 images, matplotlib's and pydicom's sample data) and from synthetic renderings: patterns,
 documents, screenshots, and a 3-D chest phantom rendered as a radiograph, coronal and sagittal
 reconstructions, plus head and abdominal CT, ultrasound, mammography and fundus look-alikes.
-Each category is a function ``rng -> list[PIL.Image]``; every image then goes through the
+Each category is a function ``(rng, part) -> list[PIL.Image]``; every image then goes through the
 device's own decoding (PNG or JPEG bytes), as a file on the appliance would.
+
+Two disjoint parts: ``fit`` (what the guard's discriminant is fitted on) and ``measure`` (what
+its figures are measured on). Package sample images are dealt alternately to the two parts, so
+no sample image (nor a crop of it) is in both; synthetic renderings use different random
+streams per part.
 """
 
 from __future__ import annotations
@@ -21,6 +26,14 @@ from PIL import Image, ImageDraw, ImageFilter
 log = logging.getLogger(__name__)
 
 WORDS = "the patient was admitted with fever cough and dyspnoea chest ct showed bilateral ground glass opacities report table figure results methods".split()
+
+
+PARTS = ("fit", "measure")
+
+
+def _share(items: list, part: str | None) -> list:
+    """This part's half of a list of sample images (all of them when ``part`` is None)."""
+    return list(items) if part is None else list(items)[PARTS.index(part) :: 2]
 
 
 def _skimage(names: list[str]) -> list[Image.Image]:
@@ -55,8 +68,8 @@ def _crops(images: list[Image.Image], rng: np.random.Generator, per_image: int) 
     return out
 
 
-def photos(rng):
-    names = ["astronaut", "chelsea", "coffee", "rocket", "motorcycle", "colorwheel", "hubble_deep_field", "logo"]
+def photos(rng, part=None):
+    names = ["astronaut", "chelsea", "coffee", "rocket", "cat", "colorwheel", "hubble_deep_field", "logo"]
     images = _skimage(names)
     try:
         from sklearn.datasets import load_sample_images
@@ -71,12 +84,39 @@ def photos(rng):
             images.append(Image.open(io.BytesIO(handle.read())).convert("RGB"))
     except (ImportError, OSError):
         pass
-    return _crops(images, rng, 2)
+    return _crops(_share(images, part), rng, 2)
 
 
-def grey_photos(rng):
-    images = _skimage(["camera", "coins", "moon", "grass", "gravel", "brick", "clock", "horse", "cell"])
-    images += [image.convert("L") for image in photos(np.random.default_rng(int(rng.integers(1 << 30))))[::3]]
+def _faces(count: int) -> list[Image.Image]:
+    try:
+        from skimage import data
+
+        faces = data.lfw_subset()
+    except Exception as error:  # ImportError, or a sample that needs a download
+        log.info("skimage.data.lfw_subset unavailable: %s", error)
+        return []
+    return [Image.fromarray((255 * face).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC) for face in faces[:count]]
+
+
+def _terrain() -> list[Image.Image]:
+    """matplotlib's elevation samples rendered as grey images (aerial-like scenes)."""
+    images = []
+    try:
+        import matplotlib.cbook
+
+        for name, key in (("jacksboro_fault_dem.npz", "elevation"), ("topobathy.npz", "topo")):
+            with np.load(matplotlib.cbook.get_sample_data(name, asfileobj=False)) as archive:
+                array = archive[key].astype(np.float32)
+            images.append(Image.fromarray((255 * (array - array.min()) / max(1e-6, float(np.ptp(array)))).astype(np.uint8)))
+    except (ImportError, OSError, KeyError, ValueError) as error:
+        log.info("matplotlib's elevation samples unavailable: %s", error)
+    return images
+
+
+def grey_photos(rng, part=None):
+    names = ["camera", "coins", "moon", "grass", "gravel", "brick", "clock", "horse", "cell"]
+    images = _share(_skimage(names) + _terrain() + _faces(16), part)
+    images += [image.convert("L") for image in photos(np.random.default_rng(int(rng.integers(1 << 30))), part)[::3]]
     return _crops(images, rng, 1)
 
 
@@ -95,13 +135,13 @@ def _text_page(rng, size=(600, 800), dark=False) -> Image.Image:
     return page.filter(ImageFilter.GaussianBlur(rng.uniform(0, 0.8)))
 
 
-def documents(rng):
-    images = _skimage(["page", "text"])
+def documents(rng, part=None):
+    images = _share(_skimage(["page", "text"]), part)
     images += [_text_page(rng, (int(rng.integers(300, 900)), int(rng.integers(300, 1100))), dark=rng.uniform() < 0.15) for _ in range(20)]
     return images
 
 
-def screenshots(rng):
+def screenshots(rng, part=None):
     images = []
     for index in range(20):
         dark = index % 3 == 0
@@ -123,7 +163,15 @@ def screenshots(rng):
     return images
 
 
-def patterns(rng):
+def _one_over_f(rng, size: int) -> np.ndarray:
+    """A random field with a natural image's 1/f amplitude spectrum (clouds, foliage, terrain)."""
+    fy, fx = np.meshgrid(np.fft.fftfreq(size), np.fft.fftfreq(size), indexing="ij")
+    amplitude = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / size) ** rng.uniform(0.8, 1.6)
+    field = np.real(np.fft.ifft2(amplitude * np.exp(2j * np.pi * rng.uniform(size=(size, size)))))
+    return 255 * (field - field.min()) / max(1e-9, float(np.ptp(field)))
+
+
+def patterns(rng, part=None):
     size = 256
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     images = []
@@ -139,8 +187,9 @@ def patterns(rng):
         images.append(127 + 127 * np.sin(2 * np.pi * (xx * rng.uniform(1, 20) + yy * rng.uniform(0, 20))))
         blobs = Image.fromarray(rng.uniform(0, 255, (16, 16)).astype(np.uint8)).resize((size, size), Image.Resampling.BICUBIC)
         images.append(255.0 * (np.asarray(blobs) > 128))
+        images.append(_one_over_f(rng, size))
     images = [Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)) for a in images]
-    images += _skimage(["checkerboard"])
+    images += _share(_skimage(["checkerboard", "binary_blobs"]), part)
     return images
 
 
@@ -183,7 +232,7 @@ def _stretch(image: Image.Image, rng) -> Image.Image:
     return image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.BILINEAR)
 
 
-def coronal_sagittal_ct(rng):
+def coronal_sagittal_ct(rng, part=None):
     images = []
     for _ in range(12):
         hu = chest_volume(rng)
@@ -196,7 +245,7 @@ def coronal_sagittal_ct(rng):
     return images
 
 
-def chest_xrays(rng):
+def chest_xrays(rng, part=None):
     images = []
     for _ in range(12):
         hu = chest_volume(rng)
@@ -213,8 +262,8 @@ def _axial_canvas(rng, height=192, width=224):
     return yy, xx, np.full((height, width), -1000.0, np.float32)
 
 
-def head_ct(rng):
-    images = _skimage(["shepp_logan_phantom"])
+def head_ct(rng, part=None):
+    images = _share(_skimage(["shepp_logan_phantom"]), part)
     for _ in range(12):
         yy, xx, hu = _axial_canvas(rng, 224, 224)
         ry, rx = rng.uniform(80, 100), rng.uniform(65, 85)
@@ -228,7 +277,7 @@ def head_ct(rng):
     return images
 
 
-def abdominal_ct(rng):
+def abdominal_ct(rng, part=None):
     images = []
     for _ in range(12):
         yy, xx, hu = _axial_canvas(rng)
@@ -247,7 +296,7 @@ def abdominal_ct(rng):
     return images
 
 
-def mri(rng):
+def mri(rng, part=None):
     images = []
     try:
         import matplotlib.cbook
@@ -255,7 +304,8 @@ def mri(rng):
         with matplotlib.cbook.get_sample_data("s1045.ima.gz") as handle:
             raw = gzip.decompress(handle.read()) if not hasattr(handle, "name") or str(handle.name).endswith(".gz") else handle.read()
         brain = np.frombuffer(raw, np.uint16).astype(np.float32).reshape(256, 256)
-        images.append(Image.fromarray((255 * brain / brain.max()).astype(np.uint8)))
+        if part != "fit":
+            images.append(Image.fromarray((255 * brain / brain.max()).astype(np.uint8)))
     except (ImportError, OSError, ValueError) as error:
         log.info("matplotlib's MRI sample unavailable: %s", error)
     try:
@@ -264,7 +314,7 @@ def mri(rng):
 
         for name in ("MR_small.dcm",):  # shipped with pydicom; others would need a download
             path = get_testdata_file(name)
-            if path:
+            if path and part != "measure":
                 array = pydicom.dcmread(path).pixel_array.astype(np.float32)
                 array = array[0] if array.ndim == 3 else array
                 images.append(Image.fromarray((255 * array / max(1.0, array.max())).astype(np.uint8)))
@@ -282,7 +332,7 @@ def mri(rng):
     return images
 
 
-def ultrasound(rng):
+def ultrasound(rng, part=None):
     images = []
     for _ in range(12):
         height, width = 300, 400
@@ -300,7 +350,7 @@ def ultrasound(rng):
     return images
 
 
-def mammography(rng):
+def mammography(rng, part=None):
     images = []
     for _ in range(12):
         height, width = 400, 300
@@ -313,8 +363,8 @@ def mammography(rng):
     return images
 
 
-def fundus(rng):
-    images = _skimage(["retina", "microaneurysms"])
+def fundus(rng, part=None):
+    images = _share(_skimage(["retina", "microaneurysms"]), part)
     for _ in range(10):
         size = 300
         yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -327,8 +377,8 @@ def fundus(rng):
     return _crops(images, rng, 1)
 
 
-def histology(rng):
-    images = _skimage(["immunohistochemistry", "cell", "human_mitosis"])
+def histology(rng, part=None):
+    images = _share(_skimage(["immunohistochemistry", "cell", "human_mitosis"]), part)
     for _ in range(10):
         size = 300
         base = np.full((size, size, 3), (235, 200, 225), np.float32)
@@ -340,7 +390,7 @@ def histology(rng):
     return _crops(images, rng, 1)
 
 
-def dermatoscopy(rng):
+def dermatoscopy(rng, part=None):
     images = []
     for _ in range(12):
         size = 300
@@ -384,18 +434,20 @@ def encode(image: Image.Image, rng) -> bytes:
     return buffer.getvalue()
 
 
-def negatives(seed: int = 0) -> dict[str, list[bytes]]:
-    """Every category's images as encoded file bytes (deterministic for a seed)."""
+def negatives(seed: int = 0, part: str | None = "measure") -> dict[str, list[bytes]]:
+    """Every category's images of one part (``fit``, ``measure``; None: all sample images) as
+    encoded file bytes, deterministic for a seed and part."""
     out = {}
+    stream = 0 if part is None else 1 + PARTS.index(part)
     for index, (name, build) in enumerate(CATEGORIES.items()):
-        rng = np.random.default_rng([seed, index])
-        out[name] = [encode(image, rng) for image in build(rng)]
+        rng = np.random.default_rng([seed, index, stream])
+        out[name] = [encode(image, rng) for image in build(rng, part)]
     return out
 
 
-def write_negatives(folder: Path, seed: int = 0) -> None:
+def write_negatives(folder: Path, seed: int = 0, part: str | None = "measure") -> None:
     """Write the negatives as files, one subfolder per category (to look at them)."""
-    for name, files in negatives(seed).items():
+    for name, files in negatives(seed, part).items():
         sub = Path(folder) / "".join(c if c.isalnum() else "_" for c in name)
         sub.mkdir(parents=True, exist_ok=True)
         for index, data in enumerate(files):

@@ -1,8 +1,10 @@
 """DICOM slices: Hounsfield units and the lung window, without ever touching patient fields.
 
-Only pixel data and the three attributes needed to turn it into Hounsfield units are read
-(``RescaleSlope``, ``RescaleIntercept``, ``PhotometricInterpretation``); nothing here logs or
-returns patient identifiers. pydicom is imported lazily so PNG-only use does not pay for it.
+Only pixel data, the three attributes needed to turn it into Hounsfield units
+(``RescaleSlope``, ``RescaleIntercept``, ``PhotometricInterpretation``) and three that say what
+the image shows (``Modality``, ``BodyPartExamined``, ``ImageOrientationPatient``: the input
+guard's header check) are read; nothing here logs or returns patient identifiers. pydicom is
+imported lazily so PNG-only use does not pay for it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,27 @@ def apply_window(hounsfield: np.ndarray, level: float, width: float) -> np.ndarr
 
 def decode(data: bytes, window: tuple[float, float] = LUNG_WINDOW) -> tuple[np.ndarray, str]:
     """DICOM bytes to lung-windowed float intensities (0..255) and a mode description."""
+    pixels, mode, _header = decode_with_header(data, window)
+    return pixels, mode
+
+
+def _header(dataset) -> dict:
+    """What the image shows, for the input guard: ``modality`` and ``body_part`` (upper case,
+    "" when absent) and ``orientation`` (the six direction cosines, or None)."""
+    orientation = dataset.get("ImageOrientationPatient")
+    try:
+        cosines = tuple(float(v) for v in orientation) if orientation is not None else None
+    except (TypeError, ValueError):
+        cosines = None
+    return {
+        "modality": str(dataset.get("Modality", "") or "").strip().upper(),
+        "body_part": str(dataset.get("BodyPartExamined", "") or "").strip().upper(),
+        "orientation": cosines if cosines is not None and len(cosines) == 6 else None,
+    }
+
+
+def decode_with_header(data: bytes, window: tuple[float, float] = LUNG_WINDOW) -> tuple[np.ndarray, str, dict]:
+    """:func:`decode` plus the :func:`_header` of the file."""
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
@@ -61,4 +84,4 @@ def decode(data: bytes, window: tuple[float, float] = LUNG_WINDOW) -> tuple[np.n
         hounsfield = hounsfield.max() + hounsfield.min() - hounsfield
     level, width = window
     mode = f"{photometric}/{pixels.dtype.itemsize * 8}"
-    return apply_window(hounsfield, level, width), mode
+    return apply_window(hounsfield, level, width), mode, _header(dataset)

@@ -112,6 +112,7 @@ class DecodedSlice:
     width: int
     height: int
     colour: np.ndarray | None = None  # uint8 RGB thumbnail (<= 64 px a side) of colour files, for device.guard
+    dicom: dict | None = None  # DICOM only: modality, body_part, orientation (device.dicom), for device.guard
 
 
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -198,9 +199,9 @@ def decode_slice(source: Source) -> DecodedSlice:
     from device import dicom  # local: keeps pydicom off the import path of PNG-only users
 
     if dicom.is_dicom(data):
-        pixels, mode = dicom.decode(data)
+        pixels, mode, header = dicom.decode_with_header(data)
         _check_dimensions(pixels.shape[1], pixels.shape[0])
-        return DecodedSlice(pixels, "DICOM", mode, pixels.shape[1], pixels.shape[0])
+        return DecodedSlice(pixels, "DICOM", mode, pixels.shape[1], pixels.shape[0], dicom=header)
     try:
         image = Image.open(io.BytesIO(data), formats=None)
     except UnidentifiedImageError:

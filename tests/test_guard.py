@@ -17,7 +17,7 @@ from PIL import Image
 
 from device.bundle import BundleError, load_bundle
 from device.classifier import Classifier
-from device.guard import GUARD_FILE, features
+from device.guard import FEATURE_NAMES, GUARD_FILE, features, header_verdict
 from device.preprocess import BadSliceError, decode_slice
 from tests.synthetic import LABELS, NEGATIVE, POSITIVE, png_bytes, slice_array
 
@@ -204,4 +204,57 @@ def test_colour_thumbnail_only_for_colour_files():
     rgb = Image.fromarray(np.repeat(slice_array(POSITIVE, np.random.default_rng(1))[:, :, None], 3, axis=2))
     decoded = decode_slice(encoded(rgb))
     assert decoded.colour is not None and decoded.colour.shape[2] == 3
-    assert features(decoded)[-1] == 0.0  # a grey slice stored as RGB is not colourful
+    assert features(decoded)[FEATURE_NAMES.index("colour_fraction")] == 0.0  # a grey slice stored as RGB is not colourful
+
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0)
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+
+
+def dicom_slice(modality="CT", orientation=AXIAL, body_part=None, seed=3) -> bytes:
+    """A CT-like synthetic slice as a DICOM file (pixels stored so the lung window gives them back)."""
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    pixels = slice_array(POSITIVE, np.random.default_rng(seed), 128, 128).astype(np.float32)
+    stored = np.rint(pixels * 1500.0 / 255.0).astype(np.uint16)  # HU = stored - 1350: lung window low end
+    dataset.Rows, dataset.Columns = stored.shape
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+    dataset.RescaleSlope, dataset.RescaleIntercept = 1, -1350
+    dataset.PixelData = stored.tobytes()
+    dataset.Modality = modality
+    dataset.ImageOrientationPatient = list(orientation)
+    if body_part is not None:
+        dataset.BodyPartExamined = body_part
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+def test_dicom_header_decides_before_the_pixels():
+    assert decode_slice(dicom_slice()).dicom == {"modality": "CT", "body_part": "", "orientation": AXIAL}
+    assert header_verdict(decode_slice(dicom_slice())) is None
+    assert header_verdict(decode_slice(dicom_slice(body_part="CHEST_ABDOMEN"))) is None
+    assert header_verdict(decode_slice(dicom_slice(orientation=(0.97, 0.0, 0.26, 0.0, 1.0, 0.0)))) is None  # 15° tilt
+    assert header_verdict(decode_slice(ct_like(POSITIVE, 1))) is None  # a PNG has no header
+    for data, check, words in (
+        (dicom_slice(modality="MR"), "dicom-modality", "MR"),
+        (dicom_slice(orientation=CORONAL), "dicom-orientation", "coronal"),
+        (dicom_slice(orientation=SAGITTAL), "dicom-orientation", "sagittal"),
+        (dicom_slice(body_part="HEAD"), "dicom-body-part", "head"),
+        (dicom_slice(body_part="ABDOMEN"), "dicom-body-part", "abdomen"),
+    ):
+        verdict = header_verdict(decode_slice(data))
+        assert verdict is not None and not verdict.accepted and verdict.check == check, verdict
+        assert words in verdict.message and "not" in verdict.message
+
+
+def test_dicom_mr_or_coronal_is_refused_as_not_ct_and_an_axial_ct_is_scored(guarded_bundle):
+    classifier = Classifier(guarded_bundle)
+    assert classifier.predict(dicom_slice()).label in LABELS
+    for data in (dicom_slice(modality="MR"), dicom_slice(orientation=CORONAL), dicom_slice(body_part="HEAD")):
+        with pytest.raises(BadSliceError) as refused:
+            classifier.predict(data)
+        assert refused.value.reason == "not-ct" and "DICOM" in str(refused.value)
