@@ -242,16 +242,22 @@ COMMON = ["--img-size", str(IMG), "--head-epochs", "1", "--fine-epochs", "1", "-
           "--seed", "3"]
 
 
-@pytest.mark.slow
-def test_a_run_on_two_sources_reports_every_figure_per_source(two_sources, tmp_path):
+@pytest.fixture(scope="module")
+def two_source_run(two_sources, tmp_path_factory) -> Path:
     pytest.importorskip("tensorflow")
     from train.cli import main
 
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("runs") / "two"
     args = ["--arch", "mobilenetv2", "--weights", "none", "--out", str(out), *COMMON, "--unfreeze-from", "block_16_expand"]
     for folder in two_sources:
         args += ["--data", str(folder)]
     assert main(args) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_a_run_on_two_sources_reports_every_figure_per_source(two_source_run):
+    out = two_source_run
     run = json.loads((out / "run.json").read_text())
     data = run["training_data"]
     assert [s["name"] for s in data["sources"]] == ["hospital-a", "hospital-b"]
@@ -275,6 +281,20 @@ def test_a_run_on_two_sources_reports_every_figure_per_source(two_sources, tmp_p
     assert "Per source (one threshold for all)" in report and "| hospital-b | 10 |" in report
     history = (out / "history.csv").read_text().splitlines()[0]
     assert "val_auc_hospital-a" in history and "val_auc_hospital-b" in history
+
+
+@pytest.mark.slow
+def test_train_evaluate_scores_a_run_per_source_like_training_did(two_source_run, two_sources, capsys):
+    from train.evaluate import main
+
+    assert main(["--run", str(two_source_run), *[f"--data={folder / 'val'}" for folder in two_sources], "--json", "-q"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    stored = json.loads((two_source_run / "run.json").read_text())["metrics"]["val"]
+    assert list(printed["sources"]) == ["hospital-a", "hospital-b"]
+    for name in ("hospital-a", "hospital-b"):
+        for key in ("n", "accuracy", "sensitivity", "specificity", "auc", "confusion", "threshold"):
+            assert printed["sources"][name][key] == pytest.approx(stored["sources"][name][key], abs=1e-6), (name, key)
+    assert printed["auc"] == pytest.approx(stored["auc"], abs=1e-6)
 
 
 @pytest.mark.slow
