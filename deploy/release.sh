@@ -202,6 +202,10 @@ health() { # [bench]: the current release serves: units active, predict on the k
   fi
   # Once more: a unit that crashed right after starting is not healthy.
   units_active "$current" 0 || return 1
+  # The page's self-signed certificate (made at its first start): staff compare this with the browser's.
+  if [ -f "$DATA_DIR/state/tls/cert.pem" ]; then
+    say "health: page certificate SHA-256 $(openssl x509 -noout -fingerprint -sha256 -in "$DATA_DIR/state/tls/cert.pem" | cut -d= -f2)"
+  fi
 }
 
 prune() { # keep current, previous and the newest KEEP_RELEASES; drop virtualenvs no release uses

@@ -98,6 +98,12 @@ class UiConfig:
     """Address to serve on: 127.0.0.1 on a desktop, the Pi's LAN address on the appliance."""
     port: int = 8501
     """TCP port of the page."""
+    tls_cert: Path | None = None
+    """PEM certificate the page serves HTTPS with (the hospital's own). Unset, a page on
+    anything but loopback makes a self-signed pair once in ``[watch] state``/tls and prints its
+    SHA-256 fingerprint; on 127.0.0.1 it serves plain HTTP."""
+    tls_key: Path | None = None
+    """The private key of ``tls_cert`` (PEM, owner-only)."""
     models_dir: Path = Path("models")
     """Folder whose bundles the model selector offers (besides ``[watch] model``)."""
     password_file: Path = Path("~/.config/ctpi/ui-password")

@@ -111,6 +111,16 @@ def format_results(slices: list[dict], studies: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _tls_fingerprint(state: Path) -> str | None:
+    """The fingerprint of the page's self-signed certificate (``STATE/tls``), if it made one."""
+    from device.tls import CERT_NAME, TlsError, fingerprint
+
+    try:
+        return fingerprint(state / "tls" / CERT_NAME)
+    except (OSError, TlsError):
+        return None
+
+
 def gather_status(state: Path) -> dict:
     """Everything ``ctpi status`` shows, as a dict; ``healthy`` says whether the daemon runs."""
     with _open(state) as journal:
@@ -136,6 +146,7 @@ def gather_status(state: Path) -> dict:
         "counts": counts,
         "disk": {"free_mb": usage.free / 1e6, "total_mb": usage.total / 1e6},
         "dicom": dicom_node.status(state),
+        "tls_fingerprint": _tls_fingerprint(state),
         "checked_at": time.time(),
     }
 
@@ -171,6 +182,8 @@ def format_status(status: dict) -> str:
         + (f", {counts['review_studies']} to review" if counts.get("review_studies") else "") + ")"
     )
     lines.extend(dicom_node.format_status(status.get("dicom")))
+    if status.get("tls_fingerprint"):
+        lines.append(f"page TLS    SHA-256 {status['tls_fingerprint']} (the page's self-signed certificate)")
     lines.append(f"disk free   {status['disk']['free_mb']:.0f} MB of {status['disk']['total_mb']:.0f} MB ({status['state_folder']})")
     return "\n".join(lines)
 

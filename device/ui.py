@@ -22,6 +22,7 @@ from pathlib import Path
 
 from device.auth import AuthError, read_password_hash, write_password
 from device.config import Config, UiConfig, WatchConfig, build_section, load_config, override
+from device.tls import TlsError, certificate_for, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,11 @@ def settings_from_environment(environ=None) -> Config:
     return Config(**{name: build_section(hints[name], table, f"{SETTINGS_ENVIRONMENT} [{name}]") for name, table in tables.items()})
 
 
-def streamlit_command(settings: UiConfig, app: Path = APP_PATH) -> list[str]:
+def streamlit_command(settings: UiConfig, app: Path = APP_PATH, tls: tuple[Path, Path] | None = None) -> list[str]:
     """The ``streamlit run`` command line for ``settings`` (flags override any
-    ``.streamlit/config.toml``, so the safety settings cannot be lost to a stray file)."""
+    ``.streamlit/config.toml``, so the safety settings cannot be lost to a stray file);
+    with ``tls`` (certificate, key) Streamlit serves HTTPS only."""
+    secure = [f"--server.sslCertFile={tls[0]}", f"--server.sslKeyFile={tls[1]}"] if tls else []
     return [
         sys.executable, "-m", "streamlit", "run", str(app),
         f"--server.address={settings.host}",
@@ -82,6 +85,7 @@ def streamlit_command(settings: UiConfig, app: Path = APP_PATH) -> list[str]:
         "--client.showErrorDetails=type",
         "--client.toolbarMode=viewer",
         "--global.developmentMode=false",
+        *secure,
     ]  # fmt: skip
 
 
@@ -147,9 +151,18 @@ def run_ui(args) -> int:
     if not APP_PATH.is_file():
         print(f"ctpi ui: the page {APP_PATH} is missing; reinstall ctpi from its repository", file=sys.stderr)
         return EXIT_USAGE
-    command = streamlit_command(settings)
+    try:
+        tls = certificate_for(settings.host, settings.tls_cert, settings.tls_key, config.watch.state)
+    except TlsError as error:
+        print(f"ctpi ui: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    command = streamlit_command(settings, tls=tls)
     environment = dict(os.environ, **{SETTINGS_ENVIRONMENT: settings_to_environment(config)})
-    print(f"ctpi ui: serving on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
+    if tls is None:
+        print(f"ctpi ui: serving on http://{settings.host}:{settings.port} (loopback only)", file=sys.stderr, flush=True)
+    else:
+        print(f"ctpi ui: serving HTTPS only on https://{settings.host}:{settings.port}; certificate {tls[0]} "
+              f"SHA-256 fingerprint {fingerprint(tls[0])} (compare it with the browser's)", file=sys.stderr, flush=True)
     sys.stderr.flush()
     os.execve(sys.executable, command, environment)
     return EXIT_USAGE  # pragma: no cover - execve does not return
