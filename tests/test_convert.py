@@ -351,7 +351,8 @@ def test_an_ensemble_run_converts_to_one_model_file_that_averages_its_members(tm
     batch = np.stack(val_pixels).astype(np.float32)
     expected = (sharp.predict(batch, verbose=0) + soft.predict(batch, verbose=0))[:, LABELS.index(POSITIVE)] / 2
     classifier = Classifier(bundle, fmt="float32", threads=1)
-    got = np.array([classifier.predict_pixels(p).positive_probability for p in val_pixels])
+    # the model file's own output (the bundle's calibration map comes after it)
+    got = np.array([classifier.raw_probabilities(p)[LABELS.index(POSITIVE)] for p in val_pixels])
     assert np.allclose(got, expected, atol=FLOAT32_TOLERANCE)
     card = (out / "MODEL_CARD.md").read_text()
     assert "ensemble of 2 runs" in card and "made by the test (soft)" in card
@@ -362,3 +363,31 @@ def test_an_ensemble_run_converts_to_one_model_file_that_averages_its_members(tm
     int8_file = bundle.manifest["formats"]["int8"]["file"]
     expected_version = f"{date.today():%Y.%m.%d}+{bundle.manifest['files'][int8_file][:8]}"
     assert bundle.manifest["version"] == expected_version
+
+
+@pytest.mark.slow
+def test_a_two_source_conversion_calibrates_on_both_and_scores_every_format_per_source(tmp_path, tiny_keras_model, split_data, capsys):
+    """int8 calibration draws equally from every source, and the manifest and the card carry
+    every format's val figures per source (they add up to the pooled figures)."""
+    from convert.cli import main
+
+    second = tmp_path / "hospital-b"
+    write_image_folder(second / "train", per_class=6, seed=8)
+    write_image_folder(second / "val", per_class=4, seed=9)
+    run = write_run(tmp_path / "run", tiny_keras_model, split_data)
+    out = tmp_path / "models" / "two"
+    argv = ["--run", str(run), "--data", str(split_data), "--data", str(second), "--out", str(out),
+            "--calibration-samples", "10", "--formats", "int8,float32", "--no-bench"]
+    assert main(argv) == 0, capsys.readouterr().err
+    manifest = load_bundle(out).manifest
+    assert manifest["conversion"]["calibration"]["sources"] == {split_data.name: 5, "hospital-b": 5}
+    for figures in (manifest["metrics"]["val"], *[f["val"] for f in manifest["metrics"]["formats"].values()]):
+        sources = figures["sources"]
+        assert list(sources) == [split_data.name, "hospital-b"]
+        assert sources[split_data.name]["n"] == 16 and sources["hospital-b"]["n"] == 8 and figures["n"] == 24
+        for key in ("tp", "fn", "fp", "tn"):
+            assert figures["confusion"][key] == sum(s["confusion"][key] for s in sources.values())
+    int8 = manifest["metrics"]["formats"]["int8"]["val"]["sources"]["hospital-b"]
+    assert 0.0 <= int8["agreement"] <= 1.0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "### val per source (one threshold for all)" in card and "**hospital-b**" in card
