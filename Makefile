@@ -31,7 +31,7 @@ EXTRAS    ?= ui
 INVENTORY ?= deploy/hosts.ini
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint train pretrain convert bench system-deps
+.PHONY: help run test lint train loso pretrain convert bench system-deps
 .PHONY: deploy rollback deploy-fleet
 
 help: ## list the targets and their variables
@@ -68,6 +68,9 @@ else
 	done
 	$(PY) -m train.ensemble $(DATA_ARGS) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
 endif
+
+loso: $(VENV)/.stamp-train ## leave-one-source-out: ARCH trained on each DATA source alone, scored on every source's val (docs/leave-one-source-out.md)
+	$(PY) -m train.loso --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --train-args "$(TRAIN_ARGS)"
 
 pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on the first DATA source's train/ from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
 	$(PY) -m train.pretrain --arch $(ARCH) --data $(firstword $(DATA)) --weights $(WEIGHTS) --out $(SSL)

@@ -412,3 +412,25 @@ def test_a_resnet50_run_on_cached_trunk_views_saves_the_whole_trained_classifier
     folder = {p.name: p for p in two_sources}
     pixels = np.stack([load_slice(folder[r["source"]] / "val" / r["path"], spec) for r in rows]).astype(np.float32)
     np.testing.assert_allclose(np.asarray(model(pixels))[:, 0], [float(r["positive_probability"]) for r in rows], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_leave_one_source_out_trains_on_each_source_and_scores_every_val(two_sources, tmp_path, capsys):
+    pytest.importorskip("tensorflow")
+    from train.evaluate import score_run
+    from train.loso import main
+
+    report = tmp_path / "docs" / "loso.md"
+    train_args = f"--img-size {IMG} --head-epochs 1 --fine-epochs 1 --no-determinism --unfreeze-from block_16_expand --seed 3"
+    assert main(["--data", str(two_sources[0]), "--data", str(two_sources[1]), "--weights", "none",
+                 "--out", str(tmp_path / "runs"), "--report", str(report), "--train-args", train_args, "--cache", ""]) == 0
+    text = report.read_text()
+    assert (tmp_path / "docs" / "loso.png").stat().st_size > 0
+    for trained in ("hospital-a", "hospital-b"):
+        run = json.loads((tmp_path / "runs" / trained / "run.json").read_text())
+        assert [s["name"] for s in run["training_data"]["sources"]] == [trained]  # one source only
+        unseen = "hospital-b" if trained == "hospital-a" else "hospital-a"
+        folder = two_sources[0] if unseen == "hospital-a" else two_sources[1]
+        figures, _, _ = score_run(tmp_path / "runs" / trained, [str(folder / "val")])
+        row = next(line for line in text.splitlines() if line.startswith(f"| {trained} |"))
+        assert f"{figures['auc']:.3f} / {figures['accuracy']:.3f}" in row  # the unseen source's cell
