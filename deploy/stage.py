@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import io
 import json
 import logging
 import shutil
@@ -28,11 +27,9 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from device import __version__
 from device.bundle import BundleError, load_bundle
+from device.phantom import chest_png
 
 try:
     import tomllib
@@ -47,6 +44,7 @@ SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 HEALTH_SLICE = "health/slice.png"
+HEALTH_SEED = 7  # the phantom drawn for the health check (device.phantom)
 KEEP_STAGED = 5  # staged releases kept on the desktop
 # One line the Pi's python3 prints: major minor machine libc libc-version, e.g. "3 11 aarch64 glibc 2.36".
 PROBE = "import sys, platform; print(sys.version_info[0], sys.version_info[1], platform.machine(), *platform.libc_ver())"
@@ -122,17 +120,10 @@ def requirements(pyproject: Path, extras: list[str]) -> list[str]:
 
 
 def health_slice() -> bytes:
-    """A synthetic CT-like slice (body, two lungs, fixed seed) as PNG: the release's own known
-    input for the health check. Never a data-set image."""
-    rng = np.random.default_rng(7)
-    yy, xx = np.mgrid[0:256, 0:256].astype(np.float32)
-    body = ((yy - 128) / 112) ** 2 + ((xx - 128) / 120) ** 2 <= 1
-    lungs = (((yy - 120) / 80) ** 2 + ((xx - 80) / 36) ** 2 <= 1) | (((yy - 120) / 80) ** 2 + ((xx - 176) / 36) ** 2 <= 1)
-    image = np.where(body, 170.0, 8.0)
-    image = np.where(lungs, 45.0 + rng.normal(0.0, 12.0, image.shape), image)
-    buffer = io.BytesIO()
-    Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)).save(buffer, format="PNG", compress_level=6)
-    return buffer.getvalue()
+    """The release's own known input for the health check: the synthetic axial chest CT phantom
+    of :mod:`device.phantom` (fixed seed) as a lung-window PNG, which every shipped bundle's input
+    guard accepts. Never a data-set image."""
+    return chest_png(seed=HEALTH_SEED)
 
 
 def _shipped_files(source: Path) -> list[Path]:
