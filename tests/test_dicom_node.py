@@ -103,6 +103,13 @@ def journal_paths(node: Node) -> list[str]:
         return [row[0] for row in db.execute("SELECT path FROM slices")]
 
 
+def journal_refusals(node: Node) -> list[tuple[str, str]]:
+    """(path, reason) of every slice the daemon did not score: the phantom series are chest CT
+    slices the shipped bundle's guard accepts, so the verdict path is the one exercised."""
+    with sqlite3.connect(node.state / "journal.sqlite") as db:
+        return db.execute("SELECT path, reason FROM slices WHERE status != 'ok'").fetchall()
+
+
 def scu(*args: str, port: int, aet: str = "STORESCU") -> subprocess.CompletedProcess:
     """echoscu/storescu ``args[0]`` from ``aet`` to the node; ``args[1:]`` are files to send."""
     return subprocess.run([args[0], "-aec", "CTPI", "-aet", aet, "127.0.0.1", str(port), *args[1:]],
@@ -200,6 +207,7 @@ def test_storescu_studies_abort_and_resend_are_stored_once(node_factory, tmp_pat
     assert [row[0] for row in node.ledger("SELECT reason FROM refusals")] == ["broken"]
     watch_once(node)
     assert len(journal_paths(node)) == 12 and not node.stored()  # each triaged once, inbox emptied
+    assert journal_refusals(node) == []  # and scored: the guard took them for chest CT
     status = subprocess.run([sys.executable, "-m", "device.cli", "status", "--state", str(node.state)], cwd=REPO,
                             capture_output=True, text=True, timeout=60)
     assert "12 instances received (6 resent), 1 refused" in status.stdout, status.stdout + status.stderr
@@ -235,6 +243,7 @@ def test_killed_node_loses_no_acknowledged_instance(node_factory, tmp_path):
     watch_once(node)
     triaged = [Path(p).name for p in journal_paths(node)]
     assert sorted(triaged) == sorted(names)  # all 200, each exactly once
+    assert journal_refusals(node) == []
 
 
 # -- Orthanc as the PACS ------------------------------------------------------------------------------
@@ -287,6 +296,9 @@ def test_orthanc_pushes_a_study_and_gets_the_sr_and_secondary_capture_back(node_
         (tmp_path / "dsrdump.txt").write_text(dump.stdout)
         sr = pydicom.dcmread(io.BytesIO(sr_bytes))
         assert sr.PatientName == PATIENT_NAME and sr.StudyInstanceUID == study_uid
+        findings = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in sr.ContentSequence}
+        assert findings["Verdict"].TextValue in ("COVID", "NonCOVID", "review"), findings["Verdict"]
+        assert journal_refusals(node) == []  # a verdict on 12 scored slices, not on refusals
         sc = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{modalities['OT']['Instances'][0]}/file")))
         assert sc.BurnedInAnnotation == "YES" and sc.SamplesPerPixel == 3
         assert node.ledger("SELECT state, calling_aet FROM studies") == [("sent", "ORTHANC")]
