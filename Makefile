@@ -29,6 +29,8 @@ PI_PORT   ?=
 SSH_OPTS  ?=
 EXTRAS    ?= ui
 INVENTORY ?= deploy/hosts.ini
+# extra pytest arguments for make test, e.g. --no-skips (a skip fails; CI sets it) or -k NAME
+PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint train loso pretrain convert bench system-deps
@@ -50,7 +52,7 @@ system-deps: ## install the system packages the tests use (Debian: chromium, ope
 	@bash tests/system-deps.sh
 
 test: $(VENV)/.stamp-dev system-deps ## run the whole test suite (README command 2)
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-dev ## ruff
 	$(VENV)/bin/ruff check device train convert deploy tests streamlit_app.py
