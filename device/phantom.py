@@ -142,9 +142,8 @@ def chest_hounsfield(
     # lungs: the pleural cavity less the mediastinum (heart in front, left of centre) and the
     # paravertebral gutter behind
     cavity = radius < 0.79 + jitter(0.01)
-    mediastinum = (oval(0.16, -0.12, 0.33, 0.48) < 1.0) | (np.abs(u - 0.01) < 0.10 + 0.05 * (v > -0.3)) & (v > -0.8) & (
-        v < 0.55
-    )
+    central_strip = (np.abs(u - 0.01) < 0.10 + 0.05 * (v > -0.3)) & (v > -0.8) & (v < 0.55)  # narrow in front
+    mediastinum = (oval(0.16, -0.12, 0.33, 0.48) < 1.0) | central_strip
     paravertebral = oval(0.0, 0.66, 0.30, 0.32) < 1.0
     lungs = cavity & ~mediastinum & ~paravertebral
     texture = _smooth_noise(rng, rows, columns, 28) * 16.0 + _smooth_noise(rng, rows, columns, 7) * 14.0
