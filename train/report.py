@@ -33,9 +33,14 @@ def plot_history(rows: list[dict], path: Path) -> None:
     plt = pyplot()
     epochs = [row["epoch"] for row in rows]
     fig, (ax_loss, ax_auc) = plt.subplots(1, 2, figsize=(11, 4))
-    ax_loss.plot(epochs, [row["loss"] for row in rows], label="train loss (augmented, weighted)")
+    ax_loss.plot(epochs, [row["loss"] for row in rows], label="train loss (augmented)")
     ax_loss.plot(epochs, [row["val_loss"] for row in rows], label="val loss")
-    ax_auc.plot(epochs, [row["val_auc"] for row in rows], label="val ROC AUC", color="C2")
+    per_source = sorted({key for row in rows for key in row if key.startswith("val_auc_") and key != "val_auc_pooled"})
+    ax_auc.plot(epochs, [row["val_auc"] for row in rows], label="val ROC AUC" + (" (worst source)" if per_source else ""),
+                color="C2", linewidth=2.2)
+    for index, key in enumerate(per_source):
+        ax_auc.plot(epochs, [row.get(key, float("nan")) for row in rows], label=f"val ROC AUC, {key[8:]}",
+                    color=f"C{4 + index}", linestyle="--", linewidth=1)
     ax_auc.plot(epochs, [row["val_accuracy_at_half"] for row in rows], label="val accuracy at 0.5", color="C3")
     stage_changes = [rows[i]["epoch"] - 0.5 for i in range(1, len(rows)) if rows[i]["stage"] != rows[i - 1]["stage"]]
     for ax in (ax_loss, ax_auc):
