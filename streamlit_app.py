@@ -409,6 +409,17 @@ def site_section(classifier: Classifier) -> None:
     point = report["proposed"]
     mark = (1 - point["specificity"]["value"], point["sensitivity"]["value"])
     st.html(roc_svg({"site slices": (report["roc"]["fpr"], report["roc"]["tpr"])}, "ROC on local slices", {"site threshold": mark}))
+    site_map = report.get("site_calibration") or {}
+    if site.calibration is not None and "reliability" in site_map:
+        ece = site_map["ece"]
+        st.caption(
+            f"Site calibration in use instead of the bundle's: P = sigmoid({site_map['a']:.3f} · logit(p) + {site_map['b']:.3f}) "
+            f"(Platt on the model's raw output of {site_map['fitted_on']['n']} local slices) · ECE bundle map {ece['bundle_map']:.3f}, "
+            f"site map {ece['site_map_in_sample']:.3f} in-sample"
+            + (f", {ece['site_map_cross_fitted']:.3f} cross-fitted ({site_map['cross_fit']['folds']} folds)" if ece["site_map_cross_fitted"] is not None else "")
+        )
+        curves = {name: bins for name, bins in site_map["reliability"].items() if name != "site map, in-sample"}
+        st.html(reliability_svg(curves, "Reliability on local slices"))
 
 
 def show_result(result: SliceResult, classifier: Classifier, inbox: Path, data: bytes, key: str) -> None:

@@ -79,8 +79,15 @@ class Classifier:
         return self.bundle.labels
 
     @property
+    def calibration_in_use(self) -> Calibration:
+        """The map applied after the model: the site profile's (fitted on the site's own slices
+        by ``ctpi site-check``) when it has one, else the bundle's (:attr:`calibration`)."""
+        site_map = self.site.calibration if self.site is not None else None
+        return site_map if site_map is not None else self.calibration
+
+    @property
     def threshold(self) -> float:
-        """On the calibrated scale: the site profile's when one is in use, else the bundle's."""
+        """On the scale of :attr:`calibration_in_use`: the site profile's when one is in use, else the bundle's."""
         return self.site.threshold if self.site is not None else self.bundle.threshold
 
     @property
@@ -89,7 +96,7 @@ class Classifier:
         return self.site.band if self.site is not None else self.bundle_band
 
     def use_site_profile(self, profile) -> None:
-        """Decide with a site profile's threshold and band (``None``: the bundle's again).
+        """Decide with a site profile's calibration map, threshold and band (``None``: the bundle's again).
         A profile accepted for another model file is refused (``SiteProfileError``)."""
         if profile is not None:
             profile.check_model(self.sha256)
@@ -103,8 +110,9 @@ class Classifier:
         return output.reshape(-1)
 
     def probabilities(self, pixels: np.ndarray) -> np.ndarray:
-        """Class probabilities (label order), the positive one calibrated by the bundle's map."""
-        return self.calibration.apply_distribution(self.raw_probabilities(pixels), self.bundle.positive_index)
+        """Class probabilities (label order), the positive one calibrated by the map in use
+        (the site profile's, else the bundle's)."""
+        return self.calibration_in_use.apply_distribution(self.raw_probabilities(pixels), self.bundle.positive_index)
 
     def probabilities_batch(self, batch: np.ndarray) -> np.ndarray:
         """``N x H x W x C`` uint8 to ``N x labels`` (one invoke per slice: models have batch 1)."""

@@ -1,4 +1,4 @@
-"""``ctpi site-check``: figures against hand answers, the site profile, and who uses it."""
+"""``ctpi site-check``: figures against hand answers, the site calibration map, the site profile, and who uses it."""
 
 from __future__ import annotations
 
@@ -6,12 +6,25 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from device.calibration import Calibration, fit, logit, sigmoid
 from device.classifier import Classifier
 from device.journal import Journal
-from device.sitecheck import PROFILE_NAME, SiteProfileError, load_site_profile, site_check, write_site_profile
-from tests.synthetic import NEGATIVE, POSITIVE, write_image_folder
+from device.metrics import expected_calibration_error
+from device.preprocess import decode_slice, prepare
+from device.sitecheck import (
+    PROFILE_NAME,
+    SiteProfileError,
+    load_site_profile,
+    site_calibration,
+    site_check,
+    stratified_folds,
+    write_site_profile,
+)
+from tests.synthetic import NEGATIVE, POSITIVE, png_bytes, slice_array, write_image_folder
+from tests.trustdata import copy_bundle
 from tests.watchtools import REPO, slice_png
 
 
@@ -80,13 +93,124 @@ def test_a_profile_for_another_model_is_refused(tiny_bundle, large_site, tmp_pat
     assert classifier.site is None
 
 
-def accepted_profile(tiny_bundle, large_site, state, threshold: float):
-    """A real accepted profile, with the threshold moved so the daemon's use of it shows."""
+def accepted_profile(tiny_bundle, large_site, state, threshold: float, calibration: tuple[float, float] | None = None):
+    """A real accepted profile, with the threshold (and the site map's ``(a, b)``) moved so the
+    daemon's use of it shows."""
     from device.sitecheck import profile_from_report
 
     data = profile_from_report(site_check(Classifier(tiny_bundle), large_site, show_progress=False))
     data["threshold"], data["uncertain_band"] = threshold, [threshold - 0.01, threshold + 0.01]
+    if calibration is not None:
+        data["calibration"]["a"], data["calibration"]["b"] = calibration
     return write_site_profile(state, data)
+
+
+def raw_positive(classifier: Classifier, data: bytes) -> float:
+    """The model file's own positive output for a slice, before any calibration map."""
+    pixels = prepare(decode_slice(data).pixels, classifier.bundle.spec)
+    return float(classifier.raw_probabilities(pixels)[classifier.bundle.positive_index])
+
+
+def shifted_scores(n: int, shift: float, seed: int):
+    """Labels drawn from true probabilities, and an overconfident model whose logit is moved by
+    ``shift`` (what a hospital's scanners do to it)."""
+    rng = np.random.default_rng(seed)
+    truth = sigmoid(rng.normal(0.0, 1.2, n))
+    y = (rng.uniform(size=n) < truth).astype(int)
+    return y, sigmoid(2.0 * logit(truth) + shift)
+
+
+def test_site_map_cuts_the_cross_fitted_ece_well_below_the_bundle_maps_on_a_shifted_site():
+    bundle_y, bundle_raw = shifted_scores(2000, shift=1.0, seed=11)  # where the bundle's map was fitted
+    bundle_map = fit(bundle_raw, bundle_y)
+    y, raw = shifted_scores(600, shift=-2.0, seed=12)  # the site: shifted the other way
+    site_map, figures = site_calibration(y, raw, bundle_map)
+    ece = figures["ece"]
+    assert ece["bundle_map"] == pytest.approx(expected_calibration_error(y, bundle_map.apply(raw)))
+    # measured: bundle map 0.241, site map 0.037 cross-fitted (10-bin ECE of 600 slices is ~0.03 even when exact)
+    assert ece["bundle_map"] > 0.15
+    assert ece["site_map_cross_fitted"] < 0.06 and ece["site_map_cross_fitted"] < ece["bundle_map"] / 4
+    assert ece["site_map_in_sample"] == pytest.approx(expected_calibration_error(y, site_map.apply(raw)))
+    assert site_map.a == pytest.approx(0.5, abs=0.15) and site_map.b == pytest.approx(1.0, abs=0.4)  # undoes 2·z - 2
+    assert figures["cross_fit"] == {"folds": 5, "stratified": True, "seed": 0}
+    assert set(figures["reliability"]) == {"model output", "bundle map", "site map, in-sample", "site map, cross-fitted"}
+    folds = stratified_folds(y, 5)  # every fold holds each class in the site's proportion (within one slice)
+    for fold in range(5):
+        assert abs(y[folds == fold].sum() - y.sum() / 5) <= 1 and abs((1 - y[folds == fold]).sum() - (1 - y).sum() / 5) <= 1
+
+
+def test_site_check_fits_the_site_map_on_raw_outputs_and_proposes_on_its_scale(tiny_bundle, large_site, tmp_path):
+    # the bundle's map pushes every slice towards COVID: badly calibrated on this site
+    shifted = copy_bundle(tiny_bundle, tmp_path / "shifted", calibration={"method": "platt", "a": 1.0, "b": 4.0})
+    classifier = Classifier(shifted)
+    report = site_check(classifier, large_site, show_progress=False)
+    site = report["site_calibration"]
+    assert site["ece"]["bundle_map"] == pytest.approx(report["calibration"]["ece"])
+    assert site["ece"]["site_map_cross_fitted"] < site["ece"]["bundle_map"] / 2
+    site_map = Calibration("platt", site["a"], site["b"])
+    negative, positive = (site_map.apply(raw_positive(classifier, slice_png(label, 3))) for label in (NEGATIVE, POSITIVE))
+    assert report["proposed"]["scale"] == "site-calibrated"
+    assert negative < report["proposed"]["threshold"] <= positive  # on the site map's scale
+    svg = tmp_path / "reliability.svg"
+    state = tmp_path / "state"
+    run = ctpi("site-check", "--model", str(shifted), str(large_site), "--accept", "--state", str(state), "--reliability", str(svg))
+    assert run.returncode == 0, run.stderr
+    assert "cross-fitted" in run.stdout and "in-sample" in run.stdout and svg.read_text().startswith("<svg")
+    profile = load_site_profile(state)
+    assert profile.calibration == site_map and profile.data["model"]["bundle_sha256"] == classifier.bundle_sha256
+    assert f"site calibration fitted on 60 local slices on {profile.data['accepted'][:10]}: ECE " in profile.describe()
+    assert "(cross-fitted)" in profile.describe()
+
+
+def test_a_site_where_the_auc_interval_covers_one_half_is_not_accepted(tiny_bundle, tmp_path):
+    # every folder holds as many COVID-looking as smooth slices: the labels say nothing the model sees
+    rng = np.random.default_rng(21)
+    for label in (POSITIVE, NEGATIVE):
+        (tmp_path / "site" / label).mkdir(parents=True)
+        for index in range(32):
+            look = POSITIVE if index % 2 else NEGATIVE
+            (tmp_path / "site" / label / f"{index:03d}.png").write_bytes(png_bytes(slice_array(look, rng)))
+    state = tmp_path / "state"
+    run = ctpi("site-check", "--json", "--model", str(tiny_bundle), str(tmp_path / "site"), "--accept", "--state", str(state))
+    assert run.returncode == 1 and "does not lie above 0.5" in run.stderr and "must not go live" in run.stderr
+    report = json.loads(run.stdout)
+    assert report["enough"] is True and report["auc"]["ci95"][0] <= 0.5 <= report["auc"]["ci95"][1]
+    assert report["accepted"] is None and not (state / PROFILE_NAME).exists()
+
+
+def test_the_accepted_site_map_replaces_the_bundles_map_in_the_classifier_and_the_daemon(tiny_bundle, large_site, tmp_path):
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    inbox.mkdir()
+    accepted_profile(tiny_bundle, large_site, state, 0.5, calibration=(0.5, -3.0))
+    data = slice_png(POSITIVE, 4)
+    classifier = Classifier(tiny_bundle)
+    raw = raw_positive(classifier, data)
+    expected = float(sigmoid(0.5 * logit(raw) - 3.0))
+    assert classifier.predict(data).positive_probability == pytest.approx(classifier.calibration.apply(raw), abs=1e-6)
+    classifier.use_site_profile(load_site_profile(state))
+    assert classifier.predict(data).positive_probability == pytest.approx(expected, abs=1e-6)
+    assert abs(expected - classifier.calibration.apply(raw)) > 0.3  # the map makes a visible difference (0.996 -> 0.44)
+    (inbox / "a.png").write_bytes(data)
+    run = ctpi("watch", "--inbox", str(inbox), "--state", str(state), "--model", str(tiny_bundle), "--once", "--settle-seconds", "0.2")
+    assert run.returncode == 0, run.stderr
+    with Journal.open_readonly(state) as journal:
+        (record,) = journal.query_slices()
+        beat = journal.heartbeat()
+    assert record["positive_probability"] == pytest.approx(expected, abs=1e-6) and record["label"] == NEGATIVE  # was COVID at 0.996
+    assert "site calibration fitted on 60 local slices" in beat["model"]["site_profile"]
+    assert "site calibration fitted on 60 local slices" in ctpi("status", "--state", str(state)).stdout
+
+
+def test_a_schema_1_profile_keeps_the_bundles_map(tiny_bundle, large_site, tmp_path):
+    path = accepted_profile(tiny_bundle, large_site, tmp_path, 0.4)
+    data = json.loads(path.read_text())
+    data["schema"] = "ctpi.site-profile/1"
+    del data["calibration"]
+    path.write_text(json.dumps(data))
+    classifier = Classifier(tiny_bundle)
+    classifier.use_site_profile(load_site_profile(tmp_path))
+    assert classifier.site.calibration is None and classifier.calibration_in_use is classifier.calibration
+    assert classifier.threshold == 0.4 and "site calibration" not in classifier.site.describe()
 
 
 def test_the_daemon_decides_with_the_site_profile_and_refuses_another_models(tiny_bundle, large_site, tmp_path):

@@ -43,6 +43,7 @@ def test_page_shows_the_site_profile_and_its_report(settings, monkeypatch, tiny_
     assert "site threshold 0.310, checked on 60 local slices on" in text
     body = html_of(page)
     assert 'data-table="site"' in body and "ROC on local slices" in body
+    assert "site calibration fitted on 60 local slices on" in text and "Reliability on local slices" in body
 
 
 def test_page_refuses_a_site_profile_for_another_model(settings, monkeypatch, tiny_bundle, tmp_path_factory):
