@@ -467,3 +467,35 @@ def test_retention_deletes_old_triaged_images_and_keeps_their_results(folders, t
     with Journal.open_readonly(state) as journal:
         assert journal.study("patient-1")["slices"] == 2 and journal.counts()["pruned"] == 2
     assert "deleted by retention" in ctpi("status", "--state", str(state)).stdout
+
+
+def test_a_refused_file_does_not_keep_its_decoded_image_alive(tmp_path):
+    """A refusal travels through the reader's bounded queue as an item; its error must not
+    carry the traceback, whose frame holds the file's bytes and its full-size decoded image
+    (a queue of refused 512x512 slices doubled the daemon's memory)."""
+    import gc
+    import time
+    import weakref
+
+    import numpy as np
+
+    from device.preprocess import BadSliceError, PreprocessSpec
+    from device.watch import Reader
+    from tests.synthetic import png_bytes
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "photo.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, (512, 512), dtype=np.uint8)))
+    decoded_seen = []
+
+    def refuse(decoded):
+        decoded_seen.append(weakref.ref(decoded.pixels))
+        raise BadSliceError("not-ct", "looks like noise, not a CT slice")
+
+    reader = Reader(inbox, PreprocessSpec(32, 32, 1), queue_size=4)
+    reader.check = refuse
+    item = reader.read("photo.png", time.time())
+    assert item.error.reason == "not-ct" and item.pixels is None
+    assert item.error.__traceback__ is None
+    gc.collect()
+    assert decoded_seen and decoded_seen[0]() is None  # the decoded image is gone with the frame
