@@ -1,6 +1,6 @@
 """Benchmark of the watch daemon against ``ctpi bench``, measured in the same run.
 
-Drops ``--slices`` synthetic 512x512 PNG slices into a running ``ctpi watch`` and prints its
+Drops ``--slices`` chest CT phantom PNG slices into a running ``ctpi watch`` and prints its
 throughput next to the throughput implied by ``ctpi bench``'s end-to-end figure (read +
 decode + preprocess + invoke of a PNG on disk, one stream) for the same bundle and threads,
 their ratio (target >= 0.8: journaling, hashing and moving files must cost little) and the
@@ -35,15 +35,19 @@ SIZE = 512
 
 
 def write_slices(folder: Path, count: int) -> list[Path]:
-    """CT-sized grey PNGs like ``ctpi bench``'s synthetic ones (body, lungs, noise), each distinct."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE
-    body = ((yy - 0.5) / 0.42) ** 2 + ((xx - 0.5) / 0.46) ** 2 <= 1
-    lungs = (((yy - 0.5) / 0.3) ** 2 + ((np.abs(xx - 0.5) - 0.2) / 0.13) ** 2) <= 1
-    base = np.where(body, 160.0, 5.0) - np.where(lungs, 120.0, 0.0)
+    """Chest CT phantom slices (``device.phantom``, which the input guard accepts, so the
+    daemon scores them rather than refusing them), 16 anatomies, each file made distinct by
+    two corner pixels."""
+    import io
+
+    sys.path.insert(0, str(REPO))
+    from device.phantom import chest_png
+
+    anatomies = [np.asarray(Image.open(io.BytesIO(chest_png(seed=seed, ground_glass=bool(seed % 2))))) for seed in range(16)]
     paths = []
     for index in range(count):
-        image = np.clip(base + rng.normal(0, 12, (SIZE, SIZE)), 0, 255).astype(np.uint8)
+        image = anatomies[index % len(anatomies)].copy()
+        image[0, 0], image[0, 1] = index % 256, index // 256
         path = folder / f"slice_{index:05d}.png"
         Image.fromarray(image).save(path)
         paths.append(path)
@@ -70,7 +74,7 @@ def run_daemon(model: str, fmt: str | None, threads: int, slices: int, settle: f
     inbox, state, staging = scratch / "inbox", scratch / "state", scratch / "staging"
     for folder in (inbox, state, staging):
         folder.mkdir()
-    print(f"writing {slices} synthetic {SIZE}x{SIZE} PNGs ...", file=sys.stderr, flush=True)
+    print(f"writing {slices} chest phantom PNGs ...", file=sys.stderr, flush=True)
     files = write_slices(staging, slices)
     notify_path = str(scratch / "notify")
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
