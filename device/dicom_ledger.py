@@ -22,6 +22,8 @@ import sqlite3
 import time
 from pathlib import Path
 
+from device.journal import immediate
+
 LEDGER_NAME = "node.sqlite"
 
 SCHEMA = """
@@ -103,15 +105,7 @@ class Ledger:
         self._db.close()
 
     def _write(self, work):
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            result = work(self._db)
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise
-        return result
+        return immediate(self._db, work)
 
     # -- instances -------------------------------------------------------------------------
 

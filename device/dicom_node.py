@@ -42,6 +42,7 @@ from pathlib import Path
 
 from device.config import ConfigError, DicomConfig, LogFormat, load_config, override
 from device.dicom_ledger import Ledger
+from device.durable import fsync_dir
 from device.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
@@ -70,14 +71,6 @@ def instance_hash(sop_uid: str) -> str:
 
 def temporary_name(name: str) -> str:
     return f".{name}.tmp"
-
-
-def fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def write_file(path: Path, data: bytes) -> None:

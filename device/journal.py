@@ -133,6 +133,19 @@ def _migrate(connection: sqlite3.Connection, version: int) -> None:
         connection.execute("ALTER TABLE studies ADD COLUMN uncertain_slices INTEGER NOT NULL DEFAULT 0")
 
 
+def immediate(db: sqlite3.Connection, work):
+    """``work(db)`` in one IMMEDIATE transaction (the write lock taken up front, so two
+    writers never deadlock upgrading a read lock): committed whole or rolled back whole."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(db)
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    return result
+
 class JournalError(RuntimeError):
     """The journal cannot be opened or written (missing, read-only, disk full, corrupt)."""
 
@@ -259,17 +272,9 @@ class Journal:
         """Run ``work(connection)`` in one IMMEDIATE transaction; storage failures become
         :class:`JournalError` and leave nothing half-written."""
         try:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(self._db)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+            return immediate(self._db, work)
         except sqlite3.Error as error:
             raise JournalError(f"cannot write the journal {self.path}: {error}") from None
-        return result
 
     # -- the daemon's writes -----------------------------------------------------------------
 

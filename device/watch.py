@@ -43,6 +43,7 @@ from pathlib import Path
 from device import __version__
 from device.bundle import load_bundle
 from device.config import ConfigError, LogFormat, WatchConfig, load_config, override
+from device.durable import fsync_dir
 from device.journal import Journal, JournalError, SliceResult
 from device.preprocess import BadSliceError, decode_slice, prepare, read_source
 from device.sdnotify import Notifier
@@ -140,14 +141,6 @@ def file_identity(path: Path) -> str | None:
         return None
 
 
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def move_file(source: Path, target: Path) -> bool:
     """Move ``source`` to ``target`` (rename, or copy + fsync + rename + unlink across file
     systems). Returns False if ``source`` is gone. Never overwrites a complete ``target``."""
@@ -177,7 +170,7 @@ def move_file(source: Path, target: Path) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(partial)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     os.unlink(source)
     return True
 
@@ -560,8 +553,8 @@ class Daemon:
                     finished.append(record["id"])
                     continue
                 move_file(source, self.state / record["stored_as"])
-                _fsync_dir(source.parent)
-                _fsync_dir((self.state / record["stored_as"]).parent)
+                fsync_dir(source.parent)
+                fsync_dir((self.state / record["stored_as"]).parent)
                 log.info("finished interrupted move of %s", record["path"], extra={"event": "recovered", "record": record["id"]})
             finished.append(record["id"])
         self.journal.mark_moved(finished)
@@ -598,7 +591,7 @@ class Daemon:
                     break
                 folder = folder.parent
         if pruned:
-            _fsync_dir(done_root)
+            fsync_dir(done_root)
             self.journal.mark_pruned(pruned)
             log.info("retention: deleted %d image(s) older than %g days from %s (%.1f MB); their results are kept",
                      len(pruned), days, done_root, freed / 1e6, extra={"event": "pruned", "count": len(pruned)})
@@ -671,7 +664,7 @@ class Daemon:
                     folders.update({source.parent, target.parent})
                 moved.append(record.id)
             for folder in folders:  # the renames must be durable before the journal says so
-                _fsync_dir(folder)
+                fsync_dir(folder)
             self.journal.mark_moved(moved)
         except (OSError, JournalError) as error:
             self.block(f"cannot move files into {self.state}: {error}")
