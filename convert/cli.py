@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="calibration draw seed (default: the run's seed)")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor int8 weights instead of per-channel")
     parser.add_argument("--no-bias-correction", action="store_true", help="convert int8 without bias correction (for comparison)")
+    parser.add_argument("--float-fallback", default="auto",
+                        help="int8 ops kept in float: 'auto' (the fewest, from 0, 1, 2, 4, ..., that meet the int8 rule on "
+                             "held-out train slices; the default), 'off' (full-integer only) or a number N (the N worst)")
     parser.add_argument("--onnx-opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     parser.add_argument("--name", default=None, help="bundle name (default: the run folder's name)")
     parser.add_argument("--version", default=None, help="bundle version (default: today's date + the default model's sha256 prefix)")
@@ -146,6 +149,48 @@ def _report_failure(failures: list[str], format_results: dict, model, referee, s
         print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement, resolution)}", file=sys.stderr)
 
 
+SELECTION_SLICES = 400  # held-out train slices that choose the float fallback
+
+
+def _float_fallback(option: str, model, calibration, holdout, holdout_reference, run, full_integer: bytes, seed: int):
+    """int8 with a float fallback chosen on held-out train slices (see :mod:`convert.selective`)."""
+    import numpy as np
+
+    from convert.diagnose import tflite_probabilities
+    from convert.selective import Selection, choose_float_fallback, fixed_float_fallback
+    from device.metrics import roc_auc
+
+    if option != "auto":
+        try:
+            count = int(option)
+        except ValueError:
+            raise ValueError(f"--float-fallback takes auto, off or a number of ops, not {option!r}") from None
+        return fixed_float_fallback(model, list(calibration.pixels), count, on_step=step)
+    if not len(holdout.examples):
+        log.warning("no held-out train slices to choose int8's float fallback on; keeping full-integer int8")
+        return Selection(full_integer, [], 0)
+    rng = np.random.default_rng(seed)
+    chosen = np.sort(rng.permutation(len(holdout.examples))[:SELECTION_SLICES])
+    pixels = holdout.pixels[chosen]
+    positive = run.labels.index(run.positive_label)
+    truth = holdout.y_true(run.positive_label)[chosen]
+    reference = holdout_reference[chosen][:, positive]
+    reference_auc = roc_auc(truth, reference)
+    rule = GATE_RULES["int8"]
+
+    def figures(content: bytes) -> dict:
+        scores = tflite_probabilities(content, pixels)[:, positive]
+        agreement = float(np.mean((scores >= run.threshold) == (reference >= run.threshold)))
+        change = abs(roc_auc(truth, scores) - reference_auc)
+        return {"agreement": agreement, "auc_change": 0.0 if np.isnan(change) else float(change), "slices": len(chosen)}
+
+    def passes(got: dict) -> bool:
+        return got["agreement"] >= rule.min_agreement and got["auc_change"] <= rule.max_auc_change
+
+    step(f"choosing int8's float fallback on {len(chosen)} held-out train slices (rule: {rule})")
+    return choose_float_fallback(model, list(calibration.pixels), figures, passes, first=full_integer, on_step=step)
+
+
 def convert(args, argv: list[str]) -> int:
     formats = parse_formats(args.formats)
     default_format = args.default_format or ("int8" if "int8" in formats else formats[0])
@@ -215,6 +260,16 @@ def convert(args, argv: list[str]) -> int:
 
     step("scoring the Keras float model (the reference)")
     reference = {split: keras_probabilities(model, slices) for split, slices in splits.items()}
+    if "int8" in models and args.float_fallback != "off":
+        selection = _float_fallback(args.float_fallback, int8_model or model, calibration, splits["train_holdout"],
+                                    reference["train_holdout"], run, models["int8"], seed)
+        models["int8"] = selection.content
+        format_extras["int8"]["float_fallback"] = selection.manifest()
+        if selection.float_tensors:
+            format_extras["int8"]["quantization"] = (
+                f"int8 (weights, activations, input and output) with {len(selection.float_tensors)} of "
+                f"{selection.quantized_ops} ops kept in float"
+            )
 
     identity = dict(
         name=args.name or run.path.resolve().name,

@@ -20,18 +20,23 @@ from device.backends import default_threads, dequantize, open_backend, quantize
 from device.classifier import Classifier
 
 
-def weights_only_agreement(model, referee: Classifier, slices: Slices, reference: np.ndarray) -> dict:
-    """Label agreement with Keras and max/mean |delta P(positive)| of the int8-weights probe."""
+def tflite_probabilities(content: bytes, pixels: np.ndarray) -> np.ndarray:
+    """``N x labels`` probabilities of a TFLite model given as bytes, run as the Pi runs it."""
     with tempfile.TemporaryDirectory(prefix="ctpi-probe-") as scratch:
-        path = Path(scratch) / "weights_only_int8.tflite"
-        path.write_bytes(to_weights_only_int8(model))
+        path = Path(scratch) / "probe.tflite"
+        path.write_bytes(content)
         backend = open_backend(path, "tflite", default_threads())
-        probabilities = np.stack(
+        return np.stack(
             [
-                dequantize(backend.invoke(quantize(pixels[None].astype(np.float32), backend.input)), backend.output).reshape(-1)
-                for pixels in slices.pixels
+                dequantize(backend.invoke(quantize(one[None].astype(np.float32), backend.input)), backend.output).reshape(-1)
+                for one in pixels
             ]
         )
+
+
+def weights_only_agreement(model, referee: Classifier, slices: Slices, reference: np.ndarray) -> dict:
+    """Label agreement with Keras and max/mean |delta P(positive)| of the int8-weights probe."""
+    probabilities = tflite_probabilities(to_weights_only_int8(model), slices.pixels)
     labels = [referee.decide(row)[0] for row in probabilities]
     reference_labels = [referee.decide(row)[0] for row in reference]
     index = referee.bundle.positive_index

@@ -44,7 +44,8 @@ ADVICE = {
         "int8 calibration lost accuracy. Try, in this order: more calibration slices "
         "(--calibration-samples 400, or all of train); per-channel weights (drop --per-tensor) and bias "
         "correction (drop --no-bias-correction); "
-        "a float fallback: convert without int8 (--formats float16,float32,onnx; float16 becomes the "
+        "more ops kept in float (--float-fallback N; 'auto' stops at a quarter of them); "
+        "a float model: convert without int8 (--formats float16,float32,onnx; float16 becomes the "
         "bundle's default). Also check that DATA/train is the data the model was trained on."
     ),
     "float16": "float16 differs from Keras more than rounding explains: leave it out (--formats) and report it.",

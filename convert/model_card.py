@@ -274,6 +274,7 @@ def render_model_card(
         if info.get("opset"):
             quantization += f" (ONNX opset {info['opset']})"
         lines.append(f"| {fmt} | `{info['file']}` | {_size(sizes[fmt])} | {quantization} |")
+    lines += _fallback_lines(manifest["formats"].get("int8", {}).get("float_fallback"))
     lines += [
         "",
         "sha256 of every file is in `manifest.json`; `ctpi` refuses a bundle whose files do not match.",
@@ -285,6 +286,21 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _fallback_lines(fallback: dict | None) -> list[str]:
+    """How int8's float fallback was chosen (``convert.selective``), trial by trial."""
+    if not fallback or not fallback.get("trials"):
+        return []
+    trials = ", ".join(
+        f"{t['float_ops']} → {t['agreement']:.1%} agreement, |ΔAUC| {t['auc_change']:.4f}" for t in fallback["trials"]
+    )
+    return [
+        "",
+        f"int8 float fallback: {fallback['float_ops']} of {fallback['quantized_ops']} ops kept in float, the worst by "
+        f"{fallback['ranking']}, chosen on {fallback['trials'][0].get('slices', '?')} {fallback['chosen_on']} "
+        f"(ops in float → label agreement with Keras: {trials}).",
+    ]
 
 
 CALIBRATION_START, CALIBRATION_END = "<!-- section:calibration -->", "<!-- /section:calibration -->"

@@ -391,3 +391,69 @@ def test_a_two_source_conversion_calibrates_on_both_and_scores_every_format_per_
     assert 0.0 <= int8["agreement"] <= 1.0
     card = (out / "MODEL_CARD.md").read_text()
     assert "### val per source (one threshold for all)" in card and "**hospital-b**" in card
+
+
+def _model_with_one_coarse_convolution():
+    """Two convolutions; the second has one large weight per output channel, which makes its
+    int8 weight grid coarse, so its int8 output is worse than rounding."""
+    import keras
+
+    rng = np.random.default_rng(0)
+    pixels = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="fine")(keras.layers.Rescaling(1 / 255.0)(pixels))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="coarse")(x)
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(pixels, outputs)
+    kernel, bias = model.get_layer("coarse").get_weights()
+    kernel[0, 0, 0, :] = 30.0
+    model.get_layer("coarse").set_weights([kernel, bias])
+    return model, list(rng.integers(0, 255, (32, 12, 12, 3)).astype(np.uint8))
+
+
+def _op_input_dtypes(content: bytes) -> list[tuple[str, list]]:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content)
+    interpreter.allocate_tensors()
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    return [(op["op_name"], [dtypes[i] for i in op["inputs"] if i >= 0]) for op in interpreter._get_ops_details()]
+
+
+def test_selective_int8_ranks_the_coarse_convolution_above_the_fine_one_and_keeps_only_it_in_float():
+    from convert.selective import convert_with_float, rank_layers
+
+    model, samples = _model_with_one_coarse_convolution()
+    ranking = rank_layers(model, samples)
+    convolutions = [layer for layer in ranking if layer.op == "CONV_2D"]
+    assert [("coarse" in layer.tensor) for layer in convolutions] == [True, False]
+    assert convolutions[0].rmse_per_step > 2 * convolutions[1].rmse_per_step
+    coarse = convolutions[0].tensor
+
+    ops = _op_input_dtypes(convert_with_float(model, samples, [coarse]))
+    convs = [inputs for name, inputs in ops if name == "CONV_2D"]
+    assert convs[0][0] == np.int8 and convs[1][0] == np.float32  # fine stays int8, coarse runs in float
+    assert [name for name, _ in ops].count("DEQUANTIZE") == 1 and [name for name, _ in ops].count("QUANTIZE") == 1
+    assert ops[0][1][0] == np.int8  # the model still takes int8 pixels
+
+
+@pytest.mark.slow
+def test_convert_keeps_the_requested_worst_ops_in_float_and_records_them(tmp_path, tiny_keras_model, split_data, capsys):
+    """``--float-fallback 1``: the bundle's int8 file has one float op, the manifest and the card say
+    which, and the Pi's code path runs it like any int8 model."""
+    from convert.cli import main
+
+    run = write_run(tmp_path / "run", tiny_keras_model, split_data)
+    out = tmp_path / "tiny"
+    argv = ["--run", str(run), "--data", str(split_data), "--out", str(out), "--calibration-samples", "8",
+            "--formats", "int8,float32", "--no-bench", "--float-fallback", "1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    bundle = load_bundle(out)
+    int8 = bundle.manifest["formats"]["int8"]
+    assert int8["float_fallback"]["float_ops"] == 1 and len(int8["float_fallback"]["float_tensors"]) == 1
+    assert "1 of" in int8["quantization"] and "kept in float" in int8["quantization"]
+    ops = _op_input_dtypes(bundle.model_path("int8").read_bytes())
+    assert sum(1 for _, inputs in ops if inputs and inputs[0] == np.float32 and _ != "QUANTIZE") == 1
+    pixels, examples = _pixels(out, split_data / "val")
+    classifier = Classifier(out, "int8")
+    labels = [classifier.predict_pixels(p).label for p in pixels]
+    assert labels == [e.label for e in examples]

@@ -1,0 +1,177 @@
+"""int8 with a float fallback only where it is needed (selective quantization).
+
+When full-integer int8 loses the gate's label agreement, most layers are usually fine and a
+few are not: a residual ``ADD`` whose two inputs have very different ranges, a layer whose
+activations have outliers that stretch the int8 grid. TFLite's quantization debugger
+measures, per quantized op, the error of its int8 output against the float op run on the
+same (dequantized) inputs; the standard figure of merit is that error's root mean square in
+units of the output's quantization step (``rmse / scale``: about 0.29 is pure rounding,
+above 0.7 the op does worse than rounding). The ops with the largest ``rmse / scale`` are
+kept in float (their output tensors "denylisted"), everything else stays int8, and the
+model's input and output stay int8, so the Pi's code path is the same.
+
+How many ops to keep in float is chosen by trying a short schedule (0, 1, 2, 4, 8, ...)
+and taking the smallest number whose label agreement with the Keras float model, on
+training slices that calibration did not use, meets the gate's int8 rule. The gate then
+judges the result on val as it judges any format, so val never picks the layers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from convert.tflite import frozen_function
+
+log = logging.getLogger(__name__)
+
+DEBUG_SAMPLES = 48  # calibration slices the debugger runs to rank the layers
+SCHEDULE = (0, 1, 2, 4, 8, 16, 32)
+MAX_FLOAT_SHARE = 0.25  # never keep more than a quarter of the ops in float: that is no int8 model
+
+
+@dataclass(frozen=True)
+class LayerError:
+    """One quantized op's int8 error, as the quantization debugger reports it."""
+
+    op: str
+    tensor: str
+    rmse_per_step: float  # sqrt(mean squared error) / output scale
+
+
+@dataclass
+class Selection:
+    """The chosen model and how it was chosen (recorded in the manifest and the model card)."""
+
+    content: bytes
+    float_tensors: list[str]
+    quantized_ops: int
+    trials: list[dict] = field(default_factory=list)
+    ranking: list[LayerError] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        return {
+            "float_ops": len(self.float_tensors),
+            "quantized_ops": self.quantized_ops,
+            "float_tensors": self.float_tensors,
+            "ranking": "rmse / output scale of each int8 op (tf.lite.experimental.QuantizationDebugger)",
+            "chosen_on": "training slices not used for calibration",
+            "trials": self.trials,
+        }
+
+
+def _converter(model, representative: Sequence[np.ndarray]):
+    import tensorflow as tf
+
+    samples = [np.asarray(s, dtype=np.float32)[None, ...] for s in representative]
+
+    def dataset():
+        for sample in samples:
+            yield [sample]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen_function(model)])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = dataset
+    # Float builtins are allowed only for the denylisted ops; everything else is int8.
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
+    return converter, dataset
+
+
+def _debugger(model, representative, denylist: Sequence[str] = (), debug_samples: int = DEBUG_SAMPLES):
+    import tensorflow as tf
+
+    converter, _ = _converter(model, representative)
+    subset = [np.asarray(s, dtype=np.float32)[None, ...] for s in list(representative)[:debug_samples]]
+
+    def debug_dataset():
+        for sample in subset:
+            yield [sample]
+
+    options = tf.lite.experimental.QuantizationDebugOptions(denylisted_nodes=list(denylist), fully_quantize=True)
+    return tf.lite.experimental.QuantizationDebugger(converter=converter, debug_dataset=debug_dataset, debug_options=options)
+
+
+def rank_layers(model, representative: Sequence[np.ndarray], debug_samples: int = DEBUG_SAMPLES) -> list[LayerError]:
+    """Every quantized op with its ``rmse / scale``, worst first."""
+    debugger = _debugger(model, representative, debug_samples=debug_samples)
+    debugger.run()
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    ranking = []
+    for row in csv.DictReader(io.StringIO(dump.getvalue())):
+        scale = float(row["scale"])
+        if not scale > 0:
+            continue
+        rmse = float(np.sqrt(max(float(row["mean_squared_error"]), 0.0)))
+        ranking.append(LayerError(row["op_name"], row["tensor_name"], rmse / scale))
+    return sorted(ranking, key=lambda layer: layer.rmse_per_step, reverse=True)
+
+
+def convert_with_float(model, representative: Sequence[np.ndarray], float_tensors: Sequence[str]) -> bytes:
+    """int8 model (int8 input and output) with the ops producing ``float_tensors`` in float."""
+    return _debugger(model, representative, float_tensors, debug_samples=1).get_nondebug_quantized_model()
+
+
+def choose_float_fallback(
+    model,
+    representative: Sequence[np.ndarray],
+    agreement_of: Callable[[bytes], dict],
+    passes: Callable[[dict], bool],
+    first: bytes | None = None,
+    schedule: Sequence[int] = SCHEDULE,
+    on_step: Callable[[str], None] | None = None,
+) -> Selection:
+    """The smallest float fallback from ``schedule`` whose figures ``passes``.
+
+    ``agreement_of(content)`` scores a candidate (``{"agreement": ..., "auc_change": ...}`` on
+    the selection slices); ``first`` is the plain full-integer model when it is already made.
+    Returns the first passing candidate, or else the one with the highest agreement (the gate
+    then refuses it with its figures)."""
+    say = on_step or (lambda message: None)
+    ranking: list[LayerError] = []
+    trials: list[dict] = []
+    best: tuple[float, bytes, list[str]] | None = None
+    for count in schedule:
+        if count == 0:
+            if first is None:
+                continue
+            content, tensors = first, []
+        else:
+            if not ranking:
+                say("ranking int8 ops by their quantization error (tf.lite QuantizationDebugger)")
+                ranking = rank_layers(model, representative)
+                worst = ", ".join(f"{layer.op} {layer.rmse_per_step:.2f}" for layer in ranking[:5])
+                say(f"  {len(ranking)} int8 ops; worst rmse/step: {worst}")
+            if count > MAX_FLOAT_SHARE * len(ranking):
+                break
+            tensors = [layer.tensor for layer in ranking[:count]]
+            say(f"int8 with the {count} worst op(s) in float")
+            content = convert_with_float(model, representative, tensors)
+        figures = agreement_of(content)
+        trials.append({"float_ops": count, **figures})
+        say(f"  {count} float op(s): agreement {figures['agreement']:.1%}, |dAUC| {figures['auc_change']:.4f} on the selection slices")
+        if passes(figures):
+            return Selection(content, tensors, len(ranking), trials, ranking)
+        if best is None or figures["agreement"] > best[0]:
+            best = (figures["agreement"], content, tensors)
+    if best is None:
+        raise ValueError("no int8 candidate was made")
+    log.warning("no float fallback in %s met the int8 rule; keeping the one that agrees best", list(schedule))
+    return Selection(best[1], best[2], len(ranking), trials, ranking)
+
+
+def fixed_float_fallback(model, representative: Sequence[np.ndarray], count: int,
+                         on_step: Callable[[str], None] | None = None) -> Selection:
+    """int8 with exactly the ``count`` worst ops in float (``--float-fallback N``)."""
+    say = on_step or (lambda message: None)
+    say("ranking int8 ops by their quantization error (tf.lite QuantizationDebugger)")
+    ranking = rank_layers(model, representative)
+    tensors = [layer.tensor for layer in ranking[:count]]
+    return Selection(convert_with_float(model, representative, tensors), tensors, len(ranking), [], ranking)
