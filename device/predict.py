@@ -21,6 +21,9 @@ def register(subparsers) -> None:
     add_model_arguments(parser)
     add_threads_argument(parser)
     parser.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    parser.add_argument("--state", type=Path, default=None,
+                        help="the appliance's state folder: decide with its accepted site profile (ctpi site-check --accept), "
+                             "as the daemon and the page do")
     parser.add_argument("--no-guard", action="store_true", help="score every image, even one the input guard says is not a chest CT slice")
     parser.set_defaults(handler=run)
 
@@ -42,6 +45,12 @@ def run(args) -> int:
     from device.cli import EXIT_FAILED_INPUTS, EXIT_OK, print_json
 
     classifier = Classifier(args.model, args.fmt, args.threads, args.backend, guard=not args.no_guard)
+    if args.state is not None:
+        from device.sitecheck import load_site_profile
+
+        # A profile made for another model raises SiteProfileError (a ValueError): exit 2 with its message,
+        # rather than answer with a threshold the hospital never checked.
+        classifier.use_site_profile(load_site_profile(args.state))
     records = predict_files(classifier, args.files)
     if args.json:
         print_json(
@@ -49,6 +58,7 @@ def run(args) -> int:
                 "model": {"name": classifier.bundle.name, "format": classifier.format, "sha256": classifier.sha256,
                           "bundle_sha256": classifier.bundle_sha256},
                 "backend": {"name": classifier.backend.name, "version": classifier.backend.version(), "threads": classifier.threads},
+                "site_profile": classifier.site.describe() if classifier.site is not None else None,
                 "results": records,
             }
         )
@@ -59,6 +69,8 @@ def run(args) -> int:
             f"model {classifier.bundle.describe(classifier.format)} on {classifier.backend.name}, threshold {classifier.threshold:.3f}"
             + (f", uncertain band [{band.low:.3f}, {band.high:.3f})" if band is not None else "")
         )
+        if classifier.site is not None:
+            print(classifier.site.describe())
         width = max(len(str(r["file"])) for r in records)
         for record in records:
             if "error" in record:

@@ -249,3 +249,27 @@ def test_dicom_studies_count_in_the_site_check(tiny_bundle, tmp_path):
     report = site_check(Classifier(tiny_bundle), tmp_path / "site", show_progress=False)
     assert report["data"]["files"] == 10 and report["data"]["n"] + report["refused"]["n"] == 10
     assert report["data"]["positive"] + report["refused"]["n"] >= 5
+
+
+def test_predict_with_the_state_folder_decides_with_its_site_profile_and_refuses_another_models(tiny_bundle, large_site, tmp_path):
+    """``ctpi predict --state`` answers as the daemon would on that appliance: the site map and
+    threshold, said in its output; a profile for another model stops it with the reason."""
+    state = tmp_path / "state"
+    accepted_profile(tiny_bundle, large_site, state, 0.5, calibration=(0.5, -3.0))
+    slice_file = tmp_path / "a.png"
+    slice_file.write_bytes(slice_png(POSITIVE, 4))
+    raw = raw_positive(Classifier(tiny_bundle), slice_file.read_bytes())
+    plain = json.loads(ctpi("predict", "--model", str(tiny_bundle), "--json", str(slice_file)).stdout)
+    site = ctpi("predict", "--model", str(tiny_bundle), "--json", "--state", str(state), str(slice_file))
+    assert site.returncode == 0, site.stderr
+    site = json.loads(site.stdout)
+    assert plain["site_profile"] is None and plain["results"][0]["label"] == POSITIVE
+    assert site["results"][0]["positive_probability"] == pytest.approx(float(sigmoid(0.5 * logit(raw) - 3.0)), abs=1e-6)
+    assert site["results"][0]["label"] == NEGATIVE and "site calibration fitted on 60 local slices" in site["site_profile"]
+    assert "site threshold 0.500" in ctpi("predict", "--model", str(tiny_bundle), "--state", str(state), str(slice_file)).stdout
+
+    profile = json.loads((state / PROFILE_NAME).read_text())
+    profile["model"]["sha256"] = "0" * 64
+    (state / PROFILE_NAME).write_text(json.dumps(profile))
+    refused = ctpi("predict", "--model", str(tiny_bundle), "--state", str(state), str(slice_file))
+    assert refused.returncode == 2 and "not for this model" in refused.stderr and refused.stdout == ""
