@@ -28,6 +28,9 @@ PI_USER   ?=
 PI_PORT   ?=
 SSH_OPTS  ?=
 EXTRAS    ?= ui
+# what `make deploy` ships and where it stages (defaults: this tree, var/deploy)
+SOURCE    ?=
+DEPLOY_WORK ?=
 INVENTORY ?= deploy/hosts.ini
 # extra pytest arguments for make test, e.g. --no-skips (a skip fails; CI sets it) or -k NAME
 PYTEST_ARGS ?=
@@ -83,8 +86,8 @@ convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int
 bench: $(VENV)/.stamp-onnx ## on-device benchmark of MODEL with THREADS
 	$(CTPI) bench --model $(MODEL) --threads $(THREADS)
 
-deploy: $(VENV)/.stamp-ui ## ship MODEL to Pi PI over ssh as a release; health check, auto-rollback (PI_USER PI_PORT SSH_OPTS EXTRAS)
-	$(PY) -m deploy.ship deploy --host "$(PI)" --user "$(PI_USER)" $(if $(PI_PORT),--port $(PI_PORT)) --ssh-options="$(SSH_OPTS)" --model "$(MODEL)" --extras "$(EXTRAS)"
+deploy: $(VENV)/.stamp-ui ## ship MODEL to Pi PI over ssh as a release; health check, auto-rollback (PI_USER PI_PORT SSH_OPTS EXTRAS SOURCE DEPLOY_WORK)
+	$(PY) -m deploy.ship deploy --host "$(PI)" --user "$(PI_USER)" $(if $(PI_PORT),--port $(PI_PORT)) --ssh-options="$(SSH_OPTS)" --model "$(MODEL)" --extras "$(EXTRAS)" $(if $(SOURCE),--source "$(SOURCE)") $(if $(DEPLOY_WORK),--work "$(DEPLOY_WORK)")
 
 rollback: $(VENV)/.stamp-ui ## switch Pi PI back to its previous release and health-check it
 	$(PY) -m deploy.ship rollback --host "$(PI)" --user "$(PI_USER)" $(if $(PI_PORT),--port $(PI_PORT)) --ssh-options="$(SSH_OPTS)"

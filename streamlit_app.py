@@ -81,7 +81,7 @@ def analyse(classifier: Classifier, name: str, data: bytes, grid: int, max_bytes
         return result
     try:
         start = time.perf_counter()
-        decoded = decode_slice(data)
+        decoded = decode_slice(data, classifier.bundle.spec)
         decoded_at = time.perf_counter()
         classifier.check(decoded)  # the input guard: not a chest CT slice -> BadSliceError "not-ct"
         pixels = prepare(decoded.pixels, classifier.bundle.spec)

@@ -41,12 +41,13 @@ def slice_files(root: Path, split: str) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and is_candidate(p)) if folder.is_dir() else []
 
 
-def feature_matrix(sources) -> tuple[np.ndarray, int]:
-    """Features of every file (paths or bytes) that decodes, and how many did not."""
+def feature_matrix(sources, spec=None) -> tuple[np.ndarray, int]:
+    """Features of every file (paths or bytes) that decodes, and how many did not; DICOM is
+    windowed as the bundle's preprocessing ``spec`` says, as the Pi will."""
     rows, failed = [], 0
     for source in sources:
         try:
-            rows.append(features(decode_slice(source)))
+            rows.append(features(decode_slice(source, spec)))
         except BadSliceError:
             failed += 1
     return (np.stack(rows) if rows else np.zeros((0, len(FEATURE_NAMES)))), failed
@@ -76,12 +77,12 @@ def fit_guard(train: dict[str, np.ndarray], quantile=DEFAULT_QUANTILE, margin=DE
     return Guard(sources, metadata)
 
 
-def acceptance(guard: Guard, sources) -> dict:
+def acceptance(guard: Guard, sources, spec=None) -> dict:
     """How many of ``sources`` (files or bytes) the guard accepts, and why it refused the rest."""
     accepted, refused, checks = 0, 0, {}
     for source in sources:
         try:
-            verdict = guard.check(decode_slice(source))
+            verdict = guard.check(decode_slice(source, spec))
         except BadSliceError as error:
             checks[f"unreadable:{error.reason}"] = checks.get(f"unreadable:{error.reason}", 0) + 1
             refused += 1
@@ -95,15 +96,15 @@ def acceptance(guard: Guard, sources) -> dict:
     return {"n": total, "accepted": accepted, "refused": refused, "rate_accepted": accepted / total if total else None, "refused_by": checks}
 
 
-def measure(guard: Guard, data: list[Path], negative_seed: int = 1) -> dict:
+def measure(guard: Guard, data: list[Path], negative_seed: int = 1, spec=None) -> dict:
     """Acceptance per source and split, refusal per negative category."""
     from convert.guard_negatives import negatives
 
     figures = {"sources": {}, "negatives": {}}
     for root in data:
-        figures["sources"][Path(root).name] = {split: acceptance(guard, slice_files(root, split)) for split in ("train", "val")}
+        figures["sources"][Path(root).name] = {split: acceptance(guard, slice_files(root, split), spec) for split in ("train", "val")}
     for category, files in negatives(negative_seed, part=None).items():  # both parts: nothing is fitted on them
-        result = acceptance(guard, files)
+        result = acceptance(guard, files, spec)
         result["rate_refused"] = result["refused"] / result["n"] if result["n"] else None
         figures["negatives"][category] = result
     refused = sum(r["refused"] for r in figures["negatives"].values())
@@ -180,12 +181,12 @@ def fit_bundle(bundle_path: Path, data: list[Path], quantile=DEFAULT_QUANTILE, m
     bundle = load_bundle(bundle_path)
     train = {}
     for root in data:
-        values, failed = feature_matrix(slice_files(root, "train"))
+        values, failed = feature_matrix(slice_files(root, "train"), bundle.spec)
         if failed:
             log.warning("%s: %d train files could not be read", root, failed)
         train[Path(root).name] = values
     guard = fit_guard(train, quantile, margin)
-    figures = measure(guard, data) if report else {}
+    figures = measure(guard, data, spec=bundle.spec) if report else {}
     document = guard.to_dict()
     if figures:
         document["figures"] = figures
@@ -236,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.report:
             from device.guard import load_guard
 
-            guard = load_guard(load_bundle(bundle_path))
+            bundle = load_bundle(bundle_path)
+            guard = load_guard(bundle)
             if guard is None:
                 print(f"convert.guard: {bundle_path} has no {GUARD_FILE}; fit one first", file=sys.stderr)
                 return 2
-            figures = measure(guard, args.data)
+            figures = measure(guard, args.data, spec=bundle.spec)
         else:
             command = "python -m convert.guard --bundle " + str(bundle_path) + " " + " ".join(f"--data {root}" for root in args.data)
             figures = fit_bundle(bundle_path, args.data, args.quantile, args.margin, command)

@@ -15,8 +15,8 @@
 # Settings (environment; the desktop forwards any it has set):
 #   CTPI_PREFIX           /opt/ctpi             releases/, venvs/, wheels/, current, previous
 #   CTPI_SERVICE_MANAGER  systemctl             called as `$CTPI_SERVICE_MANAGER restart UNIT...`,
-#                                               `is-active --quiet UNIT`, `enable`, `daemon-reload`;
-#                                               the tests point it at a stand-in that records calls
+#                                               `is-active --quiet UNIT`, `status`, `enable`, `daemon-reload`;
+#                                               the tests point it at tests/servicectl.py, which runs the units
 #   CTPI_UNIT_DIR         /etc/systemd/system   where systemd/*.service of the release go (with
 #                                               /opt/ctpi and /var/lib/ctpi replaced by these settings)
 #   CTPI_SERVICE_USER     ctpi                  created as a system user when absent
@@ -157,6 +157,14 @@ restart_units() {
   fi
 }
 
+units_status() { # release folder: the service manager's status (state, PID, log tail) of each unit not active
+  local unit
+  for unit in $(units_of "$1"); do
+    sm is-active --quiet "$unit" && continue
+    sm status --no-pager --lines 20 "$unit" 2>&1 | sed 's/^/    /' || true
+  done
+}
+
 units_active() { # release folder, seconds to wait for each
   local unit waited
   for unit in $(units_of "$1"); do
@@ -242,6 +250,7 @@ activate() { # release old-current: units in, links switched, units restarted; 1
   say "current -> releases/$(basename "$release")"
   if ! restart_units "$release"; then
     say "restart failed"
+    units_status "$release" # why: the unit's own process exited, or never said it was ready
     return 1
   fi
 }

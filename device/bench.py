@@ -171,7 +171,7 @@ def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, i
         # Classifier.predict's steps, from the file on disk, with the guard's verdict kept rather than
         # raised: a slice it refuses is still scored, so every sample costs the whole path
         start = time.perf_counter()
-        decoded = decode_slice(path)
+        decoded = decode_slice(path, classifier.bundle.spec)
         guard_start = time.perf_counter()
         verdict = classifier.guard.check(decoded) if classifier.guard is not None else None
         guard_samples.append((time.perf_counter() - guard_start) * 1000.0)

@@ -160,7 +160,7 @@ class Classifier:
         """File (path or bytes) to prediction; raises ``BadSliceError`` for bad files and,
         with the guard on, for files that are not chest CT slices."""
         start = time.perf_counter()
-        decoded = decode_slice(source)
+        decoded = decode_slice(source, self.bundle.spec)
         decoded_at = time.perf_counter()
         guard_ms = self.check(decoded)
         guarded_at = time.perf_counter()

@@ -1,4 +1,5 @@
-"""DICOM slices: Hounsfield units and the lung window, without ever touching patient fields.
+"""DICOM slices: Hounsfield units and a window (the bundle's, the lung window by default), without
+ever touching patient fields.
 
 Only pixel data, the three attributes needed to turn it into Hounsfield units
 (``RescaleSlope``, ``RescaleIntercept``, ``PhotometricInterpretation``) and three that say what
@@ -13,9 +14,9 @@ import io
 
 import numpy as np
 
-from device.preprocess import BadSliceError
+from device.preprocess import LUNG_WINDOW, BadSliceError
 
-LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU): air black, soft tissue and bone white
+__all__ = ["LUNG_WINDOW", "apply_window", "decode", "decode_with_header", "is_dicom", "to_hounsfield"]
 
 
 def is_dicom(data: bytes) -> bool:
@@ -34,7 +35,9 @@ def apply_window(hounsfield: np.ndarray, level: float, width: float) -> np.ndarr
 
 
 def decode(data: bytes, window: tuple[float, float] = LUNG_WINDOW) -> tuple[np.ndarray, str]:
-    """DICOM bytes to lung-windowed float intensities (0..255) and a mode description."""
+    """DICOM bytes to windowed float intensities (0..255) and a mode description. ``window``
+    is (level, width) in HU: the bundle's ``dicom_window`` (``PreprocessSpec``), the lung window
+    by default."""
     pixels, mode, _header = decode_with_header(data, window)
     return pixels, mode
 

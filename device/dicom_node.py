@@ -148,6 +148,7 @@ class Node:
         self.server = None
         self._journal = None
         self._model_info: dict | None = None
+        self._spec = None
         self._classifier = None
 
     # -- start-up ----------------------------------------------------------------------------
@@ -295,10 +296,17 @@ class Node:
                     bundle = load_bundle(self.model_path, verify=False)
                     fmt = self.fmt or bundle.default_format
                     info = {"name": bundle.name, "version": bundle.manifest.get("version"), "format": fmt, "sha256": bundle.sha256(fmt)}
+                    self._spec = bundle.spec
                 except Exception as error:  # the SR still goes out, naming the digest the journal holds
                     log.warning("model bundle not readable for the report: %s", error)
             self._model_info = info
         return self._model_info
+
+    def spec(self):
+        """The bundle's preprocessing, so the report's image is windowed as the model saw the slice
+        (its ``dicom_window``); None (the default lung window) when no bundle is readable."""
+        self.model_info()
+        return self._spec
 
     def complete_studies(self) -> None:
         cutoff = time.time() - self.config.stable_seconds
@@ -335,12 +343,12 @@ class Node:
 
         classifier = self.classifier()
         if classifier is None:
-            decoded = decode_slice(path)
+            decoded = decode_slice(path, self.spec())
             grey = np.clip(decoded.pixels, 0, 255).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
         from device.heatmap import occlusion_map, overlay
 
-        pixels = prepare(decode_slice(path).pixels, classifier.bundle.spec)
+        pixels = prepare(decode_slice(path, classifier.bundle.spec).pixels, classifier.bundle.spec)
         return overlay(pixels, occlusion_map(classifier, pixels).sensitivity)
 
     def classifier(self):

@@ -5,7 +5,8 @@ so the Pi sees exactly what training saw. The steps (version 1, id
 ``ctpi-gray-letterbox-stretch``) are:
 
 1. **Decode by content**, never by file name: PNG and JPEG through Pillow, DICOM (``DICM``
-   magic at byte 128) through :mod:`device.dicom` (Hounsfield units, lung window). Real data
+   magic at byte 128) through :mod:`device.dicom` (Hounsfield units, then the bundle's
+   ``dicom_window``: the lung window unless its manifest says otherwise). Real data
    has JPEGs named ``.png``. Anything else is refused with :class:`BadSliceError`.
 2. **Refuse absurd files before decoding pixels**: empty files, files over
    ``MAX_FILE_BYTES``, images with a side under ``MIN_SIDE`` or more than ``MAX_PIXELS``
@@ -44,6 +45,9 @@ MAX_PIXELS = 40_000_000  # 8000 x 5000; a CT slice is 512 x 512, the dataset's l
 MIN_SIDE = 16
 ACCEPTED_FORMATS = {"PNG", "JPEG", "MPO"}  # MPO: the JPEG variant some cameras write
 IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")
+# Level and width in HU that map DICOM to 0..255: the lung window (air black, soft tissue and bone
+# white), what every shipped bundle was trained with. A bundle may name another in its manifest.
+LUNG_WINDOW = (-600.0, 1500.0)
 
 Source = str | Path | bytes
 
@@ -71,7 +75,7 @@ class PreprocessSpec:
     letterbox: bool = True
     pad_value: int = 0
     stretch_percentiles: tuple[float, float] = (0.5, 99.5)
-    dicom_window: tuple[float, float] = (-600.0, 1500.0)  # level, width in HU: the lung window
+    dicom_window: tuple[float, float] = LUNG_WINDOW  # level, width in HU that DICOM is decoded with
     output: str = "uint8 0..255, HWC"
 
     def to_manifest(self) -> dict:
@@ -97,6 +101,8 @@ class PreprocessSpec:
             if key in values:
                 values[key] = tuple(float(v) for v in values[key])
         spec = cls(**values)
+        if len(spec.dicom_window) != 2 or not spec.dicom_window[1] > 0:
+            raise ValueError(f"dicom_window must be [level, width] in HU with width > 0, not {list(spec.dicom_window)}")
         if spec.channels not in (1, 3) or spec.height < MIN_SIDE or spec.width < MIN_SIDE:
             raise ValueError(f"unsupported input size {spec.height}x{spec.width}x{spec.channels}")
         return spec
@@ -193,13 +199,18 @@ def _to_intensity(image: Image.Image) -> np.ndarray:
     raise BadSliceError("unsupported-mode", f"image mode {mode!r} is not supported")
 
 
-def decode_slice(source: Source) -> DecodedSlice:
-    """Steps 1-3: bytes to one channel of float intensities, or :class:`BadSliceError`."""
+def decode_slice(source: Source, spec: PreprocessSpec | None = None) -> DecodedSlice:
+    """Steps 1-3: bytes to one channel of float intensities, or :class:`BadSliceError`.
+
+    ``spec`` is the bundle's preprocessing: DICOM is windowed with its ``dicom_window``, so a
+    bundle trained on another window sees what it was trained on. Pass it wherever a slice is
+    decoded for a bundle; without one (no bundle at hand) it is the default spec's lung window."""
     data = read_source(source)
     from device import dicom  # local: keeps pydicom off the import path of PNG-only users
 
     if dicom.is_dicom(data):
-        pixels, mode, header = dicom.decode_with_header(data)
+        window = (spec or PreprocessSpec()).dicom_window
+        pixels, mode, header = dicom.decode_with_header(data, window)
         _check_dimensions(pixels.shape[1], pixels.shape[0])
         return DecodedSlice(pixels, "DICOM", mode, pixels.shape[1], pixels.shape[0], dicom=header)
     try:
@@ -260,4 +271,4 @@ def prepare(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 def load_slice(source: Source, spec: PreprocessSpec) -> np.ndarray:
     """File (path or bytes) to model input: the one function everything calls."""
-    return prepare(decode_slice(source).pixels, spec)
+    return prepare(decode_slice(source, spec).pixels, spec)

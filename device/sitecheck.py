@@ -232,7 +232,7 @@ def site_check(classifier: Classifier, data: Path, rule: str | None = None, show
     y, raw_scores, scores, labels, refused = [], [], [], [], {}
     for example in progress(examples, len(examples), f"site check on {data}", show_progress):
         try:  # Classifier.predict's path, keeping the raw output the site map is fitted on
-            decoded = decode_slice(example.path)
+            decoded = decode_slice(example.path, bundle.spec)
             classifier.check(decoded)
             raw = classifier.raw_probabilities(prepare(decoded.pixels, bundle.spec))
         except BadSliceError as error:

@@ -364,7 +364,7 @@ class Reader(threading.Thread):
             item.sha256 = item.sha256 or hashlib.sha256(data).hexdigest()
             item.size = len(data)
             read_at = time.perf_counter()
-            decoded = decode_slice(data)
+            decoded = decode_slice(data, self.spec)
             item.format, item.mode = decoded.format, decoded.mode
             decoded_at = time.perf_counter()
             guard_ms = self.check(decoded) if self.check is not None else 0.0

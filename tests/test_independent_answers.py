@@ -60,6 +60,146 @@ def test_dicom_lung_window_at_known_hounsfield_units():
         assert pixels[:, column * 8 : column * 8 + 8] == pytest.approx(expected, abs=0.5), list(known)[column]
 
 
+# The same strips of known HU (8 columns each) decoded under two windows, worked out by hand:
+# lung (level -600, width 1500): -1350 HU -> 0, 0.17 grey per HU, +150 HU and above -> 255;
+# soft tissue (level 40, width 400): -160 HU and below -> 0, 0.6375 grey per HU, +240 -> 255.
+STRIPS_HU = (-1350, -975, -600, -160, -60, 40, 150, 240)
+STRIPS_LUNG = (0.0, 63.75, 127.5, 202.3, 219.3, 236.3, 255.0, 255.0)
+STRIPS_SOFT = (0.0, 0.0, 0.0, 0.0, 63.75, 127.5, 197.625, 255.0)
+
+
+def strips(values) -> np.ndarray:
+    return np.repeat(np.asarray(values, dtype=np.float32), 8)[None, :].repeat(64, axis=0)
+
+
+# A checkerboard (8-pixel squares) of +160 and +230 HU: both above the lung window's top, so flat
+# white there (a blank input), but soft tissue's (160 + 160) x 0.6375 = 204 and (230 + 160) x 0.6375
+# = 248.625 grey: a texture. The tiny model scores the two very differently.
+CHECKER_HU = (160, 230)
+CHECKER_LUNG = (255.0, 255.0)
+CHECKER_SOFT = (204.0, 248.625)
+
+
+def checker(values) -> np.ndarray:
+    squares = (np.indices((64, 64)) // 8).sum(axis=0) % 2
+    return np.where(squares == 0, values[0], values[1]).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def soft_tissue_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with a manifest whose preprocessing names the soft-tissue window, resealed
+    as the bundle tools seal it (a hand edit would be refused)."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("soft") / "soft-tissue"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["preprocessing"]["dicom_window"] == [-600.0, 1500.0]  # the default the tiny bundle was made with
+    manifest["preprocessing"]["dicom_window"] = [40.0, 400.0]
+    write_manifest(copy, manifest)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def strips_dicom(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("strips") / "strips.dcm"
+    path.write_bytes(ct_dicom(strips(STRIPS_HU).astype(np.int32)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def checker_dicom(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("checker") / "checker.dcm"
+    path.write_bytes(ct_dicom(checker(CHECKER_HU).astype(np.int32)))
+    return path
+
+
+def test_dicom_is_decoded_with_the_window_its_bundle_names(tiny_bundle, soft_tissue_bundle, strips_dicom):
+    from device.preprocess import decode_slice
+
+    lung = decode_slice(strips_dicom, load_bundle(tiny_bundle).spec).pixels
+    soft = decode_slice(strips_dicom, load_bundle(soft_tissue_bundle).spec).pixels
+    assert decode_slice(strips_dicom).pixels == pytest.approx(strips(STRIPS_LUNG), abs=0.05)  # no bundle: the lung window
+    assert lung == pytest.approx(strips(STRIPS_LUNG), abs=0.05)
+    assert soft == pytest.approx(strips(STRIPS_SOFT), abs=0.05)
+
+
+def test_a_dicom_window_without_width_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["preprocessing"]["dicom_window"] = [40.0, 0.0]  # would divide by zero
+    write_manifest(copy, manifest)
+    with pytest.raises(BundleError, match="dicom_window"):
+        load_bundle(copy)
+
+
+def test_predict_watch_node_and_page_window_dicom_as_the_bundle_says(tiny_bundle, soft_tissue_bundle, checker_dicom, tmp_path, monkeypatch):
+    """Each path that decodes a DICOM for a bundle scores what the hand-worked soft-tissue grey
+    values give, not what the lung window would: Classifier.predict (ctpi predict, evaluate), the
+    watch daemon (its journal), the DICOM node's report image and the page."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from device.classifier import Classifier
+    from device.preprocess import prepare
+
+    classifier = Classifier(soft_tissue_bundle)
+    spec = classifier.bundle.spec
+    expected = classifier.predict_pixels(prepare(checker(CHECKER_SOFT), spec)).positive_probability
+    lung = classifier.predict_pixels(prepare(checker(CHECKER_LUNG), spec)).positive_probability
+    assert abs(expected - lung) > 0.1, (expected, lung)  # the two windows give the model different answers
+    assert classifier.predict(checker_dicom).positive_probability == pytest.approx(expected, abs=1e-6)
+    assert Classifier(tiny_bundle).predict(checker_dicom).positive_probability == pytest.approx(lung, abs=1e-6)
+
+    inbox, state = tmp_path / "inbox", tmp_path / "state"
+    (inbox / "study").mkdir(parents=True)
+    (inbox / "study" / "checker.dcm").write_bytes(checker_dicom.read_bytes())
+    (tmp_path / "ctpi.toml").write_text("")  # defaults, whatever this machine's /etc/ctpi holds
+    done = subprocess.run([sys.executable, "-m", "device.cli", "watch", "--once", "--inbox", str(inbox), "--state", str(state),
+                           "--model", str(soft_tissue_bundle), "--settle-seconds", "0", "--config", str(tmp_path / "ctpi.toml")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with sqlite3.connect(state / "journal.sqlite") as db:
+        ((slice_id, status, probability),) = db.execute("SELECT id, status, positive_probability FROM slices").fetchall()
+    assert status == "ok" and probability == pytest.approx(expected, abs=1e-6)
+
+    from device.config import DicomConfig
+    from device.dicom_node import Node
+
+    node = Node(DicomConfig(heatmap=False), inbox, state, model=soft_tissue_bundle)
+    image = node.top_slice_rgb({"top_slice_id": slice_id})[..., 0]  # the report's grey image, as decoded
+    assert image.astype(float) == pytest.approx(np.floor(checker(CHECKER_SOFT)), abs=1)
+
+    pytest.importorskip("streamlit")
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from device.auth import write_password
+    from device.config import Config, UiConfig, WatchConfig
+    from device.ui import SETTINGS_ENVIRONMENT, settings_to_environment
+
+    st.cache_resource.clear()
+    write_password(tmp_path / "pw", "correct horse battery")
+    settings = Config(watch=WatchConfig(inbox=inbox, state=tmp_path / "page-state", model=soft_tissue_bundle),
+                      ui=UiConfig(models_dir=soft_tissue_bundle.parent, password_file=tmp_path / "pw", heatmap_grid=0))
+    monkeypatch.setenv(SETTINGS_ENVIRONMENT, settings_to_environment(settings))
+    page = AppTest.from_file(str(REPO / "streamlit_app.py"), default_timeout=120)
+    page.run()
+    page.text_input[0].input("correct horse battery")
+    page.button[0].click()
+    page.run()
+    page.file_uploader[0].set_value([("checker.dcm", checker_dicom.read_bytes(), "application/dicom")])
+    page.run()
+    assert not page.exception, page.exception
+    shown = [m.value for m in page.markdown if m.value.startswith("#### checker.dcm")]
+    assert shown and f"= **{expected:.3f}**" in shown[0], shown
+    st.cache_resource.clear()
+
+
 @pytest.mark.parametrize("bundle", find_bundles(REPO / "models"), ids=lambda p: p.name)
 def test_shipped_manifests_hold_every_documented_key(bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
