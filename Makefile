@@ -36,20 +36,30 @@ INVENTORY ?= deploy/hosts.ini
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help run test lint train loso pretrain convert bench system-deps
+.PHONY: help run test lint train loso pretrain convert bench system-deps lock
 .PHONY: deploy rollback deploy-fleet
 
 help: ## list the targets and their variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) SEEDS=$(SEEDS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL) PI=$(PI) EXTRAS=$(EXTRAS) INVENTORY=$(INVENTORY)"
 
-# One virtualenv, installed from pyproject.toml; a stamp per set of extras so `make run`
-# installs only the device side and the UI, and `make test` everything.
-$(VENV)/.stamp-%: pyproject.toml
+# One virtualenv, installed from pyproject.toml at the versions of this interpreter's desktop
+# lock (requirements/desktop-cp<XY>-<machine>.txt, as pip constraints); a stamp per set of
+# extras so `make run` installs only the device side and the UI, and `make test` everything.
+# deploy.locks refuses a lock older than pyproject.toml's dependencies: run `make lock`.
+$(VENV)/.stamp-%: pyproject.toml $(wildcard requirements/desktop-*.txt)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[$*]'
+	@lock=$$($(PY) -m deploy.locks desktop) && echo "$(PY) -m pip install -q -c $$lock -e '.[$*]'" && \
+	  $(PY) -m pip install -q -c $$lock -e '.[$*]'
 	@touch $@
+
+# UPGRADE=1: every pin to the newest release pyproject.toml allows (else the pins stay where they can)
+UPGRADE ?=
+lock: ## write the version locks in requirements/ with uv (desktop: every extra; each Pi platform: device + ui)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
+	$(PY) -m deploy.locks compile $(if $(UPGRADE),--upgrade)
 
 system-deps: ## install the system packages the tests use (Debian: chromium, openssh-server, systemd)
 	@bash tests/system-deps.sh

@@ -79,20 +79,24 @@ ensure_folders() {
 }
 
 ensure_venv() { # release folder: link release/venv to the virtualenv for its requirements
-  local release=$1 key venv
-  key=$({ "$PYTHON" -c 'import sys; print(sys.version)'; cat "$release/requirements.txt"; } | sha256sum | cut -c1-16)
+  local release=$1 key venv lock
+  # The release's lock for this Pi's Python and machine (requirements/pi-cp311-aarch64.txt on
+  # Raspberry Pi OS Bookworm): pip constraints, so the Pi gets exactly the pinned versions.
+  lock="$release/requirements/pi-$("$PYTHON" -c 'import sys, platform; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}")').txt"
+  [ -f "$lock" ] || die "the release has no lock for this Pi ($(basename "$lock")): add it on the desktop (deploy/locks.py) and run make lock"
+  key=$({ "$PYTHON" -c 'import sys; print(sys.version)'; cat "$release/requirements.txt" "$lock"; } | sha256sum | cut -c1-16)
   venv="$PREFIX/venvs/$key"
   if [ ! -e "$venv/.complete" ]; then
     rm -rf "$venv"
-    say "creating virtualenv venvs/$key (--system-site-packages: apt's python3-picamera2 stays visible)"
+    say "creating virtualenv venvs/$key from $(basename "$lock") (--system-site-packages: apt's python3-picamera2 stays visible)"
     "$PYTHON" -m venv --system-site-packages "$venv"
     if compgen -G "$PREFIX/wheels/*.whl" >/dev/null; then
       # Only the wheelhouse the desktop built for this Pi: no index, no pip config.
       PIP_CONFIG_FILE=/dev/null "$venv/bin/pip" install --quiet --no-index --find-links "$PREFIX/wheels" \
-        -r "$release/requirements.txt"
+        -r "$release/requirements.txt" -c "$lock"
     else
       say "no wheelhouse in $PREFIX/wheels: installing from the package index (the Pi needs the network)"
-      "$venv/bin/pip" install --quiet -r "$release/requirements.txt"
+      "$venv/bin/pip" install --quiet -r "$release/requirements.txt" -c "$lock"
     fi
     touch "$venv/.complete"
   fi

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deploy.stage import PROBE, REPO, StageError, Target, build_wheelhouse, stage
+from deploy.stage import PROBE, REPO, StageError, Target, build_wheelhouse, pi_lock, stage
 
 # Pi-side settings of release.sh that the desktop forwards when set in its environment.
 FORWARDED = (
@@ -135,7 +135,8 @@ def deploy(pi: Pi, model: Path, extras: list[str], source: Path, work: Path, whe
     state = probe(pi)
     pi.use_sudo = state.use_sudo
     release = stage(source, model, work / "releases", extras)
-    print(f"deploy: release {release.version} to {pi.host} ({state.target.tag}), current {Path(state.current).name or 'none'}")
+    lock = pi_lock(release.path, state.target)  # no lock for the Pi's platform: stop here, the Pi untouched
+    print(f"deploy: release {release.version} to {pi.host} ({state.target.tag}, {lock.name}), current {Path(state.current).name or 'none'}")
     installed = f"{pi.prefix}/releases/{release.version}"
     if state.current == f"releases/{release.version}" and state.current_complete:
         code, result = pi.release_script(f"{installed}/release.sh", "install", installed)

@@ -9,7 +9,10 @@ but is not part of the identity: committing a README change must not force a new
 
 The wheelhouse is built here, on the desktop, with ``pip download --only-binary=:all:`` for the
 Pi's own interpreter and platform (asked over SSH first), and installed on the Pi with
-``pip install --no-index``. Why: a hospital Pi often has no route to PyPI; every Pi of a fleet
+``pip install --no-index``. Both go by the Pi lock of that interpreter and platform
+(``requirements/pi-cp<XY>-<machine>.txt``, :mod:`deploy.locks`), which the release ships: the
+wheelhouse holds exactly the pinned versions the release needs and the Pi installs under the same
+lock as pip constraints, so every Pi runs the versions the tests passed with. Why: a hospital Pi often has no route to PyPI; every Pi of a fleet
 gets the same versions; a rollback never needs the network; and a dependency that has no wheel
 for the Pi fails here, before anything on the Pi has changed, instead of half-way through.
 """
@@ -27,6 +30,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy import locks
 from device import __version__
 from device.bundle import BundleError, load_bundle
 from device.phantom import chest_png
@@ -192,6 +196,10 @@ def stage(source: Path, model: Path, out: Path, extras: list[str]) -> Release:
     (work / HEALTH_SLICE).write_bytes(health_slice())
     requirement_lines = requirements(source / "pyproject.toml", extras)
     (work / "requirements.txt").write_text("\n".join(requirement_lines) + "\n", encoding="utf-8")
+    # Every Pi lock: the playbook stages once for a fleet of any platforms; each Pi takes its own.
+    (work / locks.FOLDER).mkdir()
+    for lock in pi_locks(source, extras):
+        shutil.copy2(lock, work / locks.FOLDER / lock.name)
 
     digest = hashlib.sha256()
     for path in sorted(p for p in work.rglob("*") if p.is_file()):
@@ -238,22 +246,79 @@ def _prune_staged(out: Path, keep: int) -> None:
         (out / f"{old.name}.tar").unlink(missing_ok=True)
 
 
+def pi_locks(source: Path, extras: list[str]) -> list[Path]:
+    """The source tree's Pi locks, each checked against its ``pyproject.toml`` and ``extras``."""
+    folder = source / locks.FOLDER
+    found = sorted(folder.glob("pi-*.txt"))
+    if not found:
+        raise StageError(f"{source} has no Pi lock ({locks.FOLDER}/pi-cp<XY>-<machine>.txt): run `make lock`")
+    try:
+        return [locks.find(folder, "pi", *_lock_key(lock), source / "pyproject.toml", extras) for lock in found]
+    except locks.LockError as error:
+        raise StageError(str(error)) from None
+
+
+def _lock_key(lock: Path) -> tuple[tuple[int, int], str]:
+    info = locks.header(lock)
+    major, minor = info["python"].split(".")
+    return (int(major), int(minor)), info["machine"]
+
+
+def pi_lock(release: Path, target: Target) -> Path:
+    """The lock a staged ``release`` ships for ``target``; :class:`StageError` naming ``make lock``
+    when the Pi's Python or machine has none (before anything on the Pi has changed)."""
+    try:
+        return locks.find(release / locks.FOLDER, "pi", target.python, target.machine, release / "pyproject.toml")
+    except locks.LockError as error:
+        raise StageError(f"the Pi runs {target.tag}: {error}") from None
+
+
+def _pip_for(target: Target) -> list[str]:
+    """pip's options that make it choose wheels for the Pi instead of this desktop."""
+    options = ["--only-binary=:all:", "--python-version", f"{target.python[0]}.{target.python[1]}", "--implementation", "cp"]
+    options += ["--abi", f"cp{target.python[0]}{target.python[1]}"]
+    for platform in target.pip_platforms():
+        options += ["--platform", platform]
+    return options
+
+
+def locked_set(requirements_file: Path, lock: Path, target: Target, work: Path) -> list[str]:
+    """``name==version`` of every distribution the Pi installs: pip resolves the release's
+    requirements for the Pi under the lock, and each choice must be a pin of the lock (pip takes
+    the lock as constraints, so only a package the lock does not name could differ)."""
+    report = work / ".resolved.json"
+    command = [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", str(report)]
+    command += [*_pip_for(target), "-r", str(requirements_file), "-c", str(lock)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise StageError(
+            f"pip could not resolve the release's requirements for the Pi ({target.tag}) under {lock.name}; it needs "
+            f"the desktop's network and a wheel for every pin:\n{done.stderr.strip()[-2000:]}"
+        )
+    chosen = [(item["metadata"]["name"], item["metadata"]["version"]) for item in json.loads(report.read_text())["install"]]
+    report.unlink()
+    pinned = locks.pins(lock)
+    unlocked = [f"{name} {version}" for name, version in chosen if pinned.get(locks.normalise(name)) != version]
+    if unlocked:
+        raise StageError(f"{lock.name} does not pin {', '.join(unlocked)}, which the release needs: run `make lock`")
+    return sorted(f"{name}=={version}" for name, version in chosen)
+
+
 def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Path:
-    """``dest/<target tag>/`` holding wheels for every requirement and dependency; skipped
-    when it was already built for these exact requirements."""
+    """``dest/<target tag>/`` holding the wheel of every requirement and dependency, at exactly
+    the versions of the release's Pi lock for ``target``; skipped when it was already built for
+    these exact requirements and lock."""
     if not requirements_file.is_file():
         raise StageError(f"{requirements_file} does not exist; stage the release first")
+    lock = pi_lock(requirements_file.parent, target)
     folder = dest / target.tag
-    stamp = folder / f".complete-{_sha256(requirements_file)[:16]}"
+    key = hashlib.sha256(requirements_file.read_bytes() + b"\0" + lock.read_bytes()).hexdigest()
+    stamp = folder / f".complete-{key[:16]}"
     if stamp.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "pip", "download", "--quiet", "--dest", str(folder), "--only-binary=:all:"]
-    command += ["--python-version", f"{target.python[0]}.{target.python[1]}", "--implementation", "cp"]
-    command += ["--abi", f"cp{target.python[0]}{target.python[1]}"]
-    for platform in target.pip_platforms():
-        command += ["--platform", platform]
-    command += ["-r", str(requirements_file)]
+    wanted = locked_set(requirements_file, lock, target, folder)
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--dest", str(folder), *_pip_for(target), *wanted]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise StageError(
@@ -261,6 +326,7 @@ def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Pat
             f"for every dependency:\n{done.stderr.strip()[-2000:]}"
         )
     stamp.touch()
+    log.info("wheelhouse %s: %d wheels pinned by %s", folder.name, len(wanted), lock.name)
     return folder
 
 

@@ -101,7 +101,7 @@ def remote_python() -> str:
 def snapshot_source(target: Path, change: str | None = None, file: str = "device/classifier.py") -> Path:
     """A frozen copy of what a deploy ships (other people edit the working tree meanwhile);
     ``change`` is appended to ``file`` to make a different release."""
-    for name in ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md"):
+    for name in ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md", "requirements"):
         source = REPO / name
         if source.is_dir():
             shutil.copytree(source, target / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
