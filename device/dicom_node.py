@@ -6,13 +6,14 @@
   is ``study-`` + a hash of the StudyInstanceUID and the file name a hash of the
   SOPInstanceUID, so no identifier of the patient appears in a path, the journal or a log.
   ``ctpi watch`` triages the files exactly once, as any dropped file.
-- **Acknowledged means durable** (the order is the contract): the bytes go to a hidden
-  temporary name (``.<name>.tmp``, which the watch daemon ignores) and are fsynced; the
-  ledger row is committed (:mod:`device.dicom_ledger`, ``synchronous=FULL``); the file is
-  renamed into place and the folder fsynced; only then does the sender hear *success*. A
-  restart renames any temporary file whose row was committed and deletes the others, before
-  the port opens. A resend of an instance with a row is answered *success* and not written
-  again, so it is never triaged twice.
+- **Acknowledged means durable** (the order is the contract): the bytes, as received, go to
+  a hidden temporary name (``.<name>.tmp``, which the watch daemon ignores) and are fsynced;
+  the ledger row is committed (:mod:`device.dicom_ledger`, ``synchronous=FULL``); the file is
+  renamed into place; only then does the sender hear *success*. A restart renames any
+  temporary file whose row was committed and deletes the others, before the port opens, so
+  the folder fsync that makes the new name itself durable is batched once per tick
+  (:mod:`device.dicom_store` says why that is safe). A resend of an instance with a row is
+  answered *success* and not written again, so it is never triaged twice.
 - **Who may talk**: calling AE titles, optionally with a source address (``AET@HOST``), are
   allow-listed; anything else is rejected at association, logged with its reason.
 - **Study complete**: no instance of a study for ``stable_seconds``. Once the watch journal
@@ -42,6 +43,7 @@ from pathlib import Path
 
 from device.config import ConfigError, DicomConfig, LogFormat, load_config, override
 from device.dicom_ledger import Ledger
+from device.dicom_store import FolderSync, part10_header, temporary_name, write_durably, write_parts
 from device.durable import fsync_dir
 from device.sdnotify import Notifier
 
@@ -67,27 +69,6 @@ def study_folder(study_uid: str) -> str:
 
 def instance_hash(sop_uid: str) -> str:
     return hashlib.sha256(sop_uid.encode()).hexdigest()
-
-
-def temporary_name(name: str) -> str:
-    return f".{name}.tmp"
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name next to ``path`` and fsync it (not yet renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Temporary name, fsync, rename, fsync the folder: ``path`` is whole or absent."""
-    partial = path.with_name(temporary_name(path.name))
-    write_file(partial, data)
-    os.replace(partial, path)
-    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)
@@ -150,6 +131,8 @@ class Node:
         self._model_info: dict | None = None
         self._spec = None
         self._classifier = None
+        self.folders = FolderSync(self.inbox)
+        self.headers_kept: set[str] = set()
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -173,9 +156,12 @@ class Node:
         return renamed
 
     def build_ae(self):
-        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
         from pynetdicom.sop_class import Verification
 
+        # pynetdicom's own per-PDU and per-message log handlers cost CPU on every instance and
+        # their lines name patients; the node logs what it needs itself
+        _config.LOG_HANDLER_LEVEL = "none"
         ae = AE(ae_title=self.config.aet)
         ae.add_supported_context(Verification)
         for sop_class in ACCEPTED_SOP_CLASSES:
@@ -221,12 +207,17 @@ class Node:
         return status
 
     def on_store(self, event) -> int:
+        received = event.request.DataSet
+        with received.getbuffer() if received is not None else memoryview(b"") as raw:  # no copy of the bytes
+            return self.store(event, raw)
+
+    def store(self, event, raw: memoryview) -> int:
+        """Check, write, record, rename: the status to answer (see :mod:`device.dicom_store`)."""
         calling = event.assoc.requestor.ae_title.strip()
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)
         if sop_class not in ACCEPTED_SOP_CLASSES:  # negotiation already refuses these; belt and braces
             return self.refuse(calling, "sop-class", f"SOP class {sop_class} is not CT", PROCESSING_FAILURE)
-        raw = request.DataSet.getvalue() if request.DataSet is not None else b""
         if len(raw) > self.config.max_instance_mb * 1e6:
             return self.refuse(calling, "too-large", f"{len(raw) / 1e6:.0f} MB is above max_instance_mb={self.config.max_instance_mb:g}", OUT_OF_RESOURCES)
         try:
@@ -244,35 +235,45 @@ class Node:
         sop_uid = str(request.AffectedSOPInstanceUID)
         key = instance_hash(sop_uid)
         study, name = study_folder(study_uid), key[:32] + ".dcm"
-        target = self.inbox / study / name
         with self.lock:
             if self.ledger.instance(key) is not None:
                 self.ledger.count("instances_duplicate")
                 return SUCCESS  # already durable: a resend is acknowledged, not stored twice
             try:
-                data = event.encoded_dataset(include_meta=True)
-                partial = target.with_name(temporary_name(name))
-                write_file(partial, data)
-                self.keep_header(study, data)
-                self.ledger.add_instance(key, study, name, calling, len(data))
-                os.replace(partial, target)
-                fsync_dir(target.parent)
+                # the bytes as received, behind a Part 10 header; durable once fsynced *and*
+                # in the ledger (recovery renames it), so the rename's folder fsync is batched
+                header = part10_header(sop_class, sop_uid, transfer_syntax)
+                folder = self.folders.folder(self.inbox / study)
+                partial = folder / temporary_name(name)
+                try:
+                    size = write_parts(partial, (header, raw))
+                except FileNotFoundError:  # the study folder was removed behind our back
+                    self.folders.forget(folder)
+                    size = write_parts(self.folders.folder(folder) / temporary_name(name), (header, raw))
+                self.keep_header(study, header, raw)
+                self.ledger.add_instance(key, study, name, calling, size)
+                os.replace(partial, folder / name)
+                self.folders.renamed_into(folder)
             except OSError as error:
                 log.error("cannot store an instance: %s", error.strerror, extra={"event": "storage-error"})
                 return OUT_OF_RESOURCES
         return SUCCESS
 
-    def keep_header(self, study: str, data: bytes) -> None:
+    def keep_header(self, study: str, header: bytes, raw) -> None:
         """The study's identity for its result: the first instance's header, no pixels."""
+        if study in self.headers_kept:
+            return
         path = self.folder / "headers" / f"{study}.dcm"
         if path.exists():
+            self.headers_kept.add(study)
             return
         import pydicom
 
-        header = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        header = pydicom.dcmread(io.BytesIO(header + bytes(raw)), stop_before_pixels=True)
         buffer = io.BytesIO()
         header.save_as(buffer)
         write_durably(path, buffer.getvalue())
+        self.headers_kept.add(study)
 
     # -- study completion and results ------------------------------------------------------------
 
@@ -432,6 +433,13 @@ class Node:
 
     # -- main loop --------------------------------------------------------------------------------
 
+    def sync_folders(self) -> None:
+        """The batched folder fsync (names of instances already durable as temporary files)."""
+        try:
+            self.folders.flush()
+        except OSError as error:  # recovery still renames their temporary files after a power cut
+            log.error("cannot fsync the inbox folders: %s", error.strerror, extra={"event": "storage-error"})
+
     def request_stop(self, signum=None, frame=None) -> None:
         self.stop.set()
 
@@ -465,6 +473,7 @@ class Node:
                 if ping and now >= next_ping:
                     self.notifier.watchdog()
                     next_ping = now + ping
+                self.sync_folders()
                 with self.lock:
                     self.complete_studies()
                 try:
@@ -475,6 +484,7 @@ class Node:
         finally:
             self.notifier.stopping()
             ae.shutdown()
+            self.sync_folders()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             with self.lock:
