@@ -24,7 +24,18 @@ from device.bundle import BundleError, find_bundles, load_bundle
 from device.classifier import Classifier, Prediction
 from device.config import Config, UiConfig
 from device.heatmap import OPACITY, Heatmap, colour_scale, legend, occlusion_map, overlay
-from device.history import REJECTED, HistoryFilter, disk_free, process_memory_mb, slice_page, table_rows, to_csv
+from device.history import (
+    REJECTED,
+    HistoryFilter,
+    delivery,
+    dicom_origins,
+    disk_free,
+    process_memory_mb,
+    slice_page,
+    table_rows,
+    to_csv,
+    utc,
+)
 from device.journal import Journal, JournalError
 from device.plots import reliability_svg, roc_svg
 from device.preprocess import BadSliceError, decode_slice, prepare
@@ -551,12 +562,16 @@ def history_tab(config: Config, classifier: Classifier) -> None:
         return
     with journal:
         studies = journal.studies()
+        origins = dicom_origins(config.watch.state)  # studies that arrived over DICOM (the node's ledger)
         since_column, label_column, study_column = st.columns(3)
         since = since_column.date_input("Recorded since (UTC)", value=None, key="history_since")
         label = label_column.selectbox(
             "Label", [None, *labels, UNCERTAIN, REJECTED], format_func=lambda v: "any" if v is None else display_label(v), key="history_label"
         )
-        study = study_column.selectbox("Study", [None, *(s["name"] for s in studies)], format_func=lambda v: "any" if v is None else v, key="history_study")
+        study = study_column.selectbox(
+            "Study", [None, *(s["name"] for s in studies)], key="history_study",
+            format_func=lambda v: "any" if v is None else f"{v} · DICOM from {origins[v]['calling_aet']}" if v in origins else v,
+        )
         chosen = HistoryFilter(since=since, label=label, study=study)
         if st.session_state.get("history_filter") != chosen:  # new filter: back to the first page
             st.session_state.history_filter, st.session_state.history_page = chosen, 0
@@ -570,6 +585,8 @@ def history_tab(config: Config, classifier: Classifier) -> None:
                     + (f"{verdict['uncertain_slices']} uncertain, " if verdict.get("uncertain_slices") else "")
                     + f"{verdict['rejected']} rejected · updated {verdict['updated_at'][:19]}"
                 )
+            if study in origins:
+                dicom_line(origins[study])
         page = slice_page(journal, chosen, st.session_state.history_page, config.ui.page_size)
         if page.rows:
             st.html(html_table(table_rows(page.rows), "history", flag=lambda row: row["label"] == flagged_label))
@@ -594,10 +611,22 @@ def history_tab(config: Config, classifier: Classifier) -> None:
             with st.expander(f"Studies ({len(studies)})"):
                 rows = [
                     {"study": s["name"], "verdict": s["label"], "probability": None if s["probability"] is None else round(s["probability"], 3), "slices": s["slices"],
-                     "over threshold": s["positive_slices"], "uncertain": s.get("uncertain_slices") or 0, "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19]}
+                     "over threshold": s["positive_slices"], "uncertain": s.get("uncertain_slices") or 0, "rejected": s["rejected"], "updated (UTC)": s["updated_at"][:19],
+                     **({"from": f"DICOM {origins[s['name']]['calling_aet']}" if s["name"] in origins else "inbox",
+                         "PACS result": delivery(origins[s["name"]])[0] if s["name"] in origins else ""} if origins else {})}
                     for s in studies
                 ]  # fmt: skip
                 st.html(html_table(rows, "studies", flag=lambda row: row["verdict"] == flagged_label))
+
+
+def dicom_line(origin: dict) -> None:
+    """Where a study that arrived over DICOM came from, and whether its result reached the PACS."""
+    state, words = delivery(origin)
+    text = (
+        f"Arrived over DICOM from **{md_escape(origin['calling_aet'] or '?')}** ({origin['instances']} instances, the last at "
+        f"{utc(origin['last_at'])}) · result to the PACS: **{state}**: {md_escape(words)}"
+    )
+    (st.warning if state in ("failed", "not made") else st.success if state == "sent" else st.info)(text)
 
 
 def status_tab(config: Config, classifier: Classifier) -> None:

@@ -228,10 +228,18 @@ class Ledger:
         return {"counters": counters, "studies": states, "outbox": dict(outbox)}
 
     def origins(self) -> dict[str, dict]:
-        """Per study folder: calling AE and whether its result reached the destination."""
+        """Per study folder: the calling AE, the study's state, and where its results are:
+        ``pending`` / ``sent`` outbox files (every round), the attempts, next try and last error
+        of the unsent ones (what the page shows; no UID or patient field is stored here)."""
         rows = self._db.execute(
-            "SELECT s.study, s.calling_aet, s.state, s.sent_at, s.instances,"
-            " (SELECT last_error FROM outbox o WHERE o.study = s.study AND o.sent_at IS NULL ORDER BY id DESC LIMIT 1) AS last_error"
-            " FROM studies s"
+            "SELECT s.study, s.calling_aet, s.state, s.instances, s.first_at, s.last_at, s.reported_at, s.sent_at,"
+            " s.last_error AS study_error, o.pending, o.sent, o.attempts, o.next_at, o.last_error"
+            " FROM studies s LEFT JOIN ("
+            "  SELECT study, sum(sent_at IS NULL) AS pending, sum(sent_at IS NOT NULL) AS sent,"
+            "  max(CASE WHEN sent_at IS NULL THEN attempts END) AS attempts, min(CASE WHEN sent_at IS NULL THEN next_at END) AS next_at,"
+            "  (SELECT last_error FROM outbox x WHERE x.study = outbox.study AND x.sent_at IS NULL AND x.last_error IS NOT NULL"
+            "   ORDER BY x.id DESC LIMIT 1) AS last_error"
+            "  FROM outbox GROUP BY study"
+            " ) o ON o.study = s.study"
         )
         return {row["study"]: dict(row) for row in rows}

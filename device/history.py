@@ -1,7 +1,9 @@
 """The watch daemon's journal as the web page shows it: filtered pages of slices, CSV, status.
 
 Read-only and paged (a Pi's page never loads the whole journal); built on
-:class:`device.journal.Journal`'s read API, so the page and ``ctpi results`` agree.
+:class:`device.journal.Journal`'s read API, so the page and ``ctpi results`` agree. For studies
+that arrived over DICOM, the DICOM node's ledger (read-only too) adds where the study came
+from (the calling AE title) and whether its result reached the PACS.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import sqlite3
 from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from pathlib import Path
 
 from device.band import display_label
+from device.dicom_ledger import Ledger
 from device.journal import Journal
 
 CSV_COLUMNS = (
@@ -103,3 +107,48 @@ def process_memory_mb() -> float | None:
     except (OSError, ValueError):
         return None
     return None
+
+
+# -- studies that arrived over DICOM ----------------------------------------------------------
+
+NODE_FOLDER = "dicom"  # device.dicom_node.NODE_FOLDER, where the node keeps its ledger
+
+
+def dicom_origins(state: Path) -> dict[str, dict]:
+    """Per study folder that arrived over DICOM, its row of :meth:`Ledger.origins`; empty when
+    the node never ran with this state folder or its ledger cannot be read right now."""
+    ledger = Ledger.open_readonly(Path(state) / NODE_FOLDER)
+    if ledger is None:
+        return {}
+    try:
+        return ledger.origins()
+    except sqlite3.Error:  # being created, or an older node's schema: the page goes on without it
+        return {}
+    finally:
+        ledger.close()
+
+
+def utc(timestamp: float | None) -> str:
+    return "?" if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def delivery(origin: dict) -> tuple[str, str]:
+    """Where the study's result is, as ``(state, words)``; state is one of ``receiving``,
+    ``triage``, ``queued``, ``failed``, ``sent``, ``not made``. A send error is shown as the node
+    recorded it (an address or a status, never a patient field); why a result could not be
+    *made* is left to the node's log, where the dataset's own values may appear."""
+    state, pending, sent = origin["state"], origin.get("pending") or 0, origin.get("sent") or 0
+    earlier = f"; an earlier result was sent at {utc(origin['sent_at'])}" if sent and origin.get("sent_at") else ""
+    if state == "receiving":
+        return "receiving", "not made yet: instances are still arriving" + earlier
+    if state == "complete":
+        return "triage", "not made yet: waiting for the watch daemon to triage every instance" + earlier
+    if state == "failed":
+        return "not made", "the result could not be made (see the DICOM node's log)" + earlier
+    if pending and origin.get("attempts"):
+        attempts = origin["attempts"]
+        return "failed", (f"not sent: {origin.get('last_error') or 'no answer'} ({attempts} attempt{'s' if attempts != 1 else ''}, "
+                          f"next try {utc(origin.get('next_at'))})")
+    if pending:
+        return "queued", f"queued since {utc(origin.get('reported_at'))}, not sent yet"
+    return "sent", f"sent to the PACS at {utc(origin.get('sent_at'))}"

@@ -177,6 +177,46 @@ def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tm
     assert server.poll() is None, "the UI server died"
 
 
+def show_dicom_study(page, url: str, studies: dict[str, str], screenshot: Path) -> None:
+    """Log in, open History, pick the study whose result was sent, open the studies table and
+    take a screenshot (the page scrolls inside itself: the viewport must be tall enough)."""
+    from playwright.sync_api import expect
+
+    from tests.dicomstudies import CALLING_AET
+
+    log_in(page, url)
+    page.get_by_role("tab", name="History").click()
+    page.get_by_role("combobox", name="Study").click()
+    page.get_by_role("option", name=f"{studies['sent']} · DICOM from {CALLING_AET}").click()
+    expect(page.get_by_text(f"Arrived over DICOM from {CALLING_AET}")).to_be_visible(timeout=60_000)
+    expect(page.get_by_text("sent to the PACS at")).to_be_visible()
+    page.get_by_text(f"Studies ({len(studies)})").click()  # the expander: every study's origin and result
+    expect(page.locator("table[data-table=studies]")).to_be_visible()
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(screenshot), full_page=True)
+
+
+def test_browser_shows_a_study_that_arrived_over_dicom(served_page, tmp_path, tiny_bundle):
+    """History tab, one study received by the DICOM node: its calling AE and that its result
+    reached the PACS (``python -m tests.test_browser --dicom-study`` makes docs/dicom-study.png)."""
+    pytest.importorskip("pynetdicom")
+    from playwright.sync_api import sync_playwright
+
+    from device.config import WatchConfig
+    from tests.dicomstudies import studies_over_dicom
+
+    url, server = served_page
+    studies = studies_over_dicom(WatchConfig(inbox=tmp_path / "inbox", state=tmp_path / "state", model=tiny_bundle), tmp_path / "series")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            show_dicom_study(browser.new_page(viewport={"width": 1400, "height": 1300}), url, studies, ARTIFACTS / "dicom-study.png")
+        finally:
+            browser.close()
+    assert server.poll() is None, "the UI server died"
+
+
 def test_served_page_refuses_uploads_without_xsrf_token(served_page):
     url, _ = served_page
     request = urllib.request.Request(f"{url}/_stcore/upload_file/some-session/some-file", data=b"x" * 10, method="PUT")
@@ -188,14 +228,30 @@ def test_served_page_refuses_uploads_without_xsrf_token(served_page):
 def main(argv: list[str] | None = None) -> int:
     """Page memory, the figure the issue asks for: ``python -m tests.test_browser --model
     models/mobilenetv2 --slice FILE`` serves the page, logs in with Chromium, uploads FILE and
-    prints the server process's RSS at each step."""
+    prints the server process's RSS at each step. With ``--dicom-study PNG`` instead of
+    ``--slice``: three synthetic phantom studies go through the DICOM node code, the watch
+    daemon and a stand-in PACS (tests/dicomstudies.py), and PNG is the History tab showing one."""
     from playwright.sync_api import expect, sync_playwright
 
     parser = argparse.ArgumentParser(prog="python -m tests.test_browser", description=main.__doc__)
     parser.add_argument("--model", type=Path, required=True, help="bundle folder")
-    parser.add_argument("--slice", type=Path, required=True, help="a slice file to upload")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--slice", type=Path, help="a slice file to upload")
+    what.add_argument("--dicom-study", type=Path, metavar="PNG", help="screenshot of a study that arrived over DICOM")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ctpi-ui-memory-") as workdir, serve_ui(args.model.resolve(), Path(workdir), 32) as (url, server):
+        if args.dicom_study:
+            from device.config import WatchConfig
+            from tests.dicomstudies import studies_over_dicom
+
+            watch = WatchConfig(inbox=Path(workdir) / "inbox", state=Path(workdir) / "state", model=args.model.resolve())
+            studies = studies_over_dicom(watch, Path(workdir) / "series", slices=4, size=512)  # full-size phantom slices
+            with sync_playwright() as playwright:
+                browser = launch_chromium(playwright)
+                show_dicom_study(browser.new_page(viewport={"width": 1400, "height": 1500}), url, studies, args.dicom_study)
+                browser.close()
+            print(f"wrote {args.dicom_study}")
+            return 0
         print(f"idle page process:                   {rss_mb(server.pid):6.0f} MB RSS")
         with sync_playwright() as playwright:
             browser = launch_chromium(playwright)
