@@ -119,3 +119,57 @@ def test_run_stops_the_daemon_when_the_page_cannot_start(tmp_path, tiny_bundle):
     assert "the web page exited with status 1; stopping the other" in done.stderr
     pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", done.stderr)]
     assert len(pids) == 2 and not any(alive(pid) for pid in pids)
+
+
+def echo(port: int) -> bool:
+    """C-ECHO from ``ECHO`` to ``CTPI`` at 127.0.0.1:``port`` (pynetdicom, a real association)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="ECHO")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 10
+    assoc = ae.associate("127.0.0.1", port, ae_title="CTPI")
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return status is not None and status.Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def test_run_starts_the_dicom_node_when_the_config_names_a_port_and_stops_it_with_the_rest(tmp_path, tiny_bundle):
+    pytest.importorskip("pynetdicom")
+    page_port, dicom_port = free_port(), free_port()
+    config = tmp_path / "ctpi.toml"
+    config.write_text(f'[dicom]\nport = {dicom_port}\nallow = ["ECHO"]\n')
+    log = tmp_path / "run.log"
+    command = [
+        sys.executable, "-m", "device.cli", "run", "--config", str(config), "--model", str(tiny_bundle), "--models", str(tiny_bundle.parent),
+        "--inbox", str(tmp_path / "inbox"), "--state", str(tmp_path / "state"), "--host", "127.0.0.1", "--port", str(page_port),
+        "--password-file", str(tmp_path / "pw"),
+    ]  # fmt: skip
+    with open(log, "w") as output:
+        supervisor = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, env=dict(os.environ, HOME=str(tmp_path)))
+    try:
+        wait_for(lambda: echo(dicom_port), 120, "the DICOM node answering C-ECHO", supervisor, log)
+        wait_for(lambda: page_answers(f"http://127.0.0.1:{page_port}"), 120, "the page answering", supervisor, log)
+        text = log.read_text()
+        assert re.search(rf"DICOM node \(pid \d+\) CTPI on 127\.0\.0\.1:{dicom_port}", text), text
+        pids = [int(pid) for pid in re.findall(r"\(pid (\d+)\)", text)]
+        assert len(pids) == 3 and all(alive(pid) for pid in pids)
+
+        supervisor.send_signal(signal.SIGTERM)  # what systemd or kill sends
+        assert supervisor.wait(timeout=60) == 0, log.read_text()
+        deadline = time.monotonic() + 10
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(alive(pid) for pid in pids), log.read_text()
+        assert "stopping the watch daemon, the web page and the DICOM node" in log.read_text()
+        assert "DICOM node stopped" in log.read_text()  # its own clean stop, not a kill
+        assert not echo(dicom_port)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait()
