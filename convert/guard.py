@@ -4,12 +4,17 @@
     python -m convert.guard --report --bundle models/mobilenetv2 --data DATA_A --data DATA_B
 
 Each ``--data`` folder is one training source (an ImageFolder: ``train/<label>/*``, ``val/...``).
-One Gaussian per source is fitted on the **train** slices only (shrunk covariance) and accepts
-up to the ``--quantile`` of the train slices' squared Mahalanobis distances times ``--margin``.
-The figures are then measured: acceptance per source on train and val, and refusal per category
-on the negatives of :mod:`convert.guard_negatives` (never used for fitting, so they measure,
-not tune). ``guard.json`` is written into the bundle, the manifest re-hashed (so an edited
-guard is refused like an edited model) and the card's guard section rewritten.
+The guard is fitted on the **train** slices only, each as it is and twice re-framed as a scanner
+or PACS exports it (:mod:`convert.reframe`: pasted into a 512 x 512 frame of air, sometimes with
+a table under it, sometimes re-windowed), because the sources are cropped tight to the body and a
+hospital's files often are not. Per source, ``--components`` Gaussians (k-means on the
+standardised features; one source holds figures in several windows and crops) with shrunk
+covariances each accept up to the ``--quantile`` of their own slices' squared Mahalanobis
+distances times ``--margin``. The figures are then measured: acceptance per source on train, val
+and val re-framed (other random framings, never fitted), and refusal per category on the
+negatives of :mod:`convert.guard_negatives` (never used for fitting, so they measure, not tune).
+``guard.json`` is written into the bundle, the manifest re-hashed (so an edited guard is refused
+like an edited model) and the card's guard section rewritten.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.reframe import reframed_files
 from device.bundle import Bundle, load_bundle, write_manifest
 from device.dataset import is_candidate
 from device.guard import FEATURE_NAMES, FEATURE_VERSION, GUARD_FILE, Guard, SourceModel, features
@@ -33,6 +39,11 @@ log = logging.getLogger(__name__)
 DEFAULT_QUANTILE = 99.5
 DEFAULT_MARGIN = 1.0
 DEFAULT_SHRINKAGE = 0.1
+DEFAULT_COMPONENTS = 2
+KMEANS_STARTS = 5
+FRAMED_COPIES = 2  # re-framings of each train slice fitted besides the slice as it is
+FIT_FRAMING_SEEDS, MEASURE_FRAMING_SEED = (2, 3), 1  # re-framings of train (fitted) and of val (measured)
+REFRAMED = "val re-framed"  # the split name of the re-framed val slices in the figures
 GUARD_START, GUARD_END = "<!-- section:guard -->", "<!-- /section:guard -->"
 
 
@@ -65,14 +76,62 @@ def fit_source(name: str, values: np.ndarray, quantile: float, margin: float, sh
     return SourceModel(name, mean, precision, float(np.percentile(distances, quantile) * margin))
 
 
-def fit_guard(train: dict[str, np.ndarray], quantile=DEFAULT_QUANTILE, margin=DEFAULT_MARGIN, shrinkage=DEFAULT_SHRINKAGE) -> Guard:
-    """A guard from each source's train feature matrix."""
-    sources = [fit_source(name, values, quantile, margin, shrinkage) for name, values in train.items()]
+def _kmeans(scaled: np.ndarray, k: int, seed: int, rounds: int) -> tuple[np.ndarray, float] | None:
+    """Labels and within-cluster sum of squares of one k-means run from a k-means++ start."""
+    rng = np.random.default_rng(seed)
+    centres = [scaled[rng.integers(len(scaled))]]
+    for _ in range(1, k):
+        nearest = np.min([((scaled - c) ** 2).sum(axis=1) for c in centres], axis=0)
+        if nearest.sum() <= 0:
+            return None
+        centres.append(scaled[rng.choice(len(scaled), p=nearest / nearest.sum())])
+    centres, labels = np.asarray(centres), None
+    for _ in range(rounds):
+        new = np.argmin(((scaled[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+        if labels is not None and np.array_equal(new, labels):
+            break
+        labels = new
+        centres = np.asarray([scaled[labels == j].mean(axis=0) if (labels == j).any() else centres[j] for j in range(k)])
+    return labels, float(((scaled - centres[labels]) ** 2).sum())
+
+
+def components(values: np.ndarray, count: int, starts: int = KMEANS_STARTS, rounds: int = 100) -> np.ndarray:
+    """Cluster labels of the rows of ``values`` (standardised): the best of ``starts`` k-means
+    runs (seeds 0, 1, ...: deterministic), with fewer clusters where one would hold too few rows
+    to fit a Gaussian."""
+    needed = len(FEATURE_NAMES) + 2
+    spread = values.std(axis=0)
+    scaled = (values - values.mean(axis=0)) / np.where(spread > 0, spread, 1.0)
+    for k in range(min(count, len(values) // needed), 1, -1):
+        runs = [run for run in (_kmeans(scaled, k, seed, rounds) for seed in range(starts)) if run is not None]
+        runs = [run for run in runs if np.bincount(run[0], minlength=k).min() >= needed]
+        if runs:
+            return min(runs, key=lambda run: run[1])[0]
+    return np.zeros(len(values), dtype=np.intp)
+
+
+def fit_guard(
+    train: dict[str, np.ndarray], quantile=DEFAULT_QUANTILE, margin=DEFAULT_MARGIN, shrinkage=DEFAULT_SHRINKAGE,
+    count: int = DEFAULT_COMPONENTS, as_is: dict[str, int] | None = None,
+) -> Guard:  # fmt: skip
+    """A guard from each source's train feature matrix: ``count`` Gaussians per source (fewer
+    where a cluster would be too small). ``as_is``: how many of a source's rows are slices as
+    they are (the rest re-framed), for the record."""
+    sources, split = [], {}
+    for name, values in train.items():
+        labels = components(values, count)
+        split[name] = int(labels.max()) + 1
+        for j in range(split[name]):
+            label = name if split[name] == 1 else f"{name} #{j + 1}"
+            sources.append(fit_source(label, values[labels == j], quantile, margin, shrinkage))
     metadata = {
         "fitted": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "rule": f"per source: squared Mahalanobis distance <= {quantile}th percentile of its train slices x {margin}",
+        "rule": f"per source: {count} Gaussians (k-means, best of {KMEANS_STARTS} starts), each accepts squared Mahalanobis distance <= "
+        f"{quantile}th percentile of its train slices x {margin}",
         "shrinkage": shrinkage,
-        "train_slices": {name: int(len(values)) for name, values in train.items()},
+        "components": split,
+        "train_slices": {name: int((as_is or {}).get(name, len(values))) for name, values in train.items()},
+        "train_rows": {name: int(len(values)) for name, values in train.items()},
     }
     return Guard(sources, metadata)
 
@@ -102,7 +161,9 @@ def measure(guard: Guard, data: list[Path], negative_seed: int = 1, spec=None) -
 
     figures = {"sources": {}, "negatives": {}}
     for root in data:
-        figures["sources"][Path(root).name] = {split: acceptance(guard, slice_files(root, split), spec) for split in ("train", "val")}
+        splits = {split: acceptance(guard, slice_files(root, split), spec) for split in ("train", "val")}
+        splits[REFRAMED] = acceptance(guard, reframed_files(slice_files(root, "val"), MEASURE_FRAMING_SEED, spec))
+        figures["sources"][Path(root).name] = splits
     for category, files in negatives(negative_seed, part=None).items():  # both parts: nothing is fitted on them
         result = acceptance(guard, files, spec)
         result["rate_refused"] = result["refused"] / result["n"] if result["n"] else None
@@ -114,11 +175,12 @@ def measure(guard: Guard, data: list[Path], negative_seed: int = 1, spec=None) -
 
 
 def report_text(figures: dict) -> str:
-    lines = ["acceptance of real axial chest CT slices (train fitted the guard; val did not):"]
+    lines = ["acceptance of real axial chest CT slices (train fitted the guard; val did not; val re-framed: each val slice "
+             "in a 512 x 512 air frame at 40-70 %, half with a table, half re-windowed):"]  # fmt: skip
     for name, splits in figures["sources"].items():
         for split, r in splits.items():
             if r["n"]:
-                lines.append(f"  {name:<14} {split:<5} {r['accepted']:>5}/{r['n']:<5} accepted  {r['rate_accepted']:.2%}  refused by {r['refused_by']}")
+                lines.append(f"  {name:<14} {split:<13} {r['accepted']:>5}/{r['n']:<5} accepted  {r['rate_accepted']:.2%}  refused by {r['refused_by']}")
     lines.append("refusal of images that are not chest CT slices (convert/guard_negatives.py, not used for fitting):")
     for name, r in figures["negatives"].items():
         lines.append(f"  {name:<34} {r['refused']:>4}/{r['n']:<4} refused  {r['rate_refused']:.1%}  {r['refused_by']}")
@@ -136,10 +198,13 @@ def guard_section(figures: dict, command: str) -> str:
         "Before a slice is scored, `device/guard.py` decides whether it is an axial chest CT slice; anything else is "
         "refused with reason `not-ct` (`ctpi predict`, the watch daemon's `rejected/`, the page; `--no-guard` skips it). "
         "A DICOM file whose header says it is not CT (Modality), not axial (ImageOrientationPatient, 30° tolerance) or "
-        "not the chest (BodyPartExamined HEAD, ABDOMEN...) is refused at once. Rules refuse colour images, flat images, "
-        "noise and images without dark lungs inside a body; then one Gaussian per training source over "
-        f"{len(FEATURE_NAMES)} features of a 64-pixel thumbnail (`{GUARD_FILE}`, hashed in the manifest) refuses what is "
-        "unlike every source's train slices.",
+        "not the chest (BodyPartExamined HEAD, ABDOMEN...) is refused at once. The body is then found (what is "
+        "brighter than air, less a scanner table and separate labels) and every feature is computed on its bounding "
+        "box, so a slice cropped tight to the body and one in a scanner's square frame of air look alike "
+        f"(`device/guard_body.py`, features v{FEATURE_VERSION}). Rules refuse colour images, flat images, noise and "
+        f"images without dark lungs inside a body; then {DEFAULT_COMPONENTS} Gaussians per training source over "
+        f"{len(FEATURE_NAMES)} features of a 64-pixel view of the body (`{GUARD_FILE}`, hashed in the manifest), fitted on "
+        "its train slices as they are and re-framed, refuse what is unlike all of them.",
         "",
         "| real CT source | split | slices | accepted |",
         "|---|---|---|---|",
@@ -155,7 +220,11 @@ def guard_section(figures: dict, command: str) -> str:
     lines += [
         f"| **all** | {overall['n']} | **{overall['rate_refused']:.1%}** |",
         "",
-        "Train slices fitted the guard, so their acceptance is optimistic; val was not used. The negatives are built "
+        "Train slices fitted the guard (as they are and re-framed), so their acceptance is optimistic; val was not "
+        f"used. *{REFRAMED}*: each val slice pasted, at a random 40-70 % of the frame, into a 512 x 512 frame of air, "
+        "half of them with a scanner table (a bright curved line or two) under the body, half re-windowed (level, "
+        "width, gamma), as a scanner or PACS exports a slice (`convert/reframe.py`, other framings than the fitted "
+        "train ones). The negatives are built "
         "from package sample images and synthetic renderings (`convert/guard_negatives.py`, both parts) and were never "
         "used for fitting; the synthetic X-ray, coronal, head and abdominal CT images are simple phantoms, so real "
         "images of those kinds given as PNG or JPEG may pass more often (as DICOM their header refuses them). "
@@ -175,17 +244,22 @@ def with_guard_section(card: str, section: str) -> str:
     return card.rstrip("\n") + "\n\n" + section
 
 
-def fit_bundle(bundle_path: Path, data: list[Path], quantile=DEFAULT_QUANTILE, margin=DEFAULT_MARGIN, command: str | None = None, report: bool = True) -> dict:
+def fit_bundle(
+    bundle_path: Path, data: list[Path], quantile=DEFAULT_QUANTILE, margin=DEFAULT_MARGIN, command: str | None = None,
+    report: bool = True, count: int = DEFAULT_COMPONENTS,
+) -> dict:  # fmt: skip
     """Fit, write ``guard.json`` into the bundle, re-hash the manifest, update the card.
     Returns the figures (empty without ``report``)."""
     bundle = load_bundle(bundle_path)
-    train = {}
+    train, as_is = {}, {}
     for root in data:
-        values, failed = feature_matrix(slice_files(root, "train"), bundle.spec)
+        files = slice_files(root, "train")
+        values, failed = feature_matrix(files, bundle.spec)
         if failed:
             log.warning("%s: %d train files could not be read", root, failed)
-        train[Path(root).name] = values
-    guard = fit_guard(train, quantile, margin)
+        framed = [feature_matrix(reframed_files(files, seed, bundle.spec), bundle.spec)[0] for seed in FIT_FRAMING_SEEDS[:FRAMED_COPIES]]
+        train[Path(root).name], as_is[Path(root).name] = np.concatenate([values, *framed]), len(values)
+    guard = fit_guard(train, quantile, margin, count=count, as_is=as_is)
     figures = measure(guard, data, spec=bundle.spec) if report else {}
     document = guard.to_dict()
     if figures:
@@ -221,6 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, required=True, action="append", help="an ImageFolder per training source (repeat)")
     parser.add_argument("--quantile", type=float, default=DEFAULT_QUANTILE, help=f"percentile of train distances accepted (default {DEFAULT_QUANTILE})")
     parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN, help=f"factor on that distance (default {DEFAULT_MARGIN})")
+    parser.add_argument("--components", type=int, default=DEFAULT_COMPONENTS, help=f"Gaussians per source (default {DEFAULT_COMPONENTS})")
     parser.add_argument("--report", action="store_true", help="only measure the bundle's current guard; change nothing")
     parser.add_argument("--json", action="store_true", help="figures as JSON")
     return parser
@@ -245,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
             figures = measure(guard, args.data, spec=bundle.spec)
         else:
             command = "python -m convert.guard --bundle " + str(bundle_path) + " " + " ".join(f"--data {root}" for root in args.data)
-            figures = fit_bundle(bundle_path, args.data, args.quantile, args.margin, command)
+            figures = fit_bundle(bundle_path, args.data, args.quantile, args.margin, command, count=args.components)
         print(json.dumps(figures, indent=1) if args.json else f"{bundle_path}:\n{report_text(figures)}")
     return 0
 

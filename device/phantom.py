@@ -29,9 +29,9 @@ TABLE = 150.0
 NOISE_HU = 14.0
 BODY_ASPECT = 1.38  # body width / depth of an adult chest
 RENDER_SIDE = 384  # drawn at least this large, then reduced: small slices keep thin vessels and ribs
-# Rows x columns: framed tight on the body, as the slices the input guard was fitted on are
-# (width about 1.2-1.6 x height). In a square 512 x 512 frame, air above and below the body, the
-# guard's normalised distance is about 0.55 instead of 0.2: accepted, but nearer the edge.
+# Rows x columns: framed tight on the body, as most slices the input guard was fitted on are
+# (width about 1.2-1.6 x height). The guard (features v3) sees the body's box, not the frame: in a
+# square 512 x 512 frame, air above and below the body, its normalised distance is 0.22 (0.20).
 FRAME = (416, 512)
 TREES, TREE_DEPTH, DOTS = 2, 3, 120  # vessel trees per hilum, their branching depth, vessels cut across
 BLUR = 1.0  # the scanner's point-spread function, pixels of a 512 frame
@@ -102,11 +102,13 @@ def _vessel_tree(
 
 
 def chest_hounsfield(
-    height: int = FRAME[0], width: int = FRAME[1], seed: int = 0, ground_glass: bool = False
+    height: int = FRAME[0], width: int = FRAME[1], seed: int = 0, ground_glass: bool = False, wall: float = 1.0
 ) -> np.ndarray:
     """A ``height x width`` axial chest CT slice at heart level in HU (int16), drawn from ``seed``.
 
-    The display field of view is the usual tight one: the body fills the width of the frame."""
+    The display field of view is the usual tight one: the body fills the width of the frame.
+    ``wall`` scales the chest wall (fat, muscle, ribs, sternum): 1 is an average adult, 0.4 a thin,
+    cachectic patient whose lungs reach almost to the skin (the input guard must take both)."""
     factor = max(1, -(-RENDER_SIDE // max(height, width)))
     rows, columns = height * factor, width * factor
     rng = np.random.default_rng(seed)
@@ -118,6 +120,7 @@ def chest_hounsfield(
     u, v = (xx - cx) / rx, (yy - cy) / ry  # body coordinates: u to the patient's left, v to the back
     radius = np.sqrt(u * u + np.where(v > 0, np.abs(v) ** 2.4, v * v))  # the back is flattened by the table
     pixel = 1.0 / rx  # one pixel in body units
+    inner = lambda r: 1.0 - (1.0 - r) * wall  # noqa: E731  a radius under the skin, for this wall's thickness
 
     def oval(cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
         return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2
@@ -127,21 +130,21 @@ def chest_hounsfield(
     image[table & (np.abs(u) < 1.15)] = TABLE
     image[radius < 1.0] = SOFT_TISSUE  # skin
     image[radius < 1.0 - max(0.012, pixel)] = FAT
-    image[radius < 0.91 + jitter(0.01)] = SOFT_TISSUE + 10.0  # chest-wall muscle
+    image[radius < inner(0.91) + jitter(0.01)] = SOFT_TISSUE + 10.0  # chest-wall muscle
     # ribs in the chest wall, sternum in front
     for sign in (-1, 1):
         for angle in np.linspace(-0.42 * np.pi, 0.36 * np.pi, 8) + jitter(0.03):
-            rib_u, rib_v = sign * 0.84 * np.cos(angle), 0.84 * np.sin(angle) * (0.95 if angle > 0 else 1.0)
-            rib = oval(rib_u, rib_v, 0.035, 0.05)
+            rib_u, rib_v = sign * inner(0.84) * np.cos(angle), inner(0.84) * np.sin(angle) * (0.95 if angle > 0 else 1.0)
+            rib = oval(rib_u, rib_v, 0.035 * min(1.0, wall), 0.05 * min(1.0, wall))
             image[rib < 1.0] = BONE_MARROW
             image[(rib < 1.0) & (rib > 0.45)] = CORTICAL_BONE
-    sternum = oval(0.0, -0.87, 0.09, 0.05)
+    sternum = oval(0.0, -inner(0.87), 0.09, 0.05 * min(1.0, wall))
     image[sternum < 1.0] = BONE_MARROW
     image[(sternum < 1.0) & (sternum > 0.5)] = CORTICAL_BONE
 
     # lungs: the pleural cavity less the mediastinum (heart in front, left of centre) and the
     # paravertebral gutter behind
-    cavity = radius < 0.79 + jitter(0.01)
+    cavity = radius < inner(0.79) + jitter(0.01)
     central_strip = (np.abs(u - 0.01) < 0.10 + 0.05 * (v > -0.3)) & (v > -0.8) & (v < 0.55)  # narrow in front
     mediastinum = (oval(0.16, -0.12, 0.33, 0.48) < 1.0) | central_strip
     paravertebral = oval(0.0, 0.66, 0.30, 0.32) < 1.0
@@ -199,9 +202,11 @@ def chest_hounsfield(
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
 
-def chest_png(height: int = FRAME[0], width: int = FRAME[1], seed: int = 0, ground_glass: bool = False) -> bytes:
+def chest_png(
+    height: int = FRAME[0], width: int = FRAME[1], seed: int = 0, ground_glass: bool = False, wall: float = 1.0
+) -> bytes:
     """:func:`chest_hounsfield` through the lung window as an 8-bit grey PNG."""
-    windowed = apply_window(chest_hounsfield(height, width, seed, ground_glass), *LUNG_WINDOW)
+    windowed = apply_window(chest_hounsfield(height, width, seed, ground_glass, wall), *LUNG_WINDOW)
     buffer = io.BytesIO()
     Image.fromarray(np.rint(windowed).astype(np.uint8), mode="L").save(buffer, format="PNG", compress_level=6)
     return buffer.getvalue()

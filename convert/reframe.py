@@ -1,0 +1,106 @@
+"""Re-framing: a slice as a scanner or PACS exports it, from one that is cropped to the body.
+
+The training sources are mostly cropped tightly to the body (sarscov2-ct by its export, covid-ct
+by the papers' figures), but a hospital's export is usually a square 512 x 512 frame with a lot
+of air around the body, sometimes the scanner table under it, in whatever window the viewer was
+set to. The input guard must take both, so its acceptance is measured on each val slice as it is
+AND re-framed (and the guard may be fitted on re-framed *train* slices, never on measured ones).
+
+:func:`reframe` pastes a slice, at a random 40-70 % of the frame, into a square frame of air;
+optionally draws a table (a bright curved line, sometimes two, under the body) and re-windows
+the grey levels (a different window level, width and gamma). Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+from device.preprocess import BadSliceError, decode_slice
+
+FRAME_SIDE = 512
+SCALE = (0.4, 0.7)  # the slice's longer side, as a share of the frame's side
+TABLE_CHANCE = 0.5
+REWINDOW_CHANCE = 0.5
+
+
+def _table(canvas: np.ndarray, rng: np.random.Generator, top: int, left: int, height: int, width: int) -> None:
+    """Draw a scanner table under the pasted slice: a bright arc wider than the body, a few pixels
+    thick, a little below it, sometimes with a fainter second line (the table's lower face)."""
+    side = canvas.shape[0]
+    half = width * rng.uniform(0.55, 0.75)
+    centre = left + width / 2 + rng.uniform(-0.05, 0.05) * width
+    base = top + height + rng.uniform(1.0, 0.04 * side)
+    sag = rng.uniform(-0.04, 0.04) * side  # > 0: the middle lower than the ends (a cradle seen from the foot)
+    brightness = rng.uniform(0.45, 0.9) * 255
+    columns = np.arange(max(0, int(centre - half)), min(side, int(centre + half) + 1))
+    rows = base + sag * (1 - ((columns - centre) / half) ** 2)
+    lines = [(0.0, rng.uniform(2.0, 6.0), brightness)]
+    if rng.uniform() < 0.5:
+        lines.append((rng.uniform(6.0, 16.0), rng.uniform(1.5, 4.0), brightness * rng.uniform(0.4, 0.8)))
+    for offset, thickness, value in lines:
+        for column, row in zip(columns, rows + offset, strict=True):
+            first, last = int(round(row)), int(round(row + thickness))
+            if first < side:
+                canvas[max(0, first) : min(side, last), column] = np.maximum(
+                    canvas[max(0, first) : min(side, last), column], value
+                )
+
+
+def _rewindow(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Another window: grey levels re-mapped by a random level, width and gamma."""
+    low, high, gamma = rng.uniform(0.0, 0.12), rng.uniform(0.82, 1.0), rng.uniform(0.75, 1.35)
+    grey = np.clip((pixels / 255.0 - low) / (high - low), 0.0, 1.0)
+    return (255.0 * grey**gamma).astype(np.float32)
+
+
+def reframe(
+    pixels: np.ndarray, rng: np.random.Generator, table: bool | None = None, rewindow: bool | None = None
+) -> np.ndarray:
+    """``pixels`` (grey 0..255, any size) pasted into a FRAME_SIDE square of air, as uint8.
+    ``table`` and ``rewindow``: None draws them at random."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if rewindow if rewindow is not None else rng.uniform() < REWINDOW_CHANCE:
+        pixels = _rewindow(pixels, rng)
+    height, width = pixels.shape
+    scale = rng.uniform(*SCALE) * FRAME_SIDE / max(height, width)
+    new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
+    resized = np.asarray(
+        Image.fromarray(pixels, mode="F").resize((new_w, new_h), Image.Resampling.BILINEAR), np.float32
+    )
+    corners = np.concatenate(
+        [pixels[:4, :4].ravel(), pixels[:4, -4:].ravel(), pixels[-4:, :4].ravel(), pixels[-4:, -4:].ravel()]
+    )
+    air = float(np.median(corners))
+    air = air if air < 40 else 0.0  # the frame goes on in the slice's own air where its corners show it, else black
+    canvas = np.full((FRAME_SIDE, FRAME_SIDE), air, dtype=np.float32)
+    spare_h, spare_w = FRAME_SIDE - new_h, FRAME_SIDE - new_w
+    top = int(spare_h * rng.uniform(0.25, 0.55))  # bodies sit a little above the middle, over the table
+    left = int(spare_w * rng.uniform(0.35, 0.65))
+    canvas[top : top + new_h, left : left + new_w] = resized
+    if table if table is not None else rng.uniform() < TABLE_CHANCE:
+        _table(canvas, rng, top, left, new_h, new_w)
+    return np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def reframed_files(sources, seed: int, spec=None):
+    """PNG bytes of every source (path or bytes) re-framed, one random framing each from
+    ``seed`` and its index (a generator: nothing is kept); DICOM is decoded with the bundle's
+    ``spec``. A source that does not decode is passed on as it is, so the caller counts it as
+    it would the original."""
+    for index, source in enumerate(sources):
+        rng = np.random.default_rng([seed, index])
+        try:
+            pixels = decode_slice(source, spec).pixels
+        except BadSliceError:  # the caller's decode reports it
+            yield source
+            continue
+        yield png(reframe(pixels, rng))
