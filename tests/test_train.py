@@ -436,3 +436,28 @@ def test_pretraining_with_the_same_seed_gives_the_same_weights(tiny_weights_file
                         "--batch-size", "4", "--cache", "", "-q", "--seed", "9"], check=True, capture_output=True, timeout=600)
         digests.append(json.loads((out / "pretrain.json").read_text())["backbone_sha256"])
     assert digests[0] == digests[1]
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv2", "resnet50"])
+def test_a_model_rebuilt_from_its_folded_float32_tflite_reproduces_it(arch):
+    """The converter folds BatchNormalization into the kernels; ``train.rebuild`` must undo that
+    exactly (non-trivial BN statistics here), or a bundle whose run is gone cannot be re-converted."""
+    from convert.tflite import to_tflite
+    from train.model import InitialWeights, build_model
+    from train.rebuild import load_folded, tflite_weights
+
+    rng = np.random.default_rng(3)
+    trained = build_model(arch, 32, ["COVID", "NonCOVID"], InitialWeights("none"))
+    for layer in trained.get_layer("backbone").layers:
+        if layer.__class__.__name__ == "BatchNormalization":
+            gamma, beta, mean, variance = layer.get_weights()
+            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.1, beta.shape),
+                               rng.normal(0, 0.1, mean.shape), rng.uniform(0.5, 2.0, variance.shape)])
+    pixels = rng.integers(0, 256, (4, 32, 32, 1)).astype(np.float32)
+    tflite_file = Path(pytest.importorskip("tempfile").mkdtemp()) / "model_float32.tflite"
+    tflite_file.write_bytes(to_tflite(trained, "float32"))
+
+    rebuilt = build_model(arch, 32, ["COVID", "NonCOVID"], InitialWeights("none"))
+    assert np.abs(rebuilt.predict(pixels, verbose=0) - trained.predict(pixels, verbose=0)).max() > 1e-3  # fresh weights differ
+    load_folded(rebuilt, tflite_weights(tflite_file))
+    assert np.abs(rebuilt.predict(pixels, verbose=0) - trained.predict(pixels, verbose=0)).max() < 1e-4
