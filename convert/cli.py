@@ -184,10 +184,16 @@ def _float_fallback(option: str, model, calibration, holdout, holdout_reference,
         change = abs(roc_auc(truth, scores) - reference_auc)
         return {"agreement": agreement, "auc_change": 0.0 if np.isnan(change) else float(change), "slices": len(chosen)}
 
-    def passes(got: dict) -> bool:
-        return got["agreement"] >= rule.min_agreement and got["auc_change"] <= rule.max_auc_change
+    # Slices the model was trained on sit far from the threshold, so they flip less than unseen
+    # ones: a candidate just at the rule here fails it on val (seen: 98.5% here, 97.2% on val).
+    # Half the rule's slack is kept as a margin.
+    needed = rule.min_agreement + (1.0 - rule.min_agreement) / 2
 
-    step(f"choosing int8's float fallback on {len(chosen)} held-out train slices (rule: {rule})")
+    def passes(got: dict) -> bool:
+        return got["agreement"] >= needed and got["auc_change"] <= rule.max_auc_change
+
+    step(f"choosing int8's float fallback on {len(chosen)} held-out train slices (agreement >= {needed:.1%}, "
+         f"|dAUC| <= {rule.max_auc_change})")
     return choose_float_fallback(model, list(calibration.pixels), figures, passes, first=full_integer, on_step=step)
 
 

@@ -378,7 +378,9 @@ def fundus(rng, part=None):
 
 
 def histology(rng, part=None):
-    images = _share(_skimage(["immunohistochemistry", "cell", "human_mitosis"]), part)
+    # Only images scikit-image ships: the others need pooch and a download, which under pytest
+    # becomes a skip (a failure in CI), and on an offline desktop a different negative set.
+    images = _share(_skimage(["immunohistochemistry", "cell"]), part)
     for _ in range(10):
         size = 300
         base = np.full((size, size, 3), (235, 200, 225), np.float32)

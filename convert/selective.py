@@ -12,7 +12,8 @@ model's input and output stay int8, so the Pi's code path is the same.
 
 How many ops to keep in float is chosen by trying a short schedule (0, 1, 2, 4, 8, ...)
 and taking the smallest number whose label agreement with the Keras float model, on
-training slices that calibration did not use, meets the gate's int8 rule. The gate then
+training slices that calibration did not use, meets the gate's int8 rule with a margin (the
+model is surer of slices it trained on, so they flip less than unseen ones). The gate then
 judges the result on val as it judges any format, so val never picks the layers.
 """
 
