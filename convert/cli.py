@@ -152,7 +152,8 @@ def _report_failure(failures: list[str], format_results: dict, model, referee, s
 SELECTION_SLICES = 400  # held-out train slices that choose the float fallback
 
 
-def _float_fallback(option: str, model, calibration, holdout, holdout_reference, run, full_integer: bytes, seed: int):
+def _float_fallback(option: str, model, calibration, holdout, holdout_reference, run, full_integer: bytes, seed: int,
+                    original=None):
     """int8 with a float fallback chosen on held-out train slices (see :mod:`convert.selective`)."""
     import numpy as np
 
@@ -165,7 +166,7 @@ def _float_fallback(option: str, model, calibration, holdout, holdout_reference,
             count = int(option)
         except ValueError:
             raise ValueError(f"--float-fallback takes auto, off or a number of ops, not {option!r}") from None
-        return fixed_float_fallback(model, list(calibration.pixels), count, on_step=step)
+        return fixed_float_fallback(model, list(calibration.pixels), count, on_step=step, original=original)
     if not len(holdout.examples):
         log.warning("no held-out train slices to choose int8's float fallback on; keeping full-integer int8")
         return Selection(full_integer, [], 0)
@@ -194,7 +195,8 @@ def _float_fallback(option: str, model, calibration, holdout, holdout_reference,
 
     step(f"choosing int8's float fallback on {len(chosen)} held-out train slices (agreement >= {needed:.1%}, "
          f"|dAUC| <= {rule.max_auc_change})")
-    return choose_float_fallback(model, list(calibration.pixels), figures, passes, first=full_integer, on_step=step)
+    return choose_float_fallback(model, list(calibration.pixels), figures, passes, first=full_integer, on_step=step,
+                                 original=original)
 
 
 def convert(args, argv: list[str]) -> int:
@@ -268,7 +270,8 @@ def convert(args, argv: list[str]) -> int:
     reference = {split: keras_probabilities(model, slices) for split, slices in splits.items()}
     if "int8" in models and args.float_fallback != "off":
         selection = _float_fallback(args.float_fallback, int8_model or model, calibration, splits["train_holdout"],
-                                    reference["train_holdout"], run, models["int8"], seed)
+                                    reference["train_holdout"], run, models["int8"], seed,
+                                    original=model if int8_model is not None else None)
         models["int8"] = selection.content
         format_extras["int8"]["float_fallback"] = selection.manifest()
         if selection.float_tensors:

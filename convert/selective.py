@@ -128,6 +128,7 @@ def choose_float_fallback(
     first: bytes | None = None,
     schedule: Sequence[int] = SCHEDULE,
     on_step: Callable[[str], None] | None = None,
+    original=None,
 ) -> Selection:
     """The smallest float fallback from ``schedule`` whose figures ``passes``.
 
@@ -154,7 +155,7 @@ def choose_float_fallback(
                 break
             tensors = [layer.tensor for layer in ranking[:count]]
             say(f"int8 with the {count} worst op(s) in float")
-            content = convert_with_float(model, representative, tensors)
+            content = convert_with_float(with_float_layers_restored(model, original, tensors), representative, tensors)
         figures = agreement_of(content)
         trials.append({"float_ops": count, **figures})
         say(f"  {count} float op(s): agreement {figures['agreement']:.1%}, |dAUC| {figures['auc_change']:.4f} on the selection slices")
@@ -169,10 +170,43 @@ def choose_float_fallback(
 
 
 def fixed_float_fallback(model, representative: Sequence[np.ndarray], count: int,
-                         on_step: Callable[[str], None] | None = None) -> Selection:
+                         on_step: Callable[[str], None] | None = None, original=None) -> Selection:
     """int8 with exactly the ``count`` worst ops in float (``--float-fallback N``)."""
     say = on_step or (lambda message: None)
     say("ranking int8 ops by their quantization error (tf.lite QuantizationDebugger)")
     ranking = rank_layers(model, representative)
     tensors = [layer.tensor for layer in ranking[:count]]
-    return Selection(convert_with_float(model, representative, tensors), tensors, len(ranking), [], ranking)
+    content = convert_with_float(with_float_layers_restored(model, original, tensors), representative, tensors)
+    return Selection(content, tensors, len(ranking), [], ranking)
+
+
+def _scopes(tensor: str) -> set[str]:
+    return {part for piece in tensor.split(";") for part in piece.split("/")}
+
+
+def with_float_layers_restored(corrected, original, float_tensors: Sequence[str]):
+    """``corrected`` (bias-corrected for int8 weight rounding, :mod:`convert.bias_correction`)
+    with the layers of the ops kept in float back at their ``original`` weights: their
+    weights are not rounded, so the correction would be a shift of its own. A fused op's
+    tensor names carry the scope of every Keras layer folded into it (``name`` or
+    ``name_1``). Returns ``corrected`` itself, changed in place; ``original=None``: unchanged."""
+    if original is None:
+        return corrected
+    import keras
+
+    def flatten(container) -> list:
+        return [leaf for layer in container.layers
+                for leaf in (flatten(layer) if isinstance(layer, keras.Model) else [layer])]
+
+    scopes = set().union(*(_scopes(tensor) for tensor in float_tensors)) if float_tensors else set()
+    source = {layer.name: layer for layer in flatten(original)}
+    if not hasattr(corrected, "_ctpi_corrected_weights"):
+        corrected._ctpi_corrected_weights = {layer.name: layer.get_weights() for layer in flatten(corrected)}
+    for layer in flatten(corrected):
+        if not layer.weights:
+            continue
+        if {layer.name, f"{layer.name}_1"} & scopes and layer.name in source:
+            layer.set_weights(source[layer.name].get_weights())
+        else:
+            layer.set_weights(corrected._ctpi_corrected_weights[layer.name])
+    return corrected
