@@ -457,3 +457,25 @@ def test_convert_keeps_the_requested_worst_ops_in_float_and_records_them(tmp_pat
     classifier = Classifier(out, "int8")
     labels = [classifier.predict_pixels(p).label for p in pixels]
     assert labels == [e.label for e in examples]
+
+
+def test_layers_kept_in_float_lose_the_int8_bias_correction_and_the_others_keep_it():
+    """Bias correction offsets int8 weight rounding; an op kept in float has no rounding, so its
+    layers must get their original weights back, and only those."""
+    import keras
+
+    from convert.selective import rank_layers, with_float_layers_restored
+
+    original, samples = _model_with_one_coarse_convolution()
+    corrected = keras.models.clone_model(original)
+    corrected.set_weights(original.get_weights())
+    for name in ("fine", "coarse"):
+        kernel, bias = corrected.get_layer(name).get_weights()
+        corrected.get_layer(name).set_weights([kernel, bias + 0.5])  # stands for a correction
+    coarse = next(layer.tensor for layer in rank_layers(original, samples) if "coarse" in layer.tensor)
+
+    restored = with_float_layers_restored(corrected, original, [coarse])
+    assert np.array_equal(restored.get_layer("coarse").get_weights()[1], original.get_layer("coarse").get_weights()[1])
+    assert np.allclose(restored.get_layer("fine").get_weights()[1], original.get_layer("fine").get_weights()[1] + 0.5)
+    again = with_float_layers_restored(corrected, original, [])  # the next trial starts from the correction again
+    assert np.allclose(again.get_layer("coarse").get_weights()[1], original.get_layer("coarse").get_weights()[1] + 0.5)
