@@ -68,7 +68,7 @@ test: $(VENV)/.stamp-dev system-deps ## run the whole test suite (README command
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-dev ## ruff
-	$(VENV)/bin/ruff check device train convert deploy tests streamlit_app.py
+	$(VENV)/bin/ruff check device train convert deploy tests tools streamlit_app.py
 
 run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
 	$(CTPI) run --model $(MODEL) --inbox $(INBOX) --state $(STATE) --host $(HOST) --port $(PORT)

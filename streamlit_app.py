@@ -1,9 +1,9 @@
 """The ctpi web page: triage uploaded slices with a heatmap, browse the watch daemon's history,
 benchmark a model and see the appliance's status, behind a password.
 
-A thin layer over ``device/``: predictions come from :class:`device.classifier.Classifier`
-(one per bundle and format, loaded once per process), heatmaps from :mod:`device.heatmap`,
-the password from :mod:`device.auth`, history and status from the daemon's journal. Started
+A thin layer over ``device/``: predictions come from :class:`device.core.classifier.Classifier`
+(one per bundle and format, loaded once per process), heatmaps from :mod:`device.core.heatmap`,
+the password from :mod:`device.web.auth`, history and status from the daemon's journal. Started
 by ``ctpi ui`` (which passes the settings) or ``make run``. Never imports TensorFlow.
 """
 
@@ -18,13 +18,17 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from device.auth import AuthError, LoginThrottle, read_password_hash
-from device.band import REVIEW, UNCERTAIN, UNCERTAIN_DISPLAY, display_label
-from device.bundle import BundleError, find_bundles, load_bundle
-from device.classifier import Classifier, Prediction
 from device.config import Config, UiConfig
-from device.heatmap import OPACITY, Heatmap, colour_scale, legend, occlusion_map, overlay
-from device.history import (
+from device.core.band import REVIEW, UNCERTAIN, UNCERTAIN_DISPLAY, display_label
+from device.core.bundle import BundleError, find_bundles, load_bundle
+from device.core.classifier import Classifier, Prediction
+from device.core.heatmap import OPACITY, Heatmap, colour_scale, legend, occlusion_map, overlay
+from device.core.preprocess import BadSliceError, decode_slice, prepare
+from device.tools.plots import reliability_svg, roc_svg
+from device.tools.sitecheck import SiteProfileError, load_site_profile
+from device.watch.journal import Journal, JournalError
+from device.web.auth import AuthError, LoginThrottle, read_password_hash
+from device.web.history import (
     REJECTED,
     HistoryFilter,
     delivery,
@@ -36,11 +40,7 @@ from device.history import (
     to_csv,
     utc,
 )
-from device.journal import Journal, JournalError
-from device.plots import reliability_svg, roc_svg
-from device.preprocess import BadSliceError, decode_slice, prepare
-from device.sitecheck import SiteProfileError, load_site_profile
-from device.ui import settings_from_environment
+from device.web.ui import settings_from_environment
 
 DISPLAY_WIDTH = 260  # pixels per image column: two of them and the figures fit a laptop screen
 
@@ -513,8 +513,8 @@ def triage_tab(classifier: Classifier, config: Config) -> None:
 
 
 def bench_tab(classifier: Classifier) -> None:
-    from device.backends import default_threads
-    from device.bench import format_table, run_benchmark
+    from device.core.backends import default_threads
+    from device.tools.bench import format_table, run_benchmark
 
     st.markdown(
         "Runs `ctpi bench` on the selected model in a separate process: interpreter load, invoke latency, "

@@ -1,15 +1,15 @@
 """Model files to a bundle folder: writes the files, reads their tensor specs back through the
 device backends (what the Pi will see, not what we meant to produce) and writes the manifest
-with :func:`device.bundle.write_manifest`."""
+with :func:`device.core.bundle.write_manifest`."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from device.backends import TensorSpec, open_backend
-from device.bundle import FORMATS, RUNTIME_OF_FORMAT, load_bundle, write_manifest
-from device.preprocess import PreprocessSpec
+from device.core.backends import TensorSpec, open_backend
+from device.core.bundle import FORMATS, RUNTIME_OF_FORMAT, load_bundle, write_manifest
+from device.core.preprocess import PreprocessSpec
 
 FILE_OF_FORMAT = {
     "int8": "model_int8.tflite",
@@ -44,7 +44,7 @@ def assemble_bundle(
     extra_files: dict[str, bytes | Path] | None = None,
 ):
     """Write a complete, verified bundle to ``out_dir`` (replaced if it exists) and return it
-    loaded through :func:`device.bundle.load_bundle`, which proves it is readable."""
+    loaded through :func:`device.core.bundle.load_bundle`, which proves it is readable."""
     out_dir = Path(out_dir)
     unknown = set(models) - set(FORMATS)
     if unknown:
@@ -86,7 +86,7 @@ def assemble_bundle(
         "input": {
             "shape": [1, spec.height, spec.width, spec.channels],
             "layout": "NHWC",
-            "pixels": "uint8 0..255 from device.preprocess (scaling is inside the model)",
+            "pixels": "uint8 0..255 from device.core.preprocess (scaling is inside the model)",
         },
         "output": {"kind": "softmax probabilities", "order": list(labels)},
         "formats": formats,

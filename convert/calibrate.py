@@ -2,10 +2,10 @@
 
 Scores the labelled val slices of one or more sources (``--data DIR``, each an ImageFolder
 with ``DIR/val/<label>/`` or itself a ``val`` folder) with the bundle's default-format model
-through :class:`device.classifier.Classifier` (the Pi's code, raw outputs), fits the
-calibration map (:mod:`device.calibration`), carries the threshold through it (so no decision
-changes), chooses the "uncertain — review" band (:mod:`device.band`) and rewrites
-``manifest.json`` (with every sha256, :func:`device.bundle.write_manifest`), ``MODEL_CARD.md``
+through :class:`device.core.classifier.Classifier` (the Pi's code, raw outputs), fits the
+calibration map (:mod:`device.core.calibration`), carries the threshold through it (so no decision
+changes), chooses the "uncertain — review" band (:mod:`device.core.band`) and rewrites
+``manifest.json`` (with every sha256, :func:`device.core.bundle.write_manifest`), ``MODEL_CARD.md``
 and ``reliability.svg``. ``python -m convert`` runs the same :func:`calibrate_bundle` on the
 bundle it writes. Running it again refits from the model's own outputs: it never compounds.
 
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from device.band import MAX_FRACTION, TARGET_ACCURACY, choose_band
-from device.bundle import BundleError, load_bundle, write_manifest
-from device.calibration import METHODS, CalibrationError, calibration_report, fit
-from device.classifier import Classifier
-from device.dataset import fingerprint, list_examples
-from device.preprocess import BadSliceError, load_slice
-from device.progress import progress
+from device.core.band import MAX_FRACTION, TARGET_ACCURACY, choose_band
+from device.core.bundle import BundleError, load_bundle, write_manifest
+from device.core.calibration import METHODS, CalibrationError, calibration_report, fit
+from device.core.classifier import Classifier
+from device.core.dataset import fingerprint, list_examples
+from device.core.preprocess import BadSliceError, load_slice
+from device.tools.progress import progress
 
 WEIGHTINGS = ("source", "slice")
 
@@ -86,7 +86,7 @@ def calibrate_bundle(
     """Calibrate the bundle in place (model files untouched) and return its new ``calibration``
     manifest entry. ``weighting`` ``source`` makes every source count equally in the fit."""
     from convert.model_card import RELIABILITY_FILE, calibration_section, with_calibration_section
-    from device.plots import reliability_svg
+    from device.tools.plots import reliability_svg
 
     if weighting not in WEIGHTINGS:
         raise ValueError(f"--weighting {weighting!r}: choose one of {WEIGHTINGS}")

@@ -1,6 +1,6 @@
 """The int8 representative data set: a seeded, stratified draw from the training split.
 
-Calibration slices go through :func:`device.preprocess.load_slice`, the exact function the
+Calibration slices go through :func:`device.core.preprocess.load_slice`, the exact function the
 Pi calls, so the activation ranges are those of real inputs. The training slices *not* drawn
 are kept apart as a second, larger check for the accuracy gate (val has only 118 slices).
 """
@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.dataset import Example
-from device.preprocess import BadSliceError, PreprocessSpec, load_slice
+from device.core.dataset import Example
+from device.core.preprocess import BadSliceError, PreprocessSpec, load_slice
 
 log = logging.getLogger(__name__)
 

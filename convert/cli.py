@@ -41,10 +41,10 @@ from convert.gate import (
 from convert.model_card import render_model_card
 from convert.onnx_export import ONNX_OPSET
 from convert.run import RunError, load_run
-from device.backends import BackendError
-from device.bundle import FORMATS, BundleError, load_bundle
-from device.classifier import Classifier
-from device.dataset import combined_fingerprint, fingerprint, list_examples
+from device.core.backends import BackendError
+from device.core.bundle import FORMATS, BundleError, load_bundle
+from device.core.classifier import Classifier
+from device.core.dataset import combined_fingerprint, fingerprint, list_examples
 
 EXIT_OK, EXIT_GATE_FAILED, EXIT_USAGE = 0, 1, 2
 DEFAULT_CALIBRATION_SAMPLES = 200
@@ -159,7 +159,7 @@ def _float_fallback(option: str, model, calibration, holdout, holdout_reference,
 
     from convert.diagnose import tflite_probabilities
     from convert.selective import Selection, choose_float_fallback, fixed_float_fallback
-    from device.metrics import roc_auc
+    from device.core.metrics import roc_auc
 
     if option != "auto":
         try:

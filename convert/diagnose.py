@@ -16,8 +16,8 @@ import numpy as np
 
 from convert.calibration import Slices
 from convert.tflite import to_weights_only_int8
-from device.backends import default_threads, dequantize, open_backend, quantize
-from device.classifier import Classifier
+from device.core.backends import default_threads, dequantize, open_backend, quantize
+from device.core.classifier import Classifier
 
 
 def tflite_probabilities(content: bytes, pixels: np.ndarray) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 
 from convert.onnx_export import ONNX_OPSET, onnx_opset, to_onnx
 from convert.tflite import TFLITE_FORMATS, to_tflite
-from device.bundle import FORMATS
+from device.core.bundle import FORMATS
 
 log = logging.getLogger(__name__)
 

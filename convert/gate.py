@@ -1,9 +1,9 @@
 """The accuracy gate: every converted format is scored like the Pi scores it and compared with
 the Keras float model it came from; a conversion that loses accuracy is refused.
 
-Each format runs through :class:`device.classifier.Classifier` (the Pi's code path:
+Each format runs through :class:`device.core.classifier.Classifier` (the Pi's code path:
 quantize the uint8 slice, invoke, dequantize, threshold) on slices preprocessed once by
-:func:`device.preprocess.load_slice`; the figures come from :mod:`device.metrics`. The gate
+:func:`device.core.preprocess.load_slice`; the figures come from :mod:`device.core.metrics`. The gate
 is decided on val; the training slices not used for calibration are scored too, because
 on 118 val slices one flipped label is already 0.85 points of agreement.
 """
@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from convert.calibration import Slices
-from device.classifier import Classifier
-from device.metrics import binary_metrics, source_metrics
+from device.core.classifier import Classifier
+from device.core.metrics import binary_metrics, source_metrics
 
 GATED_SPLIT = "val"
 

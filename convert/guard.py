@@ -29,10 +29,10 @@ from pathlib import Path
 import numpy as np
 
 from convert.reframe import reframed_files
-from device.bundle import Bundle, load_bundle, write_manifest
-from device.dataset import is_candidate
-from device.guard import FEATURE_NAMES, FEATURE_VERSION, GUARD_FILE, Guard, SourceModel, features
-from device.preprocess import BadSliceError, decode_slice
+from device.core.bundle import Bundle, load_bundle, write_manifest
+from device.core.dataset import is_candidate
+from device.core.guard import FEATURE_NAMES, FEATURE_VERSION, GUARD_FILE, Guard, SourceModel, features
+from device.core.preprocess import BadSliceError, decode_slice
 
 log = logging.getLogger(__name__)
 
@@ -195,13 +195,13 @@ def guard_section(figures: dict, command: str) -> str:
         GUARD_START,
         "## Input guard",
         "",
-        "Before a slice is scored, `device/guard.py` decides whether it is an axial chest CT slice; anything else is "
+        "Before a slice is scored, `device/core/guard.py` decides whether it is an axial chest CT slice; anything else is "
         "refused with reason `not-ct` (`ctpi predict`, the watch daemon's `rejected/`, the page; `--no-guard` skips it). "
         "A DICOM file whose header says it is not CT (Modality), not axial (ImageOrientationPatient, 30° tolerance) or "
         "not the chest (BodyPartExamined HEAD, ABDOMEN...) is refused at once. The body is then found (what is "
         "brighter than air, less a scanner table and separate labels) and every feature is computed on its bounding "
         "box, so a slice cropped tight to the body and one in a scanner's square frame of air look alike "
-        f"(`device/guard_body.py`, features v{FEATURE_VERSION}). Rules refuse colour images, flat images, noise and "
+        f"(`device/core/guard_body.py`, features v{FEATURE_VERSION}). Rules refuse colour images, flat images, noise and "
         f"images without dark lungs inside a body; then {DEFAULT_COMPONENTS} Gaussians per training source over "
         f"{len(FEATURE_NAMES)} features of a 64-pixel view of the body (`{GUARD_FILE}`, hashed in the manifest), fitted on "
         "its train slices as they are and re-framed, refuse what is unlike all of them.",
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     for bundle_path in args.bundle:
         if args.report:
-            from device.guard import load_guard
+            from device.core.guard import load_guard
 
             bundle = load_bundle(bundle_path)
             guard = load_guard(bundle)

@@ -223,7 +223,7 @@ def render_model_card(
         "",
         f"Input: {manifest['preprocessing']['id']} v{manifest['preprocessing']['version']} "
         f"({manifest['preprocessing']['height']}x{manifest['preprocessing']['width']}x"
-        f"{manifest['preprocessing']['channels']} uint8; see `device/preprocess.py`).",
+        f"{manifest['preprocessing']['channels']} uint8; see `device/core/preprocess.py`).",
         "",
         "## How it was made",
         "",
@@ -239,7 +239,7 @@ def render_model_card(
         *([f"**Note.** {note}", ""] if note else []),
         "## Accuracy per format",
         "",
-        "Every format is scored through `device.classifier.Classifier`, the code the Pi runs, with the "
+        "Every format is scored through `device.core.classifier.Classifier`, the code the Pi runs, with the "
         "bundle's threshold; Δp is the difference in P("
         f"{manifest['positive_label']}) from the Keras float model on the same slice.",
         "",

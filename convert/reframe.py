@@ -18,7 +18,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from device.preprocess import BadSliceError, decode_slice
+from device.core.preprocess import BadSliceError, decode_slice
 
 FRAME_SIDE = 512
 SCALE = (0.4, 0.7)  # the slice's longer side, as a share of the frame's side

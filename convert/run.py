@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.preprocess import PreprocessSpec
+from device.core.preprocess import PreprocessSpec
 
 MODEL_FILE = "model.keras"
 RUN_FILE = "run.json"

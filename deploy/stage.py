@@ -32,8 +32,8 @@ from pathlib import Path
 
 from deploy import locks
 from device import __version__
-from device.bundle import BundleError, load_bundle
-from device.phantom import chest_png
+from device.core.bundle import BundleError, load_bundle
+from device.core.phantom import chest_png
 
 try:
     import tomllib
@@ -48,7 +48,7 @@ SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 HEALTH_SLICE = "health/slice.png"
-HEALTH_SEED = 7  # the phantom drawn for the health check (device.phantom)
+HEALTH_SEED = 7  # the phantom drawn for the health check (device.core.phantom)
 KEEP_STAGED = 5  # staged releases kept on the desktop
 # One line the Pi's python3 prints: major minor machine libc libc-version, e.g. "3 11 aarch64 glibc 2.36".
 PROBE = "import sys, platform; print(sys.version_info[0], sys.version_info[1], platform.machine(), *platform.libc_ver())"
@@ -125,7 +125,7 @@ def requirements(pyproject: Path, extras: list[str]) -> list[str]:
 
 def health_slice() -> bytes:
     """The release's own known input for the health check: the synthetic axial chest CT phantom
-    of :mod:`device.phantom` (fixed seed) as a lung-window PNG, which every shipped bundle's input
+    of :mod:`device.core.phantom` (fixed seed) as a lung-window PNG, which every shipped bundle's input
     guard accepts. Never a data-set image."""
     return chest_png(seed=HEALTH_SEED)
 

@@ -15,20 +15,20 @@ import logging
 import sys
 
 from device import __version__
-from device.backends import BackendError
-from device.bundle import BundleError
+from device.core.backends import BackendError
+from device.core.bundle import BundleError
 
 VERB_MODULES = (
-    "device.predict",
-    "device.evaluate",
-    "device.sitecheck",
-    "device.bench",
-    "device.capture",
-    "device.watch",
-    "device.dicom_node",
-    "device.results",
-    "device.ui",
-    "device.appliance",
+    "device.tools.predict",
+    "device.tools.evaluate",
+    "device.tools.sitecheck",
+    "device.tools.bench",
+    "device.tools.capture",
+    "device.watch.daemon",
+    "device.node.daemon",
+    "device.tools.results",
+    "device.web.ui",
+    "device.tools.appliance",
 )
 
 EXIT_OK, EXIT_FAILED_INPUTS, EXIT_USAGE = 0, 1, 2

@@ -1,7 +1,7 @@
 """A state folder holding studies that arrived over DICOM, made by the real code in-process.
 
-The node's own Storage SCP (:meth:`device.dicom_node.Node.build_ae`) receives each study from a
-pynetdicom SCU over loopback, ``ctpi watch --once`` (:class:`device.watch.Daemon`) triages it,
+The node's own Storage SCP (:meth:`device.node.daemon.Node.build_ae`) receives each study from a
+pynetdicom SCU over loopback, ``ctpi watch --once`` (:class:`device.watch.daemon.Daemon`) triages it,
 the node completes the study, makes its SR and Secondary Capture and sends them to a
 pynetdicom Storage SCP standing in for the PACS. Three studies end in the three states the
 page must tell apart: **sent**, **failed** (the PACS was down: last error, attempts) and
@@ -23,7 +23,7 @@ class Pacs:
     """A Storage SCP for SR and Secondary Capture on a free loopback port, started on demand."""
 
     def __init__(self):
-        from device.dicom_report import COMPREHENSIVE_SR, SECONDARY_CAPTURE
+        from device.node.report import COMPREHENSIVE_SR, SECONDARY_CAPTURE
 
         self.port, self.received, self.server = free_port(), [], None
         self.sop_classes = (COMPREHENSIVE_SR, SECONDARY_CAPTURE)
@@ -62,9 +62,9 @@ def studies_over_dicom(watch, work: Path, slices: int = 2, size: int = 64) -> di
     """Three studies through node -> watch -> node -> PACS into ``watch.state``; returns
     ``{"sent" | "failed" | "queued": study folder}``. ``watch`` is a :class:`WatchConfig`."""
     from device.config import DicomConfig
-    from device.dicom_ledger import Ledger
-    from device.dicom_node import Node
-    from device.watch import Daemon
+    from device.node.daemon import Node
+    from device.node.ledger import Ledger
+    from device.watch.daemon import Daemon
 
     pacs = Pacs()
     watch = dataclasses.replace(watch, settle_seconds=0.0)

@@ -1,7 +1,7 @@
 """Synthetic CT series for the DICOM node tests and benchmark: real Part-10 files, fake patients.
 
 Slices are 16-bit CT Image Storage (Hounsfield units via rescale) of the chest phantom of
-:mod:`device.phantom`, which the shipped bundles' input guard accepts, so the verdict path is
+:mod:`device.core.phantom`, which the shipped bundles' input guard accepts, so the verdict path is
 exercised with readable slices; ``COVID`` series carry ground-glass opacities. Patient fields carry a marker
 (:data:`PATIENT_NAME`, :data:`PATIENT_ID`) that the tests search for in logs, journal and page.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.phantom import FRAME, chest_hounsfield
+from device.core.phantom import FRAME, chest_hounsfield
 from tests.synthetic import NEGATIVE, POSITIVE
 from tests.watchtools import wait_for
 

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from device.backends import BackendError, TensorSpec, dequantize, open_backend, quantize
-from device.classifier import Classifier
-from device.dataset import list_examples
-from device.preprocess import load_slice
+from device.core.backends import BackendError, TensorSpec, dequantize, open_backend, quantize
+from device.core.classifier import Classifier
+from device.core.dataset import list_examples
+from device.core.preprocess import load_slice
 
 
 def test_affine_quantization_round_trips_and_saturates():

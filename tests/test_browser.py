@@ -134,7 +134,7 @@ def served_page(tmp_path, tiny_bundle):
 def test_browser_logs_in_uploads_a_slice_and_sees_its_prediction(served_page, tmp_path, tiny_bundle):
     from playwright.sync_api import expect, sync_playwright
 
-    from device.classifier import Classifier
+    from device.core.classifier import Classifier
 
     url, server = served_page
     slice_file = tmp_path / "covid-slice.png"

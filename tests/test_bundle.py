@@ -5,8 +5,16 @@ import shutil
 
 import pytest
 
-from device.bundle import MANIFEST, REQUIRED_KEYS, BundleError, file_sha256, find_bundles, load_bundle, write_manifest
-from device.classifier import Classifier
+from device.core.bundle import (
+    MANIFEST,
+    REQUIRED_KEYS,
+    BundleError,
+    file_sha256,
+    find_bundles,
+    load_bundle,
+    write_manifest,
+)
+from device.core.classifier import Classifier
 
 
 @pytest.fixture

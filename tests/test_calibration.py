@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from device.band import Band, band_figures, choose_band
-from device.calibration import Calibration, CalibrationError, fit, logit, sigmoid
-from device.metrics import expected_calibration_error, roc_auc, roc_auc_interval, wilson_interval
+from device.core.band import Band, band_figures, choose_band
+from device.core.calibration import Calibration, CalibrationError, fit, logit, sigmoid
+from device.core.metrics import expected_calibration_error, roc_auc, roc_auc_interval, wilson_interval
 
 
 def overconfident(n: int, seed: int):
@@ -90,9 +90,9 @@ def test_band_is_narrow_holds_at_most_a_tenth_and_raises_accuracy_outside():
 
 def test_calibrate_command_calibrates_a_bundle_in_place_and_is_idempotent(tmp_path, tiny_bundle, synthetic_data, capsys):
     from convert.calibrate import main
-    from device.bundle import load_bundle
-    from device.classifier import Classifier
-    from device.dataset import list_examples
+    from device.core.bundle import load_bundle
+    from device.core.classifier import Classifier
+    from device.core.dataset import list_examples
     from tests.trustdata import copy_bundle
 
     bundle = copy_bundle(tiny_bundle, tmp_path / "tiny")

@@ -22,8 +22,8 @@ from PIL import Image
 from watchdog.events import FileSystemEventHandler
 from watchdog.observers import Observer
 
-from device.capture import camera_available, capture_once, capture_stills
 from device.cli import main
+from device.tools.capture import camera_available, capture_once, capture_stills
 
 REPO = Path(__file__).resolve().parent.parent
 SEAM = "tests.test_capture:StandInCamera"

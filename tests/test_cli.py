@@ -5,7 +5,7 @@ import json
 import pytest
 
 from device.cli import main
-from device.dataset import list_examples
+from device.core.dataset import list_examples
 
 EVALUATE_KEYS = {
     "n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auc", "confusion", "threshold",

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import REQUIRED_KEYS, file_sha256, load_bundle
-from device.classifier import Classifier
-from device.dataset import Example, fingerprint, list_examples
+from device.core.bundle import REQUIRED_KEYS, file_sha256, load_bundle
+from device.core.classifier import Classifier
+from device.core.dataset import Example, fingerprint, list_examples
 from tests.synthetic import LABELS, POSITIVE, png_bytes, write_image_folder
 
 pytest.importorskip("tensorflow")
@@ -29,7 +29,7 @@ WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 
 
 def _pixels(bundle_path: Path, data: Path) -> tuple[np.ndarray, list[Example]]:
-    from device.preprocess import load_slice
+    from device.core.preprocess import load_slice
 
     bundle = load_bundle(bundle_path)
     examples = list_examples(data, LABELS)

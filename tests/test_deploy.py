@@ -98,7 +98,7 @@ def remote_python() -> str:
     return sys.executable
 
 
-def snapshot_source(target: Path, change: str | None = None, file: str = "device/classifier.py") -> Path:
+def snapshot_source(target: Path, change: str | None = None, file: str = "device/core/classifier.py") -> Path:
     """A frozen copy of what a deploy ships (other people edit the working tree meanwhile);
     ``change`` is appended to ``file`` to make a different release."""
     for name in ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md", "requirements"):
@@ -370,7 +370,7 @@ def test_redeploying_the_same_tree_changes_nothing(pi, a_is_current):
 
 def test_failed_health_check_rolls_back_automatically(pi, a_is_current, tmp_path):
     # `ctpi predict` of this release fails; its units start and run (they do not call it)
-    broken = snapshot_source(tmp_path / "broken", 'def run(args):\n    raise RuntimeError("this release cannot classify")', file="device/predict.py")
+    broken = snapshot_source(tmp_path / "broken", 'def run(args):\n    raise RuntimeError("this release cannot classify")', file="device/tools/predict.py")
     watcher = LinkWatcher(pi.prefix / "current")
     watcher.start()
     done = pi.deploy(broken)

@@ -11,8 +11,8 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
 
-from device import dicom  # noqa: E402
-from device.preprocess import BadSliceError, decode_slice  # noqa: E402
+from device.core import dicom  # noqa: E402
+from device.core.preprocess import BadSliceError, decode_slice  # noqa: E402
 
 PATIENT = "Doe^Jane-SECRET-4711"
 
@@ -52,8 +52,8 @@ def test_truncated_dicom_is_rejected_with_a_reason():
 
 def test_dicom_patient_fields_never_reach_logs_or_the_journal(tmp_path, tiny_bundle, caplog):
     from device.config import WatchConfig
-    from device.journal import Journal
-    from device.watch import Daemon
+    from device.watch.daemon import Daemon
+    from device.watch.journal import Journal
 
     inbox, state = tmp_path / "inbox", tmp_path / "state"
     (inbox / "study").mkdir(parents=True)

@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("pynetdicom")
 
 from device.config import ConfigError, load_config  # noqa: E402
-from device.dicom_node import instance_hash, study_folder  # noqa: E402
-from device.dicom_report import build_sr, encode  # noqa: E402
+from device.node.daemon import instance_hash, study_folder  # noqa: E402
+from device.node.report import build_sr, encode  # noqa: E402
 from tests.dicomtools import ORTHANC, PATIENT_ID, PATIENT_NAME, Orthanc, free_port, write_series  # noqa: E402
 from tests.watchtools import wait_for  # noqa: E402
 
@@ -158,7 +158,7 @@ def test_stored_file_is_the_received_bytes_behind_pynetdicoms_own_file_meta():
     from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless, generate_uid
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
-    from device.dicom_store import part10_header
+    from device.node.store import part10_header
 
     for sop_class, syntax in (("1.2.840.10008.5.1.4.1.1.2", ExplicitVRLittleEndian), ("1.2.840.10008.5.1.4.1.1.2.1", ImplicitVRLittleEndian),
                               ("1.2.840.10008.5.1.4.1.1.2", JPEG2000Lossless)):
@@ -267,7 +267,7 @@ def test_killed_node_loses_no_acknowledged_instance(node_factory, tmp_path):
 
 def test_an_acknowledged_instance_whose_rename_was_lost_is_renamed_at_restart(node_factory, tmp_path):
     """*Success* is answered once the temporary file is fsynced and its ledger row committed; the
-    folder fsync that makes the final name durable is batched (device.dicom_store). A power cut
+    folder fsync that makes the final name durable is batched (device.node.store). A power cut
     before it leaves the temporary file: the restart renames it before the port opens, deletes a
     temporary file that has no row, and a resend stores nothing twice."""
     import pydicom

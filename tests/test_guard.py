@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.bundle import BundleError, find_bundles, load_bundle
-from device.classifier import Classifier
-from device.dicom import LUNG_WINDOW, apply_window
-from device.guard import FEATURE_NAMES, GUARD_FILE, features, header_verdict
-from device.phantom import FRAME, chest_hounsfield
-from device.preprocess import BadSliceError, decode_slice
+from device.core.bundle import BundleError, find_bundles, load_bundle
+from device.core.classifier import Classifier
+from device.core.dicom import LUNG_WINDOW, apply_window
+from device.core.guard import FEATURE_NAMES, GUARD_FILE, features, header_verdict
+from device.core.phantom import FRAME, chest_hounsfield
+from device.core.preprocess import BadSliceError, decode_slice
 from tests.synthetic import LABELS, NEGATIVE, POSITIVE, png_bytes, slice_array
 
 REPO = Path(__file__).resolve().parent.parent
@@ -156,9 +156,9 @@ def test_page_shows_the_refusal_sentence(guarded_bundle, tmp_path, monkeypatch):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from device.auth import write_password
     from device.config import Config, UiConfig, WatchConfig
-    from device.ui import SETTINGS_ENVIRONMENT, settings_to_environment
+    from device.web.auth import write_password
+    from device.web.ui import SETTINGS_ENVIRONMENT, settings_to_environment
 
     st.cache_resource.clear()
     write_password(tmp_path / "pw", "correct horse battery")
@@ -193,7 +193,7 @@ def test_edited_guard_is_refused_like_an_edited_model(guarded_bundle, tmp_path):
 
 
 def test_bundle_without_a_guard_still_loads_and_says_so(tiny_bundle, caplog):
-    with caplog.at_level(logging.WARNING, logger="device.guard"):
+    with caplog.at_level(logging.WARNING, logger="device.core.guard"):
         classifier = Classifier(tiny_bundle)
     assert classifier.guard is None
     assert "no input guard" in caplog.text
@@ -285,7 +285,7 @@ def framed_phantom(scale: float, table: bool, wall: float = 1.0, window=LUNG_WIN
 
 @pytest.fixture(scope="module", params=SHIPPED, ids=[bundle.name for bundle in SHIPPED])
 def shipped_guard(request):
-    from device.guard import load_guard
+    from device.core.guard import load_guard
 
     guard = load_guard(load_bundle(request.param))
     assert guard is not None, f"{request.param.name} carries no input guard"

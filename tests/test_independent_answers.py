@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.bundle import BundleError, find_bundles, load_bundle, write_manifest
+from device.core.bundle import BundleError, find_bundles, load_bundle, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
 # README "Model bundle": labels, positive label, threshold, input spec and quantization per
 # format, preprocessing id, metrics, training-data fingerprint, sha256 of every file; plus the
 # bundle's own name/version/architecture/creation, its formats and the seal. Written out here,
-# not imported from device.bundle.REQUIRED_KEYS, so dropping a key there fails this test.
+# not imported from device.core.bundle.REQUIRED_KEYS, so dropping a key there fails this test.
 DOCUMENTED_KEYS = ("schema", "name", "version", "architecture", "created", "labels", "positive_label", "threshold",
                    "preprocessing", "input", "formats", "default_format", "files", "metrics", "training_data",
                    "bundle_sha256")
@@ -49,7 +49,7 @@ def ct_dicom(hounsfield: np.ndarray) -> bytes:
 def test_dicom_lung_window_at_known_hounsfield_units():
     """Lung window level -600, width 1500: -1350 HU and below black, -600 HU mid-grey, +150 HU and
     above white (the window's edges and centre, worked out by hand)."""
-    from device.dicom import decode
+    from device.core.dicom import decode
 
     known = {-2000: 0.0, -1350: 0.0, -975: 63.75, -600: 127.5, 150: 255.0, 1000: 255.0}
     image = np.full((64, 64), -1000, dtype=np.int32)
@@ -115,7 +115,7 @@ def checker_dicom(tmp_path_factory) -> Path:
 
 
 def test_dicom_is_decoded_with_the_window_its_bundle_names(tiny_bundle, soft_tissue_bundle, strips_dicom):
-    from device.preprocess import decode_slice
+    from device.core.preprocess import decode_slice
 
     lung = decode_slice(strips_dicom, load_bundle(tiny_bundle).spec).pixels
     soft = decode_slice(strips_dicom, load_bundle(soft_tissue_bundle).spec).pixels
@@ -144,8 +144,8 @@ def test_predict_watch_node_and_page_window_dicom_as_the_bundle_says(tiny_bundle
     import subprocess
     import sys
 
-    from device.classifier import Classifier
-    from device.preprocess import prepare
+    from device.core.classifier import Classifier
+    from device.core.preprocess import prepare
 
     classifier = Classifier(soft_tissue_bundle)
     spec = classifier.bundle.spec
@@ -168,7 +168,7 @@ def test_predict_watch_node_and_page_window_dicom_as_the_bundle_says(tiny_bundle
     assert status == "ok" and probability == pytest.approx(expected, abs=1e-6)
 
     from device.config import DicomConfig
-    from device.dicom_node import Node
+    from device.node.daemon import Node
 
     node = Node(DicomConfig(heatmap=False), inbox, state, model=soft_tissue_bundle)
     image = node.top_slice_rgb({"top_slice_id": slice_id})[..., 0]  # the report's grey image, as decoded
@@ -178,9 +178,9 @@ def test_predict_watch_node_and_page_window_dicom_as_the_bundle_says(tiny_bundle
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from device.auth import write_password
     from device.config import Config, UiConfig, WatchConfig
-    from device.ui import SETTINGS_ENVIRONMENT, settings_to_environment
+    from device.web.auth import write_password
+    from device.web.ui import SETTINGS_ENVIRONMENT, settings_to_environment
 
     st.cache_resource.clear()
     write_password(tmp_path / "pw", "correct horse battery")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from device.bundle import load_bundle, write_manifest
+from device.core.bundle import load_bundle, write_manifest
 from tests.synthetic import POSITIVE
 from tests.watchtools import drop, rows, slice_png
 
@@ -88,8 +88,8 @@ def test_daemon_refuses_a_bundle_other_than_the_one_pinned_by_the_deploy(copies,
 
 def test_page_refuses_an_edited_manifest(copies, tmp_path, monkeypatch):
     pytest.importorskip("streamlit")
-    from device.auth import write_password
     from device.config import Config, UiConfig, WatchConfig
+    from device.web.auth import write_password
     from tests.test_ui import log_in, open_page
 
     models = tmp_path / "models"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from device.journal import Journal, JournalError, SliceResult, stored_name
-from device.studies import aggregate
+from device.core.studies import aggregate
+from device.watch.journal import Journal, JournalError, SliceResult, stored_name
 
 
 def ok(path: str, probability: float, sha: str) -> SliceResult:

@@ -15,7 +15,7 @@ import pytest
 
 from deploy import locks
 from deploy.stage import StageError, Target, build_wheelhouse, pi_lock, stage
-from device.bundle import find_bundles
+from device.core.bundle import find_bundles
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = find_bundles(REPO / "models")[0]

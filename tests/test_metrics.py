@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from device.metrics import (
+from device.core.metrics import (
     binary_metrics,
     choose_threshold,
     confusion,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from device.preprocess import BadSliceError, PreprocessSpec, decode_slice, load_slice, prepare
+from device.core.preprocess import BadSliceError, PreprocessSpec, decode_slice, load_slice, prepare
 
 SPEC = PreprocessSpec(height=32, width=32, channels=1)
 

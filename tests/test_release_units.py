@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from deploy.stage import HEALTH_SLICE, UNIT_PLACEHOLDERS, health_slice, stage
-from device.bundle import find_bundles, load_bundle
+from device.core.bundle import find_bundles, load_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = find_bundles(REPO / "models")
@@ -80,8 +80,8 @@ HEALTH_MARGIN = 0.5
 
 @pytest.mark.parametrize("model", SHIPPED, ids=[m.name for m in SHIPPED])
 def test_every_shipped_guard_accepts_the_health_slice_well_inside(model):
-    from device.guard import load_guard
-    from device.preprocess import decode_slice
+    from device.core.guard import load_guard
+    from device.core.preprocess import decode_slice
 
     guard = load_guard(load_bundle(model))
     assert guard is not None, f"{model.name} carries no input guard"
@@ -93,8 +93,8 @@ def test_every_shipped_guard_accepts_the_health_slice_well_inside(model):
 @pytest.mark.parametrize("model", SHIPPED, ids=[m.name for m in SHIPPED])
 def test_every_shipped_guard_accepts_the_phantom_as_dicom_and_png_alike(model, tmp_path):
     pytest.importorskip("pydicom")
-    from device.guard import load_guard
-    from device.preprocess import decode_slice
+    from device.core.guard import load_guard
+    from device.core.preprocess import decode_slice
     from tests.dicomtools import write_series
 
     guard = load_guard(load_bundle(model))

@@ -9,12 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from device.calibration import Calibration, fit, logit, sigmoid
-from device.classifier import Classifier
-from device.journal import Journal
-from device.metrics import expected_calibration_error
-from device.preprocess import decode_slice, prepare
-from device.sitecheck import (
+from device.core.calibration import Calibration, fit, logit, sigmoid
+from device.core.classifier import Classifier
+from device.core.metrics import expected_calibration_error
+from device.core.preprocess import decode_slice, prepare
+from device.tools.sitecheck import (
     PROFILE_NAME,
     SiteProfileError,
     load_site_profile,
@@ -23,6 +22,7 @@ from device.sitecheck import (
     stratified_folds,
     write_site_profile,
 )
+from device.watch.journal import Journal
 from tests.synthetic import NEGATIVE, POSITIVE, png_bytes, slice_array, write_image_folder
 from tests.trustdata import copy_bundle
 from tests.watchtools import REPO, slice_png
@@ -83,7 +83,7 @@ def test_accept_refused_with_too_few_slices_and_written_only_when_asked(tiny_bun
 
 def test_a_profile_for_another_model_is_refused(tiny_bundle, large_site, tmp_path):
     classifier = Classifier(tiny_bundle)
-    from device.sitecheck import profile_from_report
+    from device.tools.sitecheck import profile_from_report
 
     data = profile_from_report(site_check(classifier, large_site, show_progress=False))
     data["model"]["sha256"] = "0" * 64
@@ -96,7 +96,7 @@ def test_a_profile_for_another_model_is_refused(tiny_bundle, large_site, tmp_pat
 def accepted_profile(tiny_bundle, large_site, state, threshold: float, calibration: tuple[float, float] | None = None):
     """A real accepted profile, with the threshold (and the site map's ``(a, b)``) moved so the
     daemon's use of it shows."""
-    from device.sitecheck import profile_from_report
+    from device.tools.sitecheck import profile_from_report
 
     data = profile_from_report(site_check(Classifier(tiny_bundle), large_site, show_progress=False))
     data["threshold"], data["uncertain_band"] = threshold, [threshold - 0.01, threshold + 0.01]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from device.metrics import (
+from device.core.metrics import (
     binary_metrics,
     choose_threshold,
     choose_threshold_by_source,
@@ -389,7 +389,7 @@ def test_a_resnet50_run_on_cached_trunk_views_saves_the_whole_trained_classifier
     pytest.importorskip("tensorflow")
     import keras
 
-    from device.preprocess import PreprocessSpec, load_slice
+    from device.core.preprocess import PreprocessSpec, load_slice
     from train.cli import main
 
     out = tmp_path / "resnet"

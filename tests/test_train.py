@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from device.metrics import binary_metrics, choose_threshold  # noqa: E402
-from device.preprocess import PreprocessSpec, load_slice  # noqa: E402
+from device.core.metrics import binary_metrics, choose_threshold  # noqa: E402
+from device.core.preprocess import PreprocessSpec, load_slice  # noqa: E402
 from tests.synthetic import write_image_folder  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from device.auth import write_password  # noqa: E402
-from device.classifier import Classifier  # noqa: E402
 from device.config import Config, UiConfig, WatchConfig  # noqa: E402
-from device.ui import SETTINGS_ENVIRONMENT, settings_to_environment  # noqa: E402
+from device.core.classifier import Classifier  # noqa: E402
+from device.web.auth import write_password  # noqa: E402
+from device.web.ui import SETTINGS_ENVIRONMENT, settings_to_environment  # noqa: E402
 from tests.synthetic import NEGATIVE, POSITIVE, png_bytes, slice_array  # noqa: E402
 
 APP = str(Path(__file__).resolve().parent.parent / "streamlit_app.py")
@@ -217,7 +217,7 @@ def test_model_selector_shows_each_bundles_model_card(settings, monkeypatch, tin
     import json
     import shutil
 
-    from device.bundle import write_manifest
+    from device.core.bundle import write_manifest
 
     models = tmp_path / "models"
     shutil.copytree(tiny_bundle, models / "carded")
@@ -251,7 +251,7 @@ def test_model_selector_shows_each_bundles_model_card(settings, monkeypatch, tin
 def journal_settings(settings) -> Config:
     """Seven drops processed by ``ctpi watch --once``: study-a (3 positive, 1 broken file),
     study-b (2 negative) and one negative slice outside any study."""
-    from device.watch import Daemon
+    from device.watch.daemon import Daemon
 
     inbox = settings.watch.inbox
     for folder, label, count, seed in (("study-a", POSITIVE, 3, 20), ("study-b", NEGATIVE, 2, 30), ("", NEGATIVE, 1, 40)):
@@ -358,8 +358,8 @@ def test_history_csv_holds_every_slice_matching_the_filter(journal_settings):
     import csv
     import io
 
-    from device.history import HistoryFilter, to_csv
-    from device.journal import Journal
+    from device.watch.journal import Journal
+    from device.web.history import HistoryFilter, to_csv
 
     with Journal.open_readonly(journal_settings.watch.state) as journal:
         everything = list(csv.DictReader(io.StringIO(to_csv(journal, HistoryFilter()))))

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from device.auth import (
+from device.web.auth import (
     AuthError,
     LoginThrottle,
     hash_password,

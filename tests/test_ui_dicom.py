@@ -24,7 +24,7 @@ def dicom_state(settings, tmp_path):
     """Three studies over DICOM (sent, failed, queued) and one folder dropped into the inbox."""
     import numpy as np
 
-    from device.watch import Daemon
+    from device.watch.daemon import Daemon
 
     studies = studies_over_dicom(settings.watch, tmp_path / "series")
     dropped = settings.watch.inbox / "dropped-study"
@@ -79,7 +79,7 @@ def test_history_without_a_dicom_node_has_no_dicom_columns(settings, monkeypatch
     """A state folder the node never used: the page reads no ledger and adds nothing."""
     import numpy as np
 
-    from device.watch import Daemon
+    from device.watch.daemon import Daemon
 
     (settings.watch.inbox / "plain").mkdir(parents=True)
     (settings.watch.inbox / "plain" / "a.png").write_bytes(png_bytes(slice_array(NEGATIVE, np.random.default_rng(6))))

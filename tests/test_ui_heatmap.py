@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from device.classifier import Classifier
-from device.heatmap import occluded_copies, occlusion_map, overlay
+from device.core.classifier import Classifier
+from device.core.heatmap import occluded_copies, occlusion_map, overlay
 
 
 def half_textured(height: int, width: int, contrast: float, seed: int = 0) -> np.ndarray:

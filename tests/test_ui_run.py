@@ -46,7 +46,7 @@ def alive(pid: int) -> bool:
 
 
 def test_run_starts_daemon_and_page_on_first_use_and_ctrl_c_stops_both(tmp_path, tiny_bundle):
-    from device.journal import Journal, JournalError
+    from device.watch.journal import Journal, JournalError
 
     inbox, state = tmp_path / "var" / "inbox", tmp_path / "var" / "state"  # not there yet: created on first use
     password_file = tmp_path / "config" / "ui-password"

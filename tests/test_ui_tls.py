@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from device.tls import fingerprint, is_loopback
+from device.web.tls import fingerprint, is_loopback
 from tests.test_browser import CHROMIUM, CHROMIUM_FLAGS, PASSWORD, free_port, log_in
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("streamlit")
 
-from device.classifier import Classifier  # noqa: E402
+from device.core.classifier import Classifier  # noqa: E402
 from tests.test_sitecheck import accepted_profile  # noqa: E402
 from tests.test_ui import fresh_process_caches as fresh_process_caches  # noqa: E402,F401  (fixture)
 from tests.test_ui import logged_in_page, page_text  # noqa: E402

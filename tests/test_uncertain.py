@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from device.band import REVIEW, UNCERTAIN
-from device.classifier import Classifier
-from device.journal import SCHEMA_VERSION, Journal, SliceResult
-from device.studies import aggregate
+from device.core.band import REVIEW, UNCERTAIN
+from device.core.classifier import Classifier
+from device.core.studies import aggregate
+from device.watch.journal import SCHEMA_VERSION, Journal, SliceResult
 from tests.synthetic import NEGATIVE, POSITIVE
 from tests.trustdata import ambiguous_png, copy_bundle
 from tests.watchtools import REPO, slice_png

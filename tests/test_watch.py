@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from device.config import WatchConfig
-from device.journal import Journal
+from device.watch.journal import Journal
 from tests.synthetic import NEGATIVE, POSITIVE
 from tests.watchtools import REPO, DaemonProcess, drop, inbox_files, rows, sha256, slice_png, wait_for
 
@@ -226,8 +226,8 @@ def test_read_only_state_folder_stops_intake_and_loses_nothing(folders, tiny_bun
 
 
 def test_low_disk_space_pauses_intake_until_space_returns(folders, tiny_bundle, caplog):
-    from device.results import gather_status
-    from device.watch import Daemon
+    from device.tools.results import gather_status
+    from device.watch.daemon import Daemon
 
     inbox, state = folders
     config = WatchConfig(inbox=inbox, state=state, model=tiny_bundle, threads=1, settle_seconds=0.2,
@@ -367,7 +367,7 @@ def test_config_file_sets_the_daemon_and_flags_override_it(folders, tiny_bundle,
 
 
 def test_a_file_rewritten_after_it_was_read_is_not_moved_under_the_old_record(folders, tiny_bundle):
-    from device.watch import Daemon
+    from device.watch.daemon import Daemon
 
     inbox, state = folders
     first, second = slice_png(POSITIVE, 1), slice_png(NEGATIVE, 2)
@@ -387,7 +387,7 @@ def test_a_file_rewritten_after_it_was_read_is_not_moved_under_the_old_record(fo
 
 def test_a_file_that_keeps_killing_the_daemon_is_set_aside(folders, tiny_bundle):
     """A poison file (decoder crash, memory limit) must not hold the appliance in a restart loop."""
-    from device.journal import Journal as WritableJournal
+    from device.watch.journal import Journal as WritableJournal
 
     inbox, state = folders
     drop(inbox, "poison.png", slice_png(POSITIVE, 1))
@@ -428,7 +428,7 @@ def test_sd_notify_reaches_an_abstract_socket_and_is_silent_outside_systemd():
     import socket
     import uuid
 
-    from device.sdnotify import Notifier
+    from device.watch.sdnotify import Notifier
 
     name = f"ctpi-test-{uuid.uuid4().hex}"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -479,8 +479,8 @@ def test_a_refused_file_does_not_keep_its_decoded_image_alive(tmp_path):
 
     import numpy as np
 
-    from device.preprocess import BadSliceError, PreprocessSpec
-    from device.watch import Reader
+    from device.core.preprocess import BadSliceError, PreprocessSpec
+    from device.watch.daemon import Reader
     from tests.synthetic import png_bytes
 
     inbox = tmp_path / "inbox"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from device.preprocess import PreprocessSpec, load_slice
+from device.core.preprocess import PreprocessSpec, load_slice
 from tests.synthetic import LABELS
 
 SPEC = PreprocessSpec(height=32, width=32, channels=1)
@@ -44,7 +44,7 @@ def build_model(calibration_slices: list[np.ndarray], is_positive: list[bool]):
 
 def labelled_pixels(folder) -> tuple[list[np.ndarray], list[bool]]:
     """Preprocessed slices of an ImageFolder and whether each is positive."""
-    from device.dataset import list_examples
+    from device.core.dataset import list_examples
 
     examples = list_examples(folder, LABELS)
     return [load_slice(e.path, SPEC) for e in examples], [e.label == LABELS[0] for e in examples]

@@ -1,6 +1,6 @@
 """Helpers for the trust tests (calibration, uncertain band, site check): a CT-like synthetic
 slice the tiny model cannot call, and bundle copies with a band or calibration written
-through :func:`device.bundle.write_manifest` (checksums stay right)."""
+through :func:`device.core.bundle.write_manifest` (checksums stay right)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import load_bundle, write_manifest
+from device.core.bundle import load_bundle, write_manifest
 from tests.synthetic import NEGATIVE, POSITIVE, png_bytes, slice_array
 
 

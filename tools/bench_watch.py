@@ -35,13 +35,13 @@ SIZE = 512
 
 
 def write_slices(folder: Path, count: int) -> list[Path]:
-    """Chest CT phantom slices (``device.phantom``, which the input guard accepts, so the
+    """Chest CT phantom slices (``device.core.phantom``, which the input guard accepts, so the
     daemon scores them rather than refusing them), 16 anatomies, each file made distinct by
     two corner pixels."""
     import io
 
     sys.path.insert(0, str(REPO))
-    from device.phantom import chest_png
+    from device.core.phantom import chest_png
 
     anatomies = [np.asarray(Image.open(io.BytesIO(chest_png(seed=seed, ground_glass=bool(seed % 2))))) for seed in range(16)]
     paths = []

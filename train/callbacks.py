@@ -1,4 +1,4 @@
-"""Model selection on val ROC AUC: a Keras callback that scores val with ``device.metrics``.
+"""Model selection on val ROC AUC: a Keras callback that scores val with ``device.core.metrics``.
 
 Keras' own AUC metric approximates the curve with 200 buckets and runs inside the graph; the
 selection criterion must be the same figure ``ctpi evaluate`` prints, so the callback predicts
@@ -19,7 +19,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from device.metrics import roc_auc, worst_source_auc
+from device.core.metrics import roc_auc, worst_source_auc
 
 log = logging.getLogger(__name__)
 

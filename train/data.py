@@ -1,6 +1,6 @@
 """Training data: ImageFolder splits through the device preprocessing, decoded once and cached.
 
-Every slice goes through :func:`device.preprocess.load_slice`, the exact function the Pi runs,
+Every slice goes through :func:`device.core.preprocess.load_slice`, the exact function the Pi runs,
 so the model trains on what it will see. Decoding ~550 figure crops costs more than an epoch on
 two cores, so the uint8 tensors are cached in one ``.npz`` per split, keyed by the split's
 content fingerprint and the preprocessing spec: a changed file or spec is a new cache entry.
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device.dataset import fingerprint, list_examples, list_labels
-from device.preprocess import BadSliceError, PreprocessSpec, load_slice
+from device.core.dataset import fingerprint, list_examples, list_labels
+from device.core.preprocess import BadSliceError, PreprocessSpec, load_slice
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device.metrics import choose_threshold_by_source, source_metrics
-from device.preprocess import PreprocessSpec
+from device.core.metrics import choose_threshold_by_source, source_metrics
+from device.core.preprocess import PreprocessSpec
 from train import report
 from train.data import DataError
 
@@ -130,7 +130,7 @@ def ensemble_run(runs: list[Path], data: list[Path] | Path, out: Path, cache_dir
 
     threshold = choose_threshold_by_source(y_val, val_scores, val.sources, first["threshold_rule"])
     val_metrics = source_metrics(y_val, val_scores, val.sources, threshold)
-    from device.metrics import roc_auc
+    from device.core.metrics import roc_auc
 
     member_rows = [
         {
@@ -234,7 +234,7 @@ def _write_member_scores(path: Path, val, rows: list[dict], member_scores: list[
 
 
 def _plot_members(rows, member_scores, y_val, val_metrics, path: Path, runs) -> None:
-    from device.metrics import roc_curve
+    from device.core.metrics import roc_curve
 
     plt = report.pyplot()
     fig, (ax_roc, ax_scatter) = plt.subplots(1, 2, figsize=(11, 4.5))

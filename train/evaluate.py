@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device.evaluate import format_source_table, format_table, parse_sources
-from device.metrics import source_metrics
-from device.preprocess import PreprocessSpec
+from device.core.metrics import source_metrics
+from device.core.preprocess import PreprocessSpec
+from device.tools.evaluate import format_source_table, format_table, parse_sources
 from train.data import DataError, load_split
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.metrics import roc_curve
+from device.core.metrics import roc_curve
 from train import report
 from train.data import DataError
 from train.model import WeightsError

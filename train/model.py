@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from device.bundle import file_sha256
+from device.core.bundle import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import file_sha256
-from device.preprocess import PreprocessSpec
+from device.core.bundle import file_sha256
+from device.core.preprocess import PreprocessSpec
 from train.data import DataError, augmenter, degrade, load_split, split_labels
 from train.model import WeightsError, build_features, resolve_weights, set_stage
 from train.recipe import ARCHITECTURES
@@ -111,8 +111,8 @@ def load_extra_images(folders: list[Path], data: Path, spec: PreprocessSpec, sho
 
     from tqdm.auto import tqdm
 
-    from device.dataset import Example, fingerprint, is_candidate, list_examples
-    from device.preprocess import BadSliceError, load_slice
+    from device.core.dataset import Example, fingerprint, is_candidate, list_examples
+    from device.core.preprocess import BadSliceError, load_slice
 
     val_root = (Path(data) / "val").resolve()
     val_hashes = {hashlib.sha256(e.path.read_bytes()).hexdigest() for e in list_examples(val_root)}

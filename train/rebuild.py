@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device.bundle import load_bundle
-from device.dataset import list_examples
-from device.preprocess import load_slice
+from device.core.bundle import load_bundle
+from device.core.dataset import list_examples
+from device.core.preprocess import load_slice
 
 WEIGHTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 MAX_DIFFERENCE = 1e-4  # |P| between the rebuilt Keras model and the float32 TFLite file

@@ -97,7 +97,7 @@ class Recipe:
     ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way
     depends on the machine's speed (the report says so); ``None`` means no budget."""
     threshold_rule: str = "youden"
-    """Decision threshold rule on val (``device.metrics.choose_threshold``): Youden's J, the
+    """Decision threshold rule on val (``device.core.metrics.choose_threshold``): Youden's J, the
     best balanced accuracy, because val is small and balanced."""
 
     def to_dict(self) -> dict:

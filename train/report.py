@@ -1,5 +1,5 @@
 """The pictures and the ``report.md`` of a run: training curves, ROC, confusion matrix,
-reliability diagram and Grad-CAM overlays, all computed from ``device.metrics`` figures."""
+reliability diagram and Grad-CAM overlays, all computed from ``device.core.metrics`` figures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from device.metrics import reliability_bins, roc_curve
+from device.core.metrics import reliability_bins, roc_curve
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def plot_confusion(metrics: dict, positive: str, negative: str, path: Path) -> N
 
 def plot_reliability(y_true, scores, ece: float, positive: str, path: Path, sources=None) -> None:
     """Reliability diagrams: one per source and pooled, each with its ECE."""
-    from device.metrics import expected_calibration_error
+    from device.core.metrics import expected_calibration_error
 
     plt = pyplot()
     panels = _by_source(y_true, scores, sources)

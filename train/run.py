@@ -20,9 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from device.dataset import combined_fingerprint
-from device.metrics import choose_threshold_by_source, source_metrics
-from device.preprocess import PreprocessSpec
+from device.core.dataset import combined_fingerprint
+from device.core.metrics import choose_threshold_by_source, source_metrics
+from device.core.preprocess import PreprocessSpec
 from train import report
 from train.data import DataError, balanced_dataset, balanced_epoch_size, load_sources, stack_splits, trunk_views
 from train.gradcam import border_share, gradcam, uniform_border_share

@@ -7,7 +7,7 @@ a monotone map, fitted on labelled validation slices by ``python -m convert.cali
     P_calibrated = sigmoid(a * logit(P_model) + b)      (a > 0)
 
 ``temperature`` fixes ``b = 0`` (``a = 1 / T``). The map is applied on the device side by
-:class:`device.classifier.Classifier`, after the model, so every format (int8 included) gets
+:class:`device.core.classifier.Classifier`, after the model, so every format (int8 included) gets
 it without touching the model files. Because ``a > 0`` the map is strictly increasing: it
 changes no ranking (ROC AUC) and, with the threshold carried through the same map, no
 decision. numpy only: fitting and ECE are shared by conversion and ``ctpi site-check``.
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from device.metrics import expected_calibration_error, reliability_bins
+from device.core.metrics import expected_calibration_error, reliability_bins
 
 METHODS = ("platt", "temperature")
 # int8 outputs are multiples of 1/256 and reach exactly 0: clip before the logit so such a

@@ -14,7 +14,7 @@ import io
 
 import numpy as np
 
-from device.preprocess import LUNG_WINDOW, BadSliceError
+from device.core.preprocess import LUNG_WINDOW, BadSliceError
 
 __all__ = ["LUNG_WINDOW", "apply_window", "decode", "decode_with_header", "is_dicom", "to_hounsfield"]
 

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from device.backends import Backend, BackendError, default_threads, dequantize, open_backend, quantize
-from device.band import UNCERTAIN, Band
-from device.bundle import Bundle, BundleError, load_bundle
-from device.calibration import Calibration
-from device.guard import Guard, load_guard
-from device.preprocess import DecodedSlice, Source, decode_slice, prepare
+from device.core.backends import Backend, BackendError, default_threads, dequantize, open_backend, quantize
+from device.core.band import UNCERTAIN, Band
+from device.core.bundle import Bundle, BundleError, load_bundle
+from device.core.calibration import Calibration
+from device.core.guard import Guard, load_guard
+from device.core.preprocess import DecodedSlice, Source, decode_slice, prepare
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Classifier:
         guard: bool = True,
     ):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-        # the input guard (device.guard): None when switched off or the bundle predates guards
+        # the input guard (device.core.guard): None when switched off or the bundle predates guards
         self.guard: Guard | None = load_guard(self.bundle) if guard else None
         self.format = fmt or self.bundle.default_format
         info = self.bundle.format_info(self.format)
@@ -72,7 +72,7 @@ class Classifier:
             self.bundle_band = Band.from_manifest(self.bundle.manifest.get("uncertain_band"), self.bundle.threshold)
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"bundle {self.bundle.path}: {error}; recalibrate it with `python -m convert.calibrate`") from None
-        self.site = None  # a device.sitecheck.SiteProfile accepted for this model, see use_site_profile
+        self.site = None  # a device.tools.sitecheck.SiteProfile accepted for this model, see use_site_profile
 
     @property
     def labels(self) -> list[str]:

@@ -1,7 +1,7 @@
 """A synthetic axial chest CT slice (a phantom) in Hounsfield units: the appliance's own known input.
 
 The deploy's health check feeds it to ``ctpi predict`` on the Pi and the tests feed it to the
-watch daemon and the DICOM node, so it must be a slice the input guard (:mod:`device.guard`)
+watch daemon and the DICOM node, so it must be a slice the input guard (:mod:`device.core.guard`)
 accepts as an axial chest CT, and never a data-set image. It is drawn, deterministically from
 a seed, the way a thoracic CT at heart level looks: air around a body on a table line; skin, a
 fat layer and chest-wall muscle; ribs, sternum and a vertebra bright; two lungs with vessels
@@ -10,7 +10,7 @@ mediastinum; quantum noise. ``ground_glass=True`` adds peripheral ground-glass o
 typical COVID-19 pattern, so a series can hold slices that look different.
 
 :func:`chest_hounsfield` gives HU (what a DICOM file stores); :func:`chest_png` the same slice
-through the lung window of :mod:`device.dicom` as an 8-bit PNG, so both decode alike.
+through the lung window of :mod:`device.core.dicom` as an 8-bit PNG, so both decode alike.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from device.dicom import LUNG_WINDOW, apply_window
+from device.core.dicom import LUNG_WINDOW, apply_window
 
 # Hounsfield units of the tissues drawn
 AIR, LUNG, FAT, SOFT_TISSUE, BLOOD, BONE_MARROW, CORTICAL_BONE = -1000.0, -860.0, -100.0, 40.0, 45.0, 250.0, 900.0

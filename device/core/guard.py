@@ -2,12 +2,12 @@
 
 A model scores whatever it is given, so a photo, a screenshot or a head CT would get a
 confident COVID/NonCOVID answer. The guard looks at the decoded image before letterboxing
-(:class:`device.preprocess.DecodedSlice`) and refuses with :class:`BadSliceError` reason
+(:class:`device.core.preprocess.DecodedSlice`) and refuses with :class:`BadSliceError` reason
 ``not-ct`` and a sentence a person can act on.
 
 Three stages, pure numpy (about a millisecond on the x86 build machine). The image stages see
-the body, not the frame: :mod:`device.guard_body` finds the body's bounding box (less a
-scanner table under it and separate labels) and :mod:`device.guard_features` computes every
+the body, not the frame: :mod:`device.core.guard_body` finds the body's bounding box (less a
+scanner table under it and separate labels) and :mod:`device.core.guard_features` computes every
 feature on a 64-pixel view of it, so a slice cropped tight to the body and one in a PACS
 export's square frame of air are judged alike.
 
@@ -25,7 +25,7 @@ export's square frame of air are judged alike.
    midline, the chest wall, histogram, texture), a few per training source. A slice whose
    Mahalanobis distance to every Gaussian exceeds that Gaussian's threshold is refused as
    unlike any CT slice the model was trained on. ``guard.json`` is listed with its sha256 in the manifest, so an edited guard
-   is refused by :func:`device.bundle.load_bundle` like an edited model.
+   is refused by :func:`device.core.bundle.load_bundle` like an edited model.
 
 A bundle without ``guard.json`` (made before the guard existed) still loads; the guard is then
 skipped with a warning, because rules whose acceptance was never measured on that bundle's
@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from device.guard_features import FEATURE_NAMES, FEATURE_VERSION, features
-from device.preprocess import BadSliceError, DecodedSlice
+from device.core.guard_features import FEATURE_NAMES, FEATURE_VERSION, features
+from device.core.preprocess import BadSliceError, DecodedSlice
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ def load_guard(bundle) -> Guard | None:
     """The guard a bundle carries, or None (with a warning) for a bundle made before guards.
 
     ``guard.json`` is only read when the manifest lists it, so its sha256 has been checked by
-    :func:`device.bundle.load_bundle`."""
+    :func:`device.core.bundle.load_bundle`."""
     if GUARD_FILE not in bundle.manifest.get("files", {}):
         log.warning(
             "bundle %s carries no input guard (%s): every image that decodes will be scored; "
@@ -234,7 +234,7 @@ def load_guard(bundle) -> Guard | None:
             bundle.path,
         )
         return None
-    from device.bundle import BundleError
+    from device.core.bundle import BundleError
 
     path = Path(bundle.path) / GUARD_FILE
     try:

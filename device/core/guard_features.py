@@ -1,6 +1,6 @@
 """The input guard's numbers for an image: :data:`FEATURE_NAMES`, computed by :func:`features`.
 
-Every feature is computed on :func:`device.guard_body.body_view`, a 64-pixel view of the body's
+Every feature is computed on :func:`device.core.guard_body.body_view`, a 64-pixel view of the body's
 bounding box (features v3; v2 saw the whole frame, so a PACS export's square frame of air looked
 unlike the tightly cropped training slices). Pure numpy on a few thousand pixels, on the Pi for
 every slice: written to make few numpy calls.
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from device.guard_body import OTSU_BINS, air_level, body_view, otsu_split
-from device.preprocess import DecodedSlice
+from device.core.guard_body import OTSU_BINS, air_level, body_view, otsu_split
+from device.core.preprocess import DecodedSlice
 
 FEATURE_VERSION = 3  # 3: features of the body's bounding box; 2: of the whole frame
 

@@ -22,7 +22,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from device.journal import immediate
+from device.watch.journal import immediate
 
 LEDGER_NAME = "node.sqlite"
 

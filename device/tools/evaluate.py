@@ -2,7 +2,7 @@
 a Pi too). Several folders are several sources (hospitals, data sets): the figures are given
 per source and pooled, at the one threshold.
 
-The figures come from :mod:`device.metrics`, the same code training and the conversion gate
+The figures come from :mod:`device.core.metrics`, the same code training and the conversion gate
 use, so a number means the same thing wherever it is printed.
 """
 
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device.classifier import Classifier
-from device.dataset import list_examples
-from device.metrics import binary_metrics, source_metrics
-from device.preprocess import BadSliceError
-from device.progress import progress
+from device.core.classifier import Classifier
+from device.core.dataset import list_examples
+from device.core.metrics import binary_metrics, source_metrics
+from device.core.preprocess import BadSliceError
+from device.tools.progress import progress
 
 
 @dataclass

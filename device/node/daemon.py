@@ -8,17 +8,17 @@
   ``ctpi watch`` triages the files exactly once, as any dropped file.
 - **Acknowledged means durable** (the order is the contract): the bytes, as received, go to
   a hidden temporary name (``.<name>.tmp``, which the watch daemon ignores) and are fsynced;
-  the ledger row is committed (:mod:`device.dicom_ledger`, ``synchronous=FULL``); the file is
+  the ledger row is committed (:mod:`device.node.ledger`, ``synchronous=FULL``); the file is
   renamed into place; only then does the sender hear *success*. A restart renames any
   temporary file whose row was committed and deletes the others, before the port opens, so
   the folder fsync that makes the new name itself durable is batched once per tick
-  (:mod:`device.dicom_store` says why that is safe). A resend of an instance with a row is
+  (:mod:`device.node.store` says why that is safe). A resend of an instance with a row is
   answered *success* and not written again, so it is never triaged twice.
 - **Who may talk**: calling AE titles, optionally with a source address (``AET@HOST``), are
   allow-listed; anything else is rejected at association, logged with its reason.
 - **Study complete**: no instance of a study for ``stable_seconds``. Once the watch journal
   holds a result for every instance of it, the verdict is final and the result is made.
-- **Send back**: a Structured Report and a Secondary Capture (:mod:`device.dicom_report`) are
+- **Send back**: a Structured Report and a Secondary Capture (:mod:`device.node.report`) are
   written to ``STATE/dicom/outbox/`` durably, queued in the ledger, and sent with C-STORE to
   ``send_to``, retried every ``retry_seconds`` until the destination answers success; a
   result is marked sent only then, so a restart resends what was not confirmed (same UIDs).
@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from device.config import ConfigError, DicomConfig, LogFormat, load_config, override
-from device.dicom_ledger import Ledger
-from device.dicom_store import FolderSync, part10_header, temporary_name, write_durably, write_parts
-from device.durable import fsync_dir
-from device.sdnotify import Notifier
+from device.node.ledger import Ledger
+from device.node.store import FolderSync, part10_header, temporary_name, write_durably, write_parts
+from device.watch.durable import fsync_dir
+from device.watch.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Node:
             return self.store(event, raw)
 
     def store(self, event, raw: memoryview) -> int:
-        """Check, write, record, rename: the status to answer (see :mod:`device.dicom_store`)."""
+        """Check, write, record, rename: the status to answer (see :mod:`device.node.store`)."""
         calling = event.assoc.requestor.ae_title.strip()
         request = event.request
         sop_class = str(request.AffectedSOPClassUID)
@@ -278,7 +278,7 @@ class Node:
     # -- study completion and results ------------------------------------------------------------
 
     def journal(self):
-        from device.journal import Journal, JournalError
+        from device.watch.journal import Journal, JournalError
 
         if self._journal is None:
             try:
@@ -292,7 +292,7 @@ class Node:
             info = {}
             if self.model_path is not None:
                 try:
-                    from device.bundle import load_bundle
+                    from device.core.bundle import load_bundle
 
                     bundle = load_bundle(self.model_path, verify=False)
                     fmt = self.fmt or bundle.default_format
@@ -340,14 +340,14 @@ class Node:
         path = self.state / row["stored_as"] if row is not None and row["stored_as"] else None
         if path is None or not path.is_file():
             return np.zeros((256, 256, 3), dtype=np.uint8)
-        from device.preprocess import decode_slice, prepare
+        from device.core.preprocess import decode_slice, prepare
 
         classifier = self.classifier()
         if classifier is None:
             decoded = decode_slice(path, self.spec())
             grey = np.clip(decoded.pixels, 0, 255).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
-        from device.heatmap import occlusion_map, overlay
+        from device.core.heatmap import occlusion_map, overlay
 
         pixels = prepare(decode_slice(path, classifier.bundle.spec).pixels, classifier.bundle.spec)
         return overlay(pixels, occlusion_map(classifier, pixels).sensitivity)
@@ -356,7 +356,7 @@ class Node:
         if not self.config.heatmap or self.model_path is None:
             return None
         if self._classifier is None:
-            from device.classifier import Classifier
+            from device.core.classifier import Classifier
 
             self._classifier = Classifier(str(self.model_path), self.fmt, 1)
         return self._classifier
@@ -364,7 +364,7 @@ class Node:
     def make_results(self, study: str, verdict: dict) -> list[tuple[str, str]]:
         import pydicom
 
-        from device.dicom_report import build_sc, build_sr, encode
+        from device.node.report import build_sc, build_sr, encode
 
         source = pydicom.dcmread(self.folder / "headers" / f"{study}.dcm")
         model = self.model_info() or {"sha256": verdict.get("model_sha256")}
@@ -389,7 +389,7 @@ class Node:
 
         ae = AE(ae_title=self.config.aet)
         ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 30
-        from device.dicom_report import COMPREHENSIVE_SR, EXPLICIT_VR_LITTLE_ENDIAN, SECONDARY_CAPTURE
+        from device.node.report import COMPREHENSIVE_SR, EXPLICIT_VR_LITTLE_ENDIAN, SECONDARY_CAPTURE
 
         for sop_class in (COMPREHENSIVE_SR, SECONDARY_CAPTURE):
             ae.add_requested_context(sop_class, EXPLICIT_VR_LITTLE_ENDIAN)
@@ -526,7 +526,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from device.watch import configure_logging
+    from device.watch.daemon import configure_logging
 
     config = load_config(args.config)
     dicom = override(
@@ -538,7 +538,7 @@ def run(args) -> int:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # its INFO lines name patients
     try:
         if watch.bundle_sha256:  # the bundle the deploy pinned, or nothing is sent under its name
-            from device.bundle import BundleError, load_bundle
+            from device.core.bundle import BundleError, load_bundle
 
             try:
                 load_bundle(watch.model, verify=False, expected_sha256=watch.bundle_sha256)

@@ -5,7 +5,7 @@ so the Pi sees exactly what training saw. The steps (version 1, id
 ``ctpi-gray-letterbox-stretch``) are:
 
 1. **Decode by content**, never by file name: PNG and JPEG through Pillow, DICOM (``DICM``
-   magic at byte 128) through :mod:`device.dicom` (Hounsfield units, then the bundle's
+   magic at byte 128) through :mod:`device.core.dicom` (Hounsfield units, then the bundle's
    ``dicom_window``: the lung window unless its manifest says otherwise). Real data
    has JPEGs named ``.png``. Anything else is refused with :class:`BadSliceError`.
 2. **Refuse absurd files before decoding pixels**: empty files, files over
@@ -117,8 +117,8 @@ class DecodedSlice:
     mode: str  # Pillow mode, or e.g. "MONOCHROME2/16" for DICOM
     width: int
     height: int
-    colour: np.ndarray | None = None  # uint8 RGB thumbnail (<= 64 px a side) of colour files, for device.guard
-    dicom: dict | None = None  # DICOM only: modality, body_part, orientation (device.dicom), for device.guard
+    colour: np.ndarray | None = None  # uint8 RGB thumbnail (<= 64 px a side) of colour files, for device.core.guard
+    dicom: dict | None = None  # DICOM only: modality, body_part, orientation (device.core.dicom), for device.core.guard
 
 
 COLOUR_MODES = ("P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
@@ -206,7 +206,7 @@ def decode_slice(source: Source, spec: PreprocessSpec | None = None) -> DecodedS
     bundle trained on another window sees what it was trained on. Pass it wherever a slice is
     decoded for a bundle; without one (no bundle at hand) it is the default spec's lung window."""
     data = read_source(source)
-    from device import dicom  # local: keeps pydicom off the import path of PNG-only users
+    from device.core import dicom  # local: keeps pydicom off the import path of PNG-only users
 
     if dicom.is_dicom(data):
         window = (spec or PreprocessSpec()).dicom_window

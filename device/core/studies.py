@@ -16,8 +16,8 @@ Why this rule for triage:
   independent; neighbouring slices are strongly correlated, so a 300-slice study of
   ``p = 0.05`` slices would come out near 1.
 - **Uncertain slices ask for a reader.** A slice in the bundle's (or site's) "uncertain —
-  review" band (:mod:`device.band`) is neither positive nor negative; a study with such a
-  slice and no positive one is :data:`~device.band.REVIEW`, never negative: the verdict
+  review" band (:mod:`device.core.band`) is neither positive nor negative; a study with such a
+  slice and no positive one is :data:`~device.core.band.REVIEW`, never negative: the verdict
   cannot clear a study that holds a slice the model could not call.
 - **Cost**: one false-positive slice flags the study, so specificity per study is lower than
   per slice. For triage (deciding what a radiologist reads first) a false alarm costs minutes
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from device.band import REVIEW
+from device.core.band import REVIEW
 
 RULE = "max"
 
@@ -55,7 +55,7 @@ def aggregate(
 
     ``uncertain`` marks the slices labelled uncertain when they were scored: they are not
     positive whatever their probability, and without a positive slice they make the study
-    :data:`~device.band.REVIEW`."""
+    :data:`~device.core.band.REVIEW`."""
     if not probabilities:
         return StudyVerdict(None, None, 0, 0, None)
     flags = list(uncertain) if uncertain is not None else [False] * len(probabilities)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from device.band import display_label
-from device.classifier import Classifier
-from device.preprocess import BadSliceError
+from device.core.band import display_label
+from device.core.classifier import Classifier
+from device.core.preprocess import BadSliceError
 
 
 def register(subparsers) -> None:
@@ -46,7 +46,7 @@ def run(args) -> int:
 
     classifier = Classifier(args.model, args.fmt, args.threads, args.backend, guard=not args.no_guard)
     if args.state is not None:
-        from device.sitecheck import load_site_profile
+        from device.tools.sitecheck import load_site_profile
 
         # A profile made for another model raises SiteProfileError (a ValueError): exit 2 with its message,
         # rather than answer with a threshold the hospital never checked.

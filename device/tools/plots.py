@@ -46,7 +46,7 @@ def _legend(names: list[str]) -> list[str]:
 
 def reliability_svg(curves: dict[str, list[dict]], title: str = "Reliability") -> str:
     """Observed positive rate against mean predicted probability per bin, one line per curve
-    (``{name: reliability bins}`` as :func:`device.metrics.reliability_bins` gives them);
+    (``{name: reliability bins}`` as :func:`device.core.metrics.reliability_bins` gives them);
     points are sized by the bin's count. The dashed diagonal is perfect calibration."""
     parts = _frame(title, "predicted probability", "observed positive rate")
     for index, bins in enumerate(curves.values()):

@@ -3,7 +3,7 @@
 The Pi runs a TFLite model with no gradients, so the heatmap is model-agnostic (Zeiler and
 Fergus 2014): the preprocessed slice is cut into a coarse ``grid x grid`` of patches, each
 copy has one patch replaced by the slice's mean grey, the whole batch goes through the same
-:class:`~device.classifier.Classifier` that made the prediction, and a patch's value is how
+:class:`~device.core.classifier.Classifier` that made the prediction, and a patch's value is how
 much hiding it lowers the positive probability. Positive values: the region pushed the model
 towards the positive label; negative: away from it. Cost is ``grid**2`` invokes (49 by
 default, a few seconds for MobileNetV2 int8 on a Pi 4); nothing is kept between calls.

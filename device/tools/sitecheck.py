@@ -1,17 +1,17 @@
 """``ctpi site-check``: how the model does on a hospital's own labelled slices, before go-live.
 
 Scores a folder of local slices (``DATA/COVID/``, ``DATA/NonCOVID/``, any depth, PNG, JPEG or
-DICOM) through :class:`device.classifier.Classifier` with the bundle's own threshold and band,
+DICOM) through :class:`device.core.classifier.Classifier` with the bundle's own threshold and band,
 and reports sensitivity and specificity with 95 % Wilson intervals, ROC AUC with its DeLong
 interval, calibration (ECE), refused and uncertain counts.
 
 One global calibration map cannot serve hospitals whose scores are shifted differently, but the
 appliance knows its site: the check also fits a **site calibration map** (Platt, with
-:func:`device.calibration.fit`) on the model's *raw* outputs of the site's slices, reports ECE
+:func:`device.core.calibration.fit`) on the model's *raw* outputs of the site's slices, reports ECE
 with the bundle's map and with the site's (in-sample, and cross-fitted over stratified folds:
 fitted on the others, measured on the held-out fold, so the figure is not the optimistic one),
-and proposes a site threshold (the bundle's rule, :func:`device.metrics.choose_threshold`) and
-band (:func:`device.band.choose_band`) on the site-calibrated scale.
+and proposes a site threshold (the bundle's rule, :func:`device.core.metrics.choose_threshold`) and
+band (:func:`device.core.band.choose_band`) on the site-calibrated scale.
 
 ``--accept`` writes that map, threshold and band, with the data's fingerprint, the figures and
 the model's sha256, to ``STATE/site-profile.json``. The watch daemon and the page then apply
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
-from device.band import UNCERTAIN, Band, band_figures, choose_band
-from device.calibration import Calibration, CalibrationError, calibration_report, fit
-from device.classifier import Classifier
-from device.dataset import fingerprint, list_examples
-from device.metrics import (
+from device.core.band import UNCERTAIN, Band, band_figures, choose_band
+from device.core.calibration import Calibration, CalibrationError, calibration_report, fit
+from device.core.classifier import Classifier
+from device.core.dataset import fingerprint, list_examples
+from device.core.metrics import (
     THRESHOLD_RULES,
     choose_threshold,
     confusion,
@@ -48,9 +48,9 @@ from device.metrics import (
     roc_curve,
     wilson_interval,
 )
-from device.plots import reliability_svg
-from device.preprocess import BadSliceError, decode_slice, prepare
-from device.progress import progress
+from device.core.preprocess import BadSliceError, decode_slice, prepare
+from device.tools.plots import reliability_svg
+from device.tools.progress import progress
 
 PROFILE_NAME = "site-profile.json"
 PROFILE_SCHEMA = "ctpi.site-profile/2"  # 2: the site calibration map

@@ -20,14 +20,14 @@ import sys
 import typing
 from pathlib import Path
 
-from device.auth import AuthError, read_password_hash, write_password
 from device.config import Config, UiConfig, WatchConfig, build_section, load_config, override
-from device.tls import TlsError, certificate_for, fingerprint
+from device.web.auth import AuthError, read_password_hash, write_password
+from device.web.tls import TlsError, certificate_for, fingerprint
 
 log = logging.getLogger(__name__)
 
 SETTINGS_ENVIRONMENT = "CTPI_UI_SETTINGS"
-APP_PATH = Path(__file__).resolve().parent.parent / "streamlit_app.py"
+APP_PATH = Path(__file__).resolve().parents[2] / "streamlit_app.py"  # device/web/ui.py -> the repository root
 
 
 def config_to_tables(config: Config) -> dict:

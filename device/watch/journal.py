@@ -6,7 +6,7 @@ Writers: only the watch daemon (:meth:`Journal.open`). Readers (``ctpi results``
 - ``Journal.open_readonly(state_dir)``
 - ``query_slices(since=None, label=None, study=None, status=None, limit=100, offset=0)``
   newest first, each a dict (times as ISO 8601 UTC, probabilities as a dict);
-- ``studies()`` and ``study(name)``: verdicts per study folder (see :mod:`device.studies`);
+- ``studies()`` and ``study(name)``: verdicts per study folder (see :mod:`device.core.studies`);
 - ``counts()``: slices ok/rejected/positive, studies, files awaiting their move, files pruned;
 - ``heartbeat()``: the daemon's last heartbeat with ``age_seconds``.
 
@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
-from device.band import UNCERTAIN
-from device.studies import RULE, aggregate
+from device.core.band import UNCERTAIN
+from device.core.studies import RULE, aggregate
 
 JOURNAL_NAME = "journal.sqlite"
 SCHEMA_VERSION = 4  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices;
@@ -80,7 +80,7 @@ CREATE TABLE IF NOT EXISTS slices (
     moved_at REAL,                      -- NULL until the file has left the inbox
     pruned_at REAL,                     -- when retention deleted the stored file (record kept)
     uncertain_band TEXT,                -- JSON [low, high] of P where the label is 'uncertain'; NULL: no band
-    bundle_sha256 TEXT                  -- the bundle identity: manifest and files, see device.bundle.bundle_digest
+    bundle_sha256 TEXT                  -- the bundle identity: manifest and files, see device.core.bundle.bundle_digest
 );
 CREATE INDEX IF NOT EXISTS slices_unmoved ON slices(path) WHERE moved_at IS NULL;
 CREATE INDEX IF NOT EXISTS slices_study ON slices(study);

@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from device import __version__
-from device.bundle import load_bundle
-from device.dataset import is_candidate
-from device.preprocess import decode_slice, prepare
+from device.core.bundle import load_bundle
+from device.core.dataset import is_candidate
+from device.core.preprocess import decode_slice, prepare
 
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 5
@@ -143,7 +143,7 @@ def list_images(folder: Path) -> list[Path]:
 def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, images: list[str], backend: str | None, guard: bool = True) -> dict:
     """One configuration, in the current process: what ``benchmark_model`` measures plus the
     end-to-end path. Meant to run in a fresh process (see :func:`run_benchmark`)."""
-    from device.classifier import Classifier
+    from device.core.classifier import Classifier
 
     baseline_mb, _ = _memory_mb()
     started = time.perf_counter()
@@ -339,8 +339,8 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from device.backends import default_threads
     from device.cli import EXIT_FAILED_INPUTS, EXIT_OK, print_json
+    from device.core.backends import default_threads
 
     threads = parse_threads(args.threads) if args.threads else [default_threads()]
 

@@ -9,11 +9,11 @@ Pipeline (one process, the model loaded once):
   bounded queue, so decoding the next slice overlaps inference of this one;
 - **main thread**: inference, then results are committed to the journal in small groups, then
   the files move to ``STATE/done/`` or ``STATE/rejected/``. The order (commit, move, fsync
-  the folders, mark moved) is what makes it exactly-once; see :mod:`device.journal`.
+  the folders, mark moved) is what makes it exactly-once; see :mod:`device.watch.journal`.
 
 Retention: with ``keep_done_days`` set, images in ``STATE/done/`` older than that are deleted
 (at start-up and hourly, a bounded batch per loop turn so triage never waits long); the
-records stay. See :mod:`device.journal`.
+records stay. See :mod:`device.watch.journal`.
 
 Operations: SIGTERM/SIGINT finish the current slice, commit, and exit 0. A full disk or a
 read-only state folder stops intake (files stay in the inbox), is logged once as an error,
@@ -41,12 +41,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from device import __version__
-from device.bundle import load_bundle
 from device.config import ConfigError, LogFormat, WatchConfig, load_config, override
-from device.durable import fsync_dir
-from device.journal import Journal, JournalError, SliceResult
-from device.preprocess import BadSliceError, decode_slice, prepare, read_source
-from device.sdnotify import Notifier
+from device.core.bundle import load_bundle
+from device.core.preprocess import BadSliceError, decode_slice, prepare, read_source
+from device.watch.durable import fsync_dir
+from device.watch.journal import Journal, JournalError, SliceResult
+from device.watch.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -397,7 +397,7 @@ class Daemon:
     """The watch loop. ``run()`` returns an exit status; see the module docstring."""
 
     def __init__(self, config: WatchConfig, once: bool = False, notifier: Notifier | None = None):
-        from device.classifier import Classifier  # the slow import: after config errors are reported
+        from device.core.classifier import Classifier  # the slow import: after config errors are reported
 
         self.config = config
         self.once = once
@@ -429,7 +429,7 @@ class Daemon:
         """Decide with ``STATE/site-profile.json`` (``ctpi site-check --accept``) when it was
         accepted for this model; a profile for another model is refused (logged, shown by
         ``ctpi status`` and the page) and the bundle's own threshold applies."""
-        from device.sitecheck import SiteProfileError, load_site_profile
+        from device.tools.sitecheck import SiteProfileError, load_site_profile
 
         try:
             profile = load_site_profile(self.state)
@@ -561,7 +561,7 @@ class Daemon:
 
     def prune(self) -> bool:
         """Delete up to :data:`PRUNE_BATCH` images older than ``keep_done_days`` from
-        ``done/`` (the file first, then the record's mark; see :mod:`device.journal`) and the
+        ``done/`` (the file first, then the record's mark; see :mod:`device.watch.journal`) and the
         study folders that leaves empty. True if more may be due."""
         days = self.config.keep_done_days
         if days <= 0 or self.journal is None:

@@ -1,6 +1,6 @@
 """``ctpi results`` (export the journal) and ``ctpi status`` (is the daemon alive and well).
 
-Both only read the journal (:meth:`device.journal.Journal.open_readonly`), so they are safe
+Both only read the journal (:meth:`device.watch.journal.Journal.open_readonly`), so they are safe
 to run while the daemon writes. ``status`` exits 0 when the daemon's heartbeat is fresh and
 it is taking files, 1 otherwise (stale heartbeat, stopped, or blocked by a storage error),
 so it works as a monitoring probe.
@@ -16,9 +16,9 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from device import dicom_node
-from device.band import display_label
-from device.journal import Journal, JournalError
+from device.core.band import display_label
+from device.node import daemon as node
+from device.watch.journal import Journal, JournalError
 
 CSV_COLUMNS = (
     "id", "recorded_at", "path", "study", "status", "label", "positive_probability", "threshold", "uncertain_band",
@@ -113,7 +113,7 @@ def format_results(slices: list[dict], studies: list[dict]) -> str:
 
 def _tls_fingerprint(state: Path) -> str | None:
     """The fingerprint of the page's self-signed certificate (``STATE/tls``), if it made one."""
-    from device.tls import CERT_NAME, TlsError, fingerprint
+    from device.web.tls import CERT_NAME, TlsError, fingerprint
 
     try:
         return fingerprint(state / "tls" / CERT_NAME)
@@ -145,7 +145,7 @@ def gather_status(state: Path) -> dict:
         "heartbeat": heartbeat,
         "counts": counts,
         "disk": {"free_mb": usage.free / 1e6, "total_mb": usage.total / 1e6},
-        "dicom": dicom_node.status(state),
+        "dicom": node.status(state),
         "tls_fingerprint": _tls_fingerprint(state),
         "checked_at": time.time(),
     }
@@ -181,7 +181,7 @@ def format_status(status: dict) -> str:
         f"studies     {counts['studies']} ({counts['positive_studies']} positive"
         + (f", {counts['review_studies']} to review" if counts.get("review_studies") else "") + ")"
     )
-    lines.extend(dicom_node.format_status(status.get("dicom")))
+    lines.extend(node.format_status(status.get("dicom")))
     if status.get("tls_fingerprint"):
         lines.append(f"page TLS    SHA-256 {status['tls_fingerprint']} (the page's self-signed certificate)")
     lines.append(f"disk free   {status['disk']['free_mb']:.0f} MB of {status['disk']['total_mb']:.0f} MB ({status['state_folder']})")

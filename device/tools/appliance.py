@@ -20,10 +20,10 @@ import threading
 import time
 from pathlib import Path
 
-from device.auth import AuthError, read_password_hash
-from device.bundle import load_bundle
 from device.config import find_config
-from device.ui import add_ui_arguments, config_from_args, no_password_message, set_password
+from device.core.bundle import load_bundle
+from device.web.auth import AuthError, read_password_hash
+from device.web.ui import add_ui_arguments, config_from_args, no_password_message, set_password
 
 log = logging.getLogger(__name__)
 

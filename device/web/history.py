@@ -1,7 +1,7 @@
 """The watch daemon's journal as the web page shows it: filtered pages of slices, CSV, status.
 
 Read-only and paged (a Pi's page never loads the whole journal); built on
-:class:`device.journal.Journal`'s read API, so the page and ``ctpi results`` agree. For studies
+:class:`device.watch.journal.Journal`'s read API, so the page and ``ctpi results`` agree. For studies
 that arrived over DICOM, the DICOM node's ledger (read-only too) adds where the study came
 from (the calling AE title) and whether its result reached the PACS.
 """
@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from datetime import date, datetime, time, timezone
 from pathlib import Path
 
-from device.band import display_label
-from device.dicom_ledger import Ledger
-from device.journal import Journal
+from device.core.band import display_label
+from device.node.ledger import Ledger
+from device.watch.journal import Journal
 
 CSV_COLUMNS = (
     "id", "recorded_at", "study", "path", "status", "label", "positive_probability", "threshold",
@@ -111,7 +111,7 @@ def process_memory_mb() -> float | None:
 
 # -- studies that arrived over DICOM ----------------------------------------------------------
 
-NODE_FOLDER = "dicom"  # device.dicom_node.NODE_FOLDER, where the node keeps its ledger
+NODE_FOLDER = "dicom"  # device.node.daemon.NODE_FOLDER, where the node keeps its ledger
 
 
 def dicom_origins(state: Path) -> dict[str, dict]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from device.preprocess import PreprocessSpec
+from device.core.preprocess import PreprocessSpec
 
 MANIFEST = "manifest.json"
 SCHEMA = "ctpi.bundle/1"

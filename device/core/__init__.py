@@ -1,0 +1,1 @@
+"""The inference contract every path needs (decode, preprocess, bundle, backends, classifier, metrics, calibration, band, guard, site profile, study verdict); imports nothing of device outside device.core."""

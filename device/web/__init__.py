@@ -1,0 +1,1 @@
+"""The web page's helpers (streamlit_app.py is the entry point): settings, password, TLS, history; imports device.core, device.config, device.cli, device.watch.journal and device.node.ledger (read-only)."""
