@@ -24,8 +24,8 @@ from device.core.bundle import BundleError, find_bundles, load_bundle
 from device.core.classifier import Classifier, Prediction
 from device.core.heatmap import OPACITY, Heatmap, colour_scale, legend, occlusion_map, overlay
 from device.core.preprocess import BadSliceError, decode_slice, prepare
+from device.core.siteprofile import SiteProfileError, load_site_profile
 from device.tools.plots import reliability_svg, roc_svg
-from device.tools.sitecheck import SiteProfileError, load_site_profile
 from device.watch.journal import Journal, JournalError
 from device.web.auth import AuthError, LoginThrottle, read_password_hash
 from device.web.history import (

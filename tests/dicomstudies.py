@@ -1,6 +1,6 @@
 """A state folder holding studies that arrived over DICOM, made by the real code in-process.
 
-The node's own Storage SCP (:meth:`device.node.daemon.Node.build_ae`) receives each study from a
+The node's own Storage SCP (:meth:`device.node.scp.Receiver.build_ae`) receives each study from a
 pynetdicom SCU over loopback, ``ctpi watch --once`` (:class:`device.watch.daemon.Daemon`) triages it,
 the node completes the study, makes its SR and Secondary Capture and sends them to a
 pynetdicom Storage SCP standing in for the PACS. Three studies end in the three states the

@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("pynetdicom")
 
 from device.config import ConfigError, load_config  # noqa: E402
-from device.node.daemon import instance_hash, study_folder  # noqa: E402
 from device.node.report import build_sr, encode  # noqa: E402
+from device.node.scp import instance_hash, study_folder  # noqa: E402
 from tests.dicomtools import ORTHANC, PATIENT_ID, PATIENT_NAME, Orthanc, free_port, write_series  # noqa: E402
 from tests.watchtools import wait_for  # noqa: E402
 

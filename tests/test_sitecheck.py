@@ -13,15 +13,8 @@ from device.core.calibration import Calibration, fit, logit, sigmoid
 from device.core.classifier import Classifier
 from device.core.metrics import expected_calibration_error
 from device.core.preprocess import decode_slice, prepare
-from device.tools.sitecheck import (
-    PROFILE_NAME,
-    SiteProfileError,
-    load_site_profile,
-    site_calibration,
-    site_check,
-    stratified_folds,
-    write_site_profile,
-)
+from device.core.siteprofile import PROFILE_NAME, SiteProfileError, load_site_profile, write_site_profile
+from device.tools.sitecheck import site_calibration, site_check, stratified_folds
 from device.watch.journal import Journal
 from tests.synthetic import NEGATIVE, POSITIVE, png_bytes, slice_array, write_image_folder
 from tests.trustdata import copy_bundle

@@ -12,7 +12,8 @@ import pytest
 from device.core.band import REVIEW, UNCERTAIN
 from device.core.classifier import Classifier
 from device.core.studies import aggregate
-from device.watch.journal import SCHEMA_VERSION, Journal, SliceResult
+from device.watch.journal import Journal, SliceResult
+from device.watch.journal_schema import SCHEMA_VERSION
 from tests.synthetic import NEGATIVE, POSITIVE
 from tests.trustdata import ambiguous_png, copy_bundle
 from tests.watchtools import REPO, slice_png

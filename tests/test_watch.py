@@ -480,7 +480,7 @@ def test_a_refused_file_does_not_keep_its_decoded_image_alive(tmp_path):
     import numpy as np
 
     from device.core.preprocess import BadSliceError, PreprocessSpec
-    from device.watch.daemon import Reader
+    from device.watch.reader import Reader
     from tests.synthetic import png_bytes
 
     inbox = tmp_path / "inbox"

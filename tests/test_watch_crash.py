@@ -2,7 +2,7 @@
 "journal committed" and "file moved", and three times while decoding one file.
 
 The daemon stops itself (SIGSTOP) at a named point when ``CTPI_TEST_PAUSE_AT`` asks for it
-(:func:`device.watch.daemon.pause_point`); the test then kills it there. Nothing is faked: the process,
+(:func:`device.watch.pause.pause_point`); the test then kills it there. Nothing is faked: the process,
 its journal, its half-done moves and the restart are real."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from device.watch.daemon import PAUSE_ENVIRONMENT
+from device.watch.pause import PAUSE_ENVIRONMENT
 from tests.synthetic import NEGATIVE, POSITIVE
 from tests.watchtools import DaemonProcess, drop, inbox_files, rows, sha256, slice_png, wait_for
 

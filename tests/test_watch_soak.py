@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from device.watch.daemon import PAUSE_ENVIRONMENT
+from device.watch.pause import PAUSE_ENVIRONMENT
 from tests.synthetic import NEGATIVE, POSITIVE
 from tests.test_watch_crash import stopped
 from tests.watchtools import DaemonProcess, drop, inbox_files, rows, sha256, slice_png, wait_for

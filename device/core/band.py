@@ -4,7 +4,7 @@ A slice whose calibrated P(positive) lies in ``[low, high)`` (with ``low <= thre
 high``) is labelled :data:`UNCERTAIN` instead of positive or negative; outside the band the
 threshold decides as before. The band is chosen on validation slices by
 :func:`choose_band` and recorded in the bundle's ``manifest.json`` as ``uncertain_band``
-(a site profile may replace it, see :mod:`device.tools.sitecheck`). A study with an uncertain slice
+(a site profile may replace it, see :mod:`device.core.siteprofile`). A study with an uncertain slice
 and no positive one gets the verdict :data:`REVIEW` (:mod:`device.core.studies`).
 """
 

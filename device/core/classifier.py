@@ -72,7 +72,7 @@ class Classifier:
             self.bundle_band = Band.from_manifest(self.bundle.manifest.get("uncertain_band"), self.bundle.threshold)
         except (KeyError, TypeError, ValueError) as error:
             raise BundleError(f"bundle {self.bundle.path}: {error}; recalibrate it with `python -m convert.calibrate`") from None
-        self.site = None  # a device.tools.sitecheck.SiteProfile accepted for this model, see use_site_profile
+        self.site = None  # a device.core.siteprofile.SiteProfile accepted for this model, see use_site_profile
 
     @property
     def labels(self) -> list[str]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from device.watch.journal import immediate
 
+NODE_FOLDER = "dicom"  # STATE/dicom/: the node's ledger, kept headers and outbox
 LEDGER_NAME = "node.sqlite"
 
 SCHEMA = """

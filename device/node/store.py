@@ -6,7 +6,7 @@ without decoding and re-encoding it and without copying 512 KB per slice into ne
 
 **When is an instance durable?** Once its temporary file (``.<name>.tmp`` in the study folder)
 is fsynced and its ledger row committed (``synchronous=FULL``): a restart renames every
-temporary file whose row exists before the port opens (:meth:`device.node.daemon.Node.recover`),
+temporary file whose row exists before the port opens (:meth:`device.node.scp.Receiver.recover`),
 so the sender may be told *success* at that point. The rename into the watched name follows at
 once, but the fsync of the study folder that makes the *new name* survive a power cut is not
 on the acknowledgement path: :class:`FolderSync` does it for all folders renamed into since the

@@ -46,7 +46,7 @@ def run(args) -> int:
 
     classifier = Classifier(args.model, args.fmt, args.threads, args.backend, guard=not args.no_guard)
     if args.state is not None:
-        from device.tools.sitecheck import load_site_profile
+        from device.core.siteprofile import load_site_profile
 
         # A profile made for another model raises SiteProfileError (a ValueError): exit 2 with its message,
         # rather than answer with a threshold the hospital never checked.

@@ -1,7 +1,8 @@
 """What happened to each slice: the SQLite (WAL) journal of record in ``STATE/journal.sqlite``.
 
 Writers: only the watch daemon (:meth:`Journal.open`). Readers (``ctpi results``,
-``ctpi status``, the web UI's history page) use the read API, which never writes:
+``ctpi status``, the web UI's history page) use the read API
+(:class:`~device.watch.journal_view.JournalView`, in :mod:`device.watch.journal_view`), which never writes:
 
 - ``Journal.open_readonly(state_dir)``
 - ``query_slices(since=None, label=None, study=None, status=None, limit=100, offset=0)``
@@ -44,93 +45,12 @@ import json
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 
 from device.core.band import UNCERTAIN
 from device.core.studies import RULE, aggregate
-
-JOURNAL_NAME = "journal.sqlite"
-SCHEMA_VERSION = 4  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices;
-# 4: slices.bundle_sha256
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS slices (
-    id INTEGER PRIMARY KEY,
-    path TEXT NOT NULL,                 -- relative to the inbox, '/'-separated
-    study TEXT,                         -- first folder under the inbox; NULL at the top level
-    sha256 TEXT,                        -- of the bytes processed; NULL if they could not be read
-    size INTEGER,
-    status TEXT NOT NULL CHECK (status IN ('ok', 'rejected')),
-    label TEXT,
-    positive INTEGER,                   -- 1 if label is the bundle's positive label
-    positive_probability REAL,
-    probabilities TEXT,                 -- JSON {label: probability}
-    threshold REAL,
-    model_name TEXT,
-    model_sha256 TEXT,
-    reason TEXT,                        -- BadSliceError.reason for rejected files
-    message TEXT,
-    format TEXT,                        -- PNG, JPEG, DICOM
-    mode TEXT,
-    latency_ms TEXT,                    -- JSON
-    seen_at REAL NOT NULL,              -- unix seconds: first noticed in the inbox
-    recorded_at REAL NOT NULL,
-    stored_as TEXT,                     -- relative to the state folder
-    moved_at REAL,                      -- NULL until the file has left the inbox
-    pruned_at REAL,                     -- when retention deleted the stored file (record kept)
-    uncertain_band TEXT,                -- JSON [low, high] of P where the label is 'uncertain'; NULL: no band
-    bundle_sha256 TEXT                  -- the bundle identity: manifest and files, see device.core.bundle.bundle_digest
-);
-CREATE INDEX IF NOT EXISTS slices_unmoved ON slices(path) WHERE moved_at IS NULL;
-CREATE INDEX IF NOT EXISTS slices_study ON slices(study);
-CREATE INDEX IF NOT EXISTS slices_recorded ON slices(recorded_at);
-CREATE TABLE IF NOT EXISTS studies (
-    name TEXT PRIMARY KEY,
-    slices INTEGER NOT NULL,            -- readable slices
-    rejected INTEGER NOT NULL,
-    positive_slices INTEGER NOT NULL,
-    uncertain_slices INTEGER NOT NULL DEFAULT 0,  -- slices labelled 'uncertain' (verdict 'review' if no positive)
-    probability REAL,
-    label TEXT,
-    positive INTEGER,                   -- 1 if label is the positive label
-    threshold REAL,
-    rule TEXT NOT NULL,
-    top_slice_id INTEGER,               -- the slice that carries the verdict
-    model_sha256 TEXT,
-    first_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS claims (
-    path TEXT PRIMARY KEY,              -- a file the reader started on, not yet recorded
-    signature TEXT NOT NULL,            -- size/mtime/inode: a changed file starts again at 1
-    attempts INTEGER NOT NULL,
-    claimed_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS heartbeat (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    beat_at REAL NOT NULL,
-    data TEXT NOT NULL                  -- JSON: pid, state, model, queue, memory, ...
-);
-"""
-
-# Run after SCHEMA and the migrations: they name columns a journal of an older schema lacks.
-INDEXES = """
-CREATE INDEX IF NOT EXISTS slices_prunable ON slices(moved_at) WHERE status = 'ok' AND pruned_at IS NULL;
-"""
-
-
-def _migrate(connection: sqlite3.Connection, version: int) -> None:
-    """Bring a journal of an older schema up to :data:`SCHEMA_VERSION`, keeping every row."""
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(slices)")}
-    if version < 2 and "pruned_at" not in columns:
-        connection.execute("ALTER TABLE slices ADD COLUMN pruned_at REAL")
-    if version < 3 and "uncertain_band" not in columns:
-        connection.execute("ALTER TABLE slices ADD COLUMN uncertain_band TEXT")
-    if version < 4 and "bundle_sha256" not in columns:
-        connection.execute("ALTER TABLE slices ADD COLUMN bundle_sha256 TEXT")
-    if version < 3 and "uncertain_slices" not in {row[1] for row in connection.execute("PRAGMA table_info(studies)")}:
-        connection.execute("ALTER TABLE studies ADD COLUMN uncertain_slices INTEGER NOT NULL DEFAULT 0")
+from device.watch.journal_schema import INDEXES, JOURNAL_NAME, SCHEMA, SCHEMA_VERSION, migrate
+from device.watch.journal_view import JournalView
 
 
 def immediate(db: sqlite3.Connection, work):
@@ -145,6 +65,7 @@ def immediate(db: sqlite3.Connection, work):
             db.execute("ROLLBACK")
         raise
     return result
+
 
 class JournalError(RuntimeError):
     """The journal cannot be opened or written (missing, read-only, disk full, corrupt)."""
@@ -192,22 +113,6 @@ class Recorded:
     moved: bool
 
 
-def iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
-        return None
-    return datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds")
-
-
-def to_timestamp(value: datetime | float | int | str | None) -> float | None:
-    if value is None or isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value.timestamp()
-
-
 def stored_name(record_id: int, path: str, status: str) -> str:
     """``done/<folders>/<id>-<name>``: the id keeps equal names of different drops apart."""
     relative = PurePosixPath(path)
@@ -215,14 +120,8 @@ def stored_name(record_id: int, path: str, status: str) -> str:
     return str(folder / f"{record_id:06d}-{relative.name}")
 
 
-class Journal:
+class Journal(JournalView):
     """One connection to the journal. The daemon is the only writer."""
-
-    def __init__(self, connection: sqlite3.Connection, path: Path, readonly: bool):
-        self._db = connection
-        self._db.row_factory = sqlite3.Row
-        self.path = path
-        self.readonly = readonly
 
     # -- opening ---------------------------------------------------------------------------
 
@@ -239,7 +138,7 @@ class Journal:
             if version > SCHEMA_VERSION:
                 raise JournalError(f"journal {path} has schema {version}, newer than this ctpi ({SCHEMA_VERSION}); upgrade ctpi")
             connection.executescript(SCHEMA)
-            _migrate(connection, version)
+            migrate(connection, version)
             connection.executescript(INDEXES)
             connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as error:
@@ -258,15 +157,6 @@ class Journal:
         except sqlite3.Error as error:
             raise JournalError(f"cannot read the journal {path}: {error}") from None
         return cls(connection, path, readonly=True)
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> Journal:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _write(self, work):
         """Run ``work(connection)`` in one IMMEDIATE transaction; storage failures become
@@ -406,84 +296,3 @@ class Journal:
         )
 
     # -- the read API ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _slice(row: sqlite3.Row) -> dict:
-        record = dict(row)
-        for key in ("probabilities", "latency_ms", "uncertain_band"):
-            record[key] = json.loads(record[key]) if record.get(key) else None
-        record["positive"] = None if record["positive"] is None else bool(record["positive"])
-        for key in ("seen_at", "recorded_at", "moved_at", "pruned_at"):
-            record[key] = iso(record.get(key))
-        return record
-
-    def query_slices(
-        self,
-        since: datetime | float | str | None = None,
-        label: str | None = None,
-        study: str | None = None,
-        status: str | None = None,
-        limit: int | None = 100,
-        offset: int = 0,
-    ) -> list[dict]:
-        """Slice records, newest first, filtered by record time, label, study and status."""
-        clauses, values = [], []
-        if since is not None:
-            clauses.append("recorded_at >= ?")
-            values.append(to_timestamp(since))
-        for column, value in (("label", label), ("study", study), ("status", status)):
-            if value is not None:
-                clauses.append(f"{column} = ?")
-                values.append(value)
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        values += [-1 if limit is None else int(limit), int(offset)]
-        rows = self._db.execute(f"SELECT * FROM slices {where} ORDER BY id DESC LIMIT ? OFFSET ?", values)
-        return [self._slice(row) for row in rows]
-
-    @staticmethod
-    def _study(row: sqlite3.Row) -> dict:
-        record = dict(row)
-        record["positive"] = None if record["positive"] is None else bool(record["positive"])
-        for key in ("first_at", "updated_at"):
-            record[key] = iso(record[key])
-        return record
-
-    def studies(self) -> list[dict]:
-        """Study verdicts, most recently updated first."""
-        return [self._study(row) for row in self._db.execute("SELECT * FROM studies ORDER BY updated_at DESC, name")]
-
-    def study(self, name: str) -> dict | None:
-        row = self._db.execute("SELECT * FROM studies WHERE name = ?", (name,)).fetchone()
-        return self._study(row) if row else None
-
-    def counts(self) -> dict:
-        row = self._db.execute(
-            "SELECT count(*) AS slices, coalesce(sum(status = 'ok'), 0) AS ok, coalesce(sum(status = 'rejected'), 0) AS rejected,"
-            " coalesce(sum(positive = 1), 0) AS positive, coalesce(sum(label = 'uncertain'), 0) AS uncertain,"
-            " coalesce(sum(moved_at IS NULL), 0) AS awaiting_move FROM slices"
-        ).fetchone()
-        counts = dict(row)
-        columns = {info[1] for info in self._db.execute("PRAGMA table_info(slices)")}
-        counts["pruned"] = (
-            self._db.execute("SELECT count(*) FROM slices WHERE pruned_at IS NOT NULL").fetchone()[0] if "pruned_at" in columns else 0
-        )  # a reader may open a journal the daemon has not migrated yet
-        studies = self._db.execute(
-            "SELECT count(*) AS studies, coalesce(sum(positive = 1), 0) AS positive_studies,"
-            " coalesce(sum(label = 'review'), 0) AS review_studies FROM studies"
-        ).fetchone()
-        counts.update(dict(studies))
-        counts["rejected_by_reason"] = {
-            row["reason"]: row["n"]
-            for row in self._db.execute("SELECT reason, count(*) AS n FROM slices WHERE status = 'rejected' GROUP BY reason ORDER BY n DESC")
-        }
-        return counts
-
-    def heartbeat(self) -> dict | None:
-        """The daemon's last heartbeat (its JSON fields plus ``beat_at`` and ``age_seconds``)."""
-        row = self._db.execute("SELECT beat_at, data FROM heartbeat WHERE id = 1").fetchone()
-        if row is None:
-            return None
-        data = json.loads(row["data"])
-        data["beat_at"] = iso(row["beat_at"])
-        data["age_seconds"] = max(0.0, time.time() - row["beat_at"])
-        return data

@@ -17,7 +17,7 @@ from datetime import date, datetime, time, timezone
 from pathlib import Path
 
 from device.core.band import display_label
-from device.node.ledger import Ledger
+from device.node.ledger import NODE_FOLDER, Ledger
 from device.watch.journal import Journal
 
 CSV_COLUMNS = (
@@ -110,9 +110,6 @@ def process_memory_mb() -> float | None:
 
 
 # -- studies that arrived over DICOM ----------------------------------------------------------
-
-NODE_FOLDER = "dicom"  # device.node.daemon.NODE_FOLDER, where the node keeps its ledger
-
 
 def dicom_origins(state: Path) -> dict[str, dict]:
     """Per study folder that arrived over DICOM, its row of :meth:`Ledger.origins`; empty when
