@@ -284,17 +284,33 @@ def test_a_run_on_two_sources_reports_every_figure_per_source(two_source_run):
 
 
 @pytest.mark.slow
-def test_train_evaluate_scores_a_run_per_source_like_training_did(two_source_run, two_sources, capsys):
+def test_train_evaluate_scores_a_run_per_source_like_training_did(two_source_run, two_sources, capsys, tmp_path):
+    """The same slices, sources and scores as the run's val_scores.csv. The tiny run's model is
+    nearly constant (P within 1e-7 of each other), so threshold figures are compared only where
+    the scores are not tied: a last-bit difference between two predict calls flips such labels."""
+    import csv
+
     from train.evaluate import main
 
-    assert main(["--run", str(two_source_run), *[f"--data={folder / 'val'}" for folder in two_sources], "--json", "-q"]) == 0
+    scores_file = tmp_path / "scores.csv"
+    assert main(["--run", str(two_source_run), *[f"--data={folder / 'val'}" for folder in two_sources], "--json", "-q",
+                 "--scores", str(scores_file)]) == 0
     printed = json.loads(capsys.readouterr().out)
     stored = json.loads((two_source_run / "run.json").read_text())["metrics"]["val"]
     assert list(printed["sources"]) == ["hospital-a", "hospital-b"]
+
+    def rows(path):
+        with open(path, newline="") as handle:
+            return {(Path(r["path"]).parts[-2:], r["source"]): (r["label"], float(r["positive_probability"])) for r in csv.DictReader(handle)}
+
+    trained, evaluated = rows(two_source_run / "val_scores.csv"), rows(scores_file)
+    assert trained.keys() == evaluated.keys() and len(trained) == 20
+    for key, (label, probability) in trained.items():
+        assert evaluated[key][0] == label and evaluated[key][1] == pytest.approx(probability, abs=1e-5), key
+    tied = np.ptp([p for _, p in trained.values()]) < 1e-4
     for name in ("hospital-a", "hospital-b"):
-        for key in ("n", "accuracy", "sensitivity", "specificity", "auc", "confusion", "threshold"):
+        for key in ("n", "threshold") + (() if tied else ("accuracy", "sensitivity", "specificity", "auc", "confusion")):
             assert printed["sources"][name][key] == pytest.approx(stored["sources"][name][key], abs=1e-6), (name, key)
-    assert printed["auc"] == pytest.approx(stored["auc"], abs=1e-6)
 
 
 @pytest.mark.slow
