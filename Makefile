@@ -61,7 +61,7 @@ lock: ## write the version locks in requirements/ with uv (desktop: every extra;
 	@test -x $(VENV)/bin/uv || $(PY) -m pip install -q uv
 	$(PY) -m deploy.locks compile $(if $(UPGRADE),--upgrade)
 
-system-deps: ## install the system packages the tests use (Debian: chromium, openssh-server, systemd)
+system-deps: ## install the system packages the tests use (Debian: chromium, openssh-server, systemd, dcmtk, orthanc)
 	@bash tests/system-deps.sh
 
 test: $(VENV)/.stamp-dev system-deps ## run the whole test suite (README command 2)
