@@ -181,7 +181,7 @@ def report_text(figures: dict) -> str:
         for split, r in splits.items():
             if r["n"]:
                 lines.append(f"  {name:<14} {split:<13} {r['accepted']:>5}/{r['n']:<5} accepted  {r['rate_accepted']:.2%}  refused by {r['refused_by']}")
-    lines.append("refusal of images that are not chest CT slices (convert/guard_negatives.py, not used for fitting):")
+    lines.append("refusal of images that are not chest CT slices (convert/guard_negatives.py and guard_negatives_medical.py, not used for fitting):")
     for name, r in figures["negatives"].items():
         lines.append(f"  {name:<34} {r['refused']:>4}/{r['n']:<4} refused  {r['rate_refused']:.1%}  {r['refused_by']}")
     overall = figures["negatives_overall"]
