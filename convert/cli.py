@@ -41,6 +41,7 @@ from convert.gate import (
 from convert.model_card import render_model_card
 from convert.onnx_export import ONNX_OPSET
 from convert.run import RunError, load_run
+from convert.selective import float_fallback
 from device.core.backends import BackendError
 from device.core.bundle import FORMATS, BundleError, load_bundle
 from device.core.classifier import Classifier
@@ -149,56 +150,6 @@ def _report_failure(failures: list[str], format_results: dict, model, referee, s
         print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement, resolution)}", file=sys.stderr)
 
 
-SELECTION_SLICES = 400  # held-out train slices that choose the float fallback
-
-
-def _float_fallback(option: str, model, calibration, holdout, holdout_reference, run, full_integer: bytes, seed: int,
-                    original=None):
-    """int8 with a float fallback chosen on held-out train slices (see :mod:`convert.selective`)."""
-    import numpy as np
-
-    from convert.diagnose import tflite_probabilities
-    from convert.selective import Selection, choose_float_fallback, fixed_float_fallback
-    from device.core.metrics import roc_auc
-
-    if option != "auto":
-        try:
-            count = int(option)
-        except ValueError:
-            raise ValueError(f"--float-fallback takes auto, off or a number of ops, not {option!r}") from None
-        return fixed_float_fallback(model, list(calibration.pixels), count, on_step=step, original=original)
-    if not len(holdout.examples):
-        log.warning("no held-out train slices to choose int8's float fallback on; keeping full-integer int8")
-        return Selection(full_integer, [], 0)
-    rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(len(holdout.examples))[:SELECTION_SLICES])
-    pixels = holdout.pixels[chosen]
-    positive = run.labels.index(run.positive_label)
-    truth = holdout.y_true(run.positive_label)[chosen]
-    reference = holdout_reference[chosen][:, positive]
-    reference_auc = roc_auc(truth, reference)
-    rule = GATE_RULES["int8"]
-
-    def figures(content: bytes) -> dict:
-        scores = tflite_probabilities(content, pixels)[:, positive]
-        agreement = float(np.mean((scores >= run.threshold) == (reference >= run.threshold)))
-        change = abs(roc_auc(truth, scores) - reference_auc)
-        return {"agreement": agreement, "auc_change": 0.0 if np.isnan(change) else float(change), "slices": len(chosen)}
-
-    # Slices the model was trained on sit far from the threshold, so they flip less than unseen
-    # ones: a candidate just at the rule here fails it on val (seen: 98.5% here, 97.2% on val).
-    # Half the rule's slack is kept as a margin.
-    needed = rule.min_agreement + (1.0 - rule.min_agreement) / 2
-
-    def passes(got: dict) -> bool:
-        return got["agreement"] >= needed and got["auc_change"] <= rule.max_auc_change
-
-    step(f"choosing int8's float fallback on {len(chosen)} held-out train slices (agreement >= {needed:.1%}, "
-         f"|dAUC| <= {rule.max_auc_change})")
-    return choose_float_fallback(model, list(calibration.pixels), figures, passes, first=full_integer, on_step=step,
-                                 original=original)
-
-
 def convert(args, argv: list[str]) -> int:
     formats = parse_formats(args.formats)
     default_format = args.default_format or ("int8" if "int8" in formats else formats[0])
@@ -269,9 +220,9 @@ def convert(args, argv: list[str]) -> int:
     step("scoring the Keras float model (the reference)")
     reference = {split: keras_probabilities(model, slices) for split, slices in splits.items()}
     if "int8" in models and args.float_fallback != "off":
-        selection = _float_fallback(args.float_fallback, int8_model or model, calibration, splits["train_holdout"],
+        selection = float_fallback(args.float_fallback, int8_model or model, calibration, splits["train_holdout"],
                                     reference["train_holdout"], run, models["int8"], seed,
-                                    original=model if int8_model is not None else None)
+                                    original=model if int8_model is not None else None, on_step=step)
         models["int8"] = selection.content
         format_extras["int8"]["float_fallback"] = selection.manifest()
         if selection.float_tensors:
