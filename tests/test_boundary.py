@@ -50,7 +50,8 @@ IMPORT_RULES = {
     "device.watch": {"device", "device.core", "device.watch", "device.config", "device.cli"},
     "device.node": {"device", "device.core", "device.watch", "device.node", "device.config", "device.cli"},
     "device.web": {"device", "device.core", "device.web", "device.config", "device.cli",
-                   "device.watch.journal", "device.watch.journal_view", "device.node.ledger"},
+                   "device.watch.journal", "device.watch.journal_view", "device.node.ledger",
+                   "device.tools.bench", "device.tools.plots"},  # the Bench tab; the model card's charts
     "device.tools": None,
 }
 PACKAGES = {"device.core", "device.watch", "device.node", "device.web", "device.tools"}

@@ -1,1 +1,1 @@
-"""The web page's helpers (streamlit_app.py is the entry point): settings, password, TLS, history; imports device.core, device.config, device.cli, device.watch.journal and device.node.ledger (read-only)."""
+"""The web page (streamlit_app.py, its entry point, only wires it): its sections, one module per tab, and their helpers (settings, password, TLS, history); imports device.core, device.config, device.cli, device.watch.journal and device.node.ledger (read-only), device.tools.bench and device.tools.plots."""
