@@ -110,3 +110,21 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
     def restore_best(self) -> None:
         if self.best_weights is not None:
             self.model.set_weights(self.best_weights)
+
+
+class SnapWeights(keras.callbacks.Callback):
+    """Rounds the classifier's convolution kernels onto the int8 grid after every epoch
+    (``--snap-weights``; :mod:`train.snap` says why). Listed before :class:`ValAUCCheckpoint`,
+    so the model it scores and saves is the rounded one."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.classifier = classifier  # the whole model, also when the fitted model is its tail
+        self.last: dict | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        from train.snap import snap_model
+
+        self.last = snap_model(self.classifier)
+        log.info("epoch %d: %d convolutions rounded onto the int8 grid (mean relative change %.4f)",
+                 epoch + 1, self.last["layers"], self.last["mean_relative_change"])

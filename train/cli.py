@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--threshold-rule", choices=THRESHOLD_RULES)
     knobs.add_argument("--trunk-views", type=int,
                        help="cache the frozen trunk for this many views per train slice and train the rest on them (0 = end to end)")
+    knobs.add_argument("--snap-weights", action="store_true", default=None,
+                       help="keep convolution kernels on the int8 grid: rounded at the start and after every epoch")
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
 
@@ -72,7 +74,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
-    "trunk_views",
+    "trunk_views", "snap_weights",
 )
 
 

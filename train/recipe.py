@@ -92,6 +92,13 @@ class Recipe:
     mode; the price is a fixed set of augmented views instead of fresh ones each epoch. It
     makes ResNet50 trainable on two cores: the trunk's forward pass, most of an epoch's
     cost, runs once per view instead of once per epoch."""
+    snap_weights: bool = False
+    """Round every convolution kernel onto TFLite's int8 grid (per output channel, BatchNorm
+    folded; :mod:`train.snap`) at the start and after every epoch, so the checkpoint that
+    ships is a model whose int8 weights are exact: the gate then compares int8 with a float
+    model that differs from it only in activation rounding. A projected form of
+    quantization-aware training: each epoch's updates accumulate in float and are rounded
+    once, and the next epoch adapts to the rounding. Not with ``ema_momentum``."""
     max_minutes: float | None = None
     """Wall-time budget for the whole run: training stops after the epoch that crosses
     ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way

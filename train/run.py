@@ -117,9 +117,17 @@ def train_run(config: RunConfig) -> dict:
     import keras
     import tensorflow as tf
 
-    from train.callbacks import ValAUCCheckpoint, predict_positive
+    from train.callbacks import SnapWeights, ValAUCCheckpoint, predict_positive
 
     model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
+    if recipe.snap_weights:
+        if recipe.ema_momentum > 0 or recipe.batchnorm_training:
+            raise DataError("--snap-weights needs BatchNorm in inference mode and no --ema (it rounds the weights the model runs)")
+        from train.snap import snap_model
+
+        # Before the trunk is cached: a frozen trunk then stays on the grid (MobileNetV2's
+        # shared ImageNet weights already are: they were dequantized from an int8 model).
+        print(f"rounded {snap_model(model)['layers']} convolutions onto the int8 grid (--snap-weights)", flush=True)
     # Every batch holds each (source, label) cell equally often, so the loss needs no class
     # weights: the sampler already balances labels, and sources too.
     epoch_size = balanced_epoch_size(sources, len(labels), recipe.batch_size)
@@ -164,6 +172,8 @@ def train_run(config: RunConfig) -> dict:
         # SwapEMAWeights first: the averaged weights are in the model when the selector scores
         # val and saves the checkpoint at the end of each epoch.
         callbacks = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), selector] if averaged else [selector]
+        if recipe.snap_weights:
+            callbacks.insert(0, SnapWeights(model))
         fitted = fitted_model.fit(
             dataset, epochs=epochs, steps_per_epoch=steps, callbacks=callbacks, verbose=verbose, shuffle=False
         )  # the tf.data pipeline shuffles, with the run's seed

@@ -1,0 +1,147 @@
+"""Weights on the int8 grid (``train.snap``, ``--snap-weights``): rounded the way TFLite rounds
+them, so full-integer int8 stores exactly the kernels the gated float model runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+from tests.test_train import COMMON, _train, file_run, split_data, tiny_weights_file  # noqa: E402,F401
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_kernel_is_rounded_onto_the_per_channel_grid_of_its_folded_form():
+    from train.snap import snap_kernel
+
+    kernel = np.array([[1.0, 0.25], [0.6, -0.4], [0.3, 0.1]])  # 3 weights, 2 output channels
+    plain = snap_kernel(kernel)
+    # channel 0: step 1/127; 0.6 -> 76.2 steps -> 76, 0.3 -> 38.1 -> 38
+    assert np.allclose(plain[:, 0], [1.0, 76 / 127, 38 / 127], atol=1e-7)
+    # channel 1: step 0.4/127; 0.25 -> 79.375 -> 79, 0.1 -> 31.75 -> 32
+    assert np.allclose(plain[:, 1], [79 * 0.4 / 127, -0.4, 32 * 0.4 / 127], atol=1e-7)
+    # with a BatchNorm factor of 2 on channel 1, the grid is that of the folded kernel,
+    # returned in the unfolded scale: the same integers here, since the factor scales the step too
+    folded = snap_kernel(kernel, np.array([1.0, 2.0]))
+    assert np.allclose(folded, plain, atol=1e-7)
+    assert np.array_equal(snap_kernel(np.zeros((3, 1))), np.zeros((3, 1)))
+
+
+def _tiny_convnet(seed: int):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    pixels = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False)(pixels)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(pixels, keras.layers.Dense(2, activation="softmax")(x))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):  # BatchNorm that really scales
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n), rng.uniform(0.5, 2, n)])
+    return model
+
+
+def _int8_kernels(flatbuffer: bytes) -> list[np.ndarray]:
+    """Dequantized convolution kernels of an int8 TFLite file, output channels last."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    kernels = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            continue
+        detail = interpreter._get_tensor_details(op["inputs"][1], 0)
+        q = np.array(interpreter.get_tensor(op["inputs"][1])).astype(np.float64)
+        scales = detail["quantization_parameters"]["scales"]
+        axis = detail["quantization_parameters"]["quantized_dimension"]
+        shape = [1] * q.ndim
+        shape[axis] = -1
+        kernels.append(np.moveaxis(q * scales.reshape(shape), axis, -1))
+    return kernels
+
+
+def _folded_kernels(model) -> list[np.ndarray]:
+    import keras
+
+    from train.snap import batchnorm_fold
+
+    layers = model.layers
+    out = []
+    for layer, after in zip(layers, layers[1:], strict=False):
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            kernel = layer.get_weights()[0]
+            if isinstance(layer, keras.layers.DepthwiseConv2D):
+                kernel = kernel.reshape(*kernel.shape[:2], -1)
+            out.append(kernel * batchnorm_fold(after))
+    return out
+
+
+@pytest.mark.parametrize("snapped", [True, False], ids=["snapped", "as-trained"])
+def test_snapped_kernels_reach_int8_tflite_without_rounding(snapped):
+    from convert.tflite import to_tflite
+    from train.snap import snap_model
+
+    model = _tiny_convnet(7)
+    if snapped:
+        assert snap_model(model)["layers"] == 2
+    representative = np.random.default_rng(1).integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
+    int8 = _int8_kernels(to_tflite(model, "int8", list(representative)))
+    folded = _folded_kernels(model)
+    assert len(int8) == len(folded) == 2
+    worst = max(float(np.abs(np.sort(a.ravel()) - np.sort(b.ravel())).max() / np.abs(b).max()) for a, b in zip(int8, folded, strict=True))
+    if snapped:
+        assert worst < 1e-5  # the same kernels, up to float32 arithmetic
+    else:
+        assert worst > 1e-3  # random kernels lose a part of a step each
+
+
+def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_file, split_data, tmp_path):  # noqa: F811
+    import keras
+
+    from train.snap import snap_model
+
+    path, _ = tiny_weights_file
+    out = tmp_path / "snapped"
+    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out), *COMMON,
+            "--fine-epochs", "1", "--unfreeze-from", "block_16_expand", "--fine-lr", "0.01", "--snap-weights"]
+    assert _train(args) == 0
+    assert json.loads((out / "run.json").read_text())["recipe"]["snap_weights"] is True
+    model = keras.models.load_model(out / "model.keras")
+    assert snap_model(model)["max_abs_change"] < 1e-6  # already on the grid: rounding again moves nothing
+
+
+def test_snap_refuses_an_averaged_run(tiny_weights_file, split_data, tmp_path, capsys):  # noqa: F811
+    path, _ = tiny_weights_file
+    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(tmp_path / "x"),
+            *COMMON, "--fine-epochs", "1", "--snap-weights", "--ema", "0.99"]
+    assert _train(args) == 2
+    assert "--snap-weights" in capsys.readouterr().err
+
+
+def test_snapping_a_finished_run_writes_a_new_run_rescored_on_val(file_run, split_data, tmp_path):  # noqa: F811
+    import keras
+
+    from train.snap import main, snap_model
+
+    out = tmp_path / "snapped-run"
+    assert main(["--run", str(file_run), "--data", str(split_data), "--out", str(out), "-q"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    before = json.loads((file_run / "run.json").read_text())
+    assert run["snapped"]["layers"] == 52 and run["snapped"]["val_before"]["threshold"] == before["threshold"]
+    assert run["threshold"] == run["snapped"]["val_after"]["threshold"]
+    assert run["metrics"]["auc"] == run["snapped"]["val_after"]["roc_auc"]
+    assert snap_model(keras.models.load_model(out / "model.keras"))["max_abs_change"] < 1e-6
+    assert snap_model(keras.models.load_model(file_run / "model.keras"))["max_abs_change"] > 1e-4  # the source run is untouched
+    assert main(["--run", str(file_run), "--data", str(split_data), "--out", str(file_run)]) == 1
