@@ -161,12 +161,13 @@ def summary(entry: dict, band: list[float], threshold: float) -> str:
     lines = [
         f"calibration {entry['method']}: a={entry['a']:.4f} b={entry['b']:.4f}; threshold {entry['raw_threshold']:.4f} "
         f"-> {threshold:.4f} (calibrated); uncertain band [{band[0]:.4f}, {band[1]:.4f})",
-        f"{'source':<16} {'n':>5} {'ECE before':>10} {'ECE after':>9} {'in band':>8} {'acc outside':>11} {'acc (no band)':>13}",
+        f"{'source':<16} {'n':>5} {'ECE before':>10} {'ECE after':>9} {'if calibrated':>13} {'in band':>8} {'acc outside':>11} {'acc (no band)':>13}",
     ]
     for name, after in entry["ece_after"].items():
         figures = entry["band"]["figures"].get(name, {})
         lines.append(
             f"{name:<16} {entry['reliability'][name]['after']['n']:>5} {entry['ece_before'][name]:>10.3f} {after:>9.3f} "
+            f"{(entry['reliability'][name]['after'].get('ece_if_calibrated') or {}).get('median') or float('nan'):>13.3f} "
             f"{figures.get('fraction_in_band', float('nan')):>8.1%} {figures.get('accuracy_outside', float('nan')):>11.3f} "
             f"{figures.get('accuracy_all', float('nan')):>13.3f}"
         )

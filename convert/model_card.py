@@ -307,6 +307,15 @@ CALIBRATION_START, CALIBRATION_END = "<!-- section:calibration -->", "<!-- /sect
 RELIABILITY_FILE = "reliability.svg"
 
 
+def noise_floor(report: dict) -> str:
+    """``median (low-high), p = ...`` of :func:`device.core.calibration.ece_if_calibrated`, or n/a."""
+    floor = report.get("ece_if_calibrated") or {}
+    if floor.get("median") is None:
+        return "n/a"
+    p_value = f", p = {floor['p_value']:.2f}" if floor.get("p_value") is not None else ""
+    return f"{floor['median']:.3f} ({floor['low']:.3f}-{floor['high']:.3f}){p_value}"
+
+
 def calibration_section(entry: dict, band: list[float] | None, threshold: float) -> str:
     """The card's "Calibration and the uncertain band" section from the manifest's
     ``calibration`` entry (written by ``python -m convert.calibrate``)."""
@@ -331,8 +340,8 @@ def calibration_section(entry: dict, band: list[float] | None, threshold: float)
             "",
         ]
     lines += [
-        "| val source | slices | ECE before | ECE after | in the band | accuracy outside the band | accuracy (no band) |",
-        "|---|---|---|---|---|---|---|",
+        "| val source | slices | ECE before | ECE after | ECE of a perfectly calibrated P here (90 % range) | in the band | accuracy outside the band | accuracy (no band) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in [*sources, "pooled"]:
         if name not in entry["ece_after"]:
@@ -340,14 +349,18 @@ def calibration_section(entry: dict, band: list[float] | None, threshold: float)
         figures = entry["band"]["figures"].get(name, {})
         lines.append(
             f"| {name} | {entry['reliability'][name]['after']['n']} | {entry['ece_before'][name]:.3f} | "
-            f"{entry['ece_after'][name]:.3f} | {figures.get('in_band', 'n/a')} ({fraction(figures.get('fraction_in_band'))}) | "
+            f"{entry['ece_after'][name]:.3f} | {noise_floor(entry['reliability'][name]['after'])} | "
+            f"{figures.get('in_band', 'n/a')} ({fraction(figures.get('fraction_in_band'))}) | "
             f"{_number(figures.get('accuracy_outside'))} | {_number(figures.get('accuracy_all'))} |"
         )
     lines += [
         "",
         "ECE: expected calibration error over 10 equal-width bins of P. Fitted and measured on the same val "
         "slices (which also chose the threshold), so these figures are optimistic; a site check on local "
-        "slices (`ctpi site-check`) measures them where the model is used.",
+        "slices (`ctpi site-check`) measures them where the model is used. ECE is biased upwards on few "
+        "slices: the column after it is what a model whose P is exactly right would show on the same slices "
+        "(labels drawn from P, 2,000 times; median and 90 % range, and p, the share of those draws at least "
+        "as large as the measured ECE). An ECE inside that range is sampling noise, not miscalibration.",
         "",
         f"![Reliability diagram per val source, after calibration]({RELIABILITY_FILE})",
         "",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from device.core.band import Band, band_figures, choose_band
-from device.core.calibration import Calibration, CalibrationError, fit, logit, sigmoid
+from device.core.calibration import Calibration, CalibrationError, ece_if_calibrated, fit, logit, sigmoid
 from device.core.metrics import expected_calibration_error, roc_auc, roc_auc_interval, wilson_interval
 
 
@@ -31,6 +31,24 @@ def test_calibration_reduces_ece_on_a_miscalibrated_model():
     assert expected_calibration_error(held_out_y, calibration.apply(held_out)) < 0.03
     temperature = fit(scores, y, "temperature")
     assert temperature.b == 0.0 and expected_calibration_error(y, temperature.apply(scores)) < before
+
+
+def test_ece_noise_floor_tells_sampling_noise_from_miscalibration():
+    """On few slices even exactly right probabilities show a sizeable ECE: the floor is that
+    ECE's distribution (what the model card prints beside the measured one)."""
+    rng = np.random.default_rng(5)
+    p = rng.uniform(0, 1, 118)
+    floor = ece_if_calibrated(p)
+    # the same figure by brute force with the metrics' own ECE
+    brute = [expected_calibration_error((rng.uniform(size=p.size) < p).astype(int), p) for _ in range(1000)]
+    assert floor["median"] == pytest.approx(np.median(brute), abs=0.006)
+    assert floor["low"] < floor["median"] < floor["high"] and floor["median"] > 0.05  # 118 slices: far above 0.03
+    assert ece_if_calibrated(rng.uniform(0, 1, 20000))["high"] < 0.015  # the floor falls with more slices
+    calibrated_y = (rng.uniform(size=p.size) < p).astype(int)
+    assert ece_if_calibrated(p, expected_calibration_error(calibrated_y, p))["p_value"] > 0.05
+    overconfident_y = (rng.uniform(size=p.size) < p**4).astype(int)  # the model says p, the truth is p^4
+    assert ece_if_calibrated(p, expected_calibration_error(overconfident_y, p))["p_value"] < 0.01
+    assert ece_if_calibrated(p) == ece_if_calibrated(p)  # seeded: a report is reproducible
 
 
 def test_calibration_keeps_ranking_and_decisions_when_the_threshold_goes_through_it():
@@ -110,6 +128,8 @@ def test_calibrate_command_calibrates_a_bundle_in_place_and_is_idempotent(tmp_pa
     assert [after.predict(e.path).label for e in examples] == labels_before  # decisions unchanged
     card = (bundle / "MODEL_CARD.md").read_text()
     assert card.count("## Calibration and the uncertain band") == 1 and "ECE before" in card
+    floor = entry["reliability"][synthetic_data.name]["after"]["ece_if_calibrated"]
+    assert f"{floor['median']:.3f} ({floor['low']:.3f}-{floor['high']:.3f})" in card
     assert main(argv) == 0  # again: refitted from the model's own outputs, not compounded
     again = json.loads((bundle / "manifest.json").read_text())
     assert again["calibration"]["a"] == pytest.approx(entry["a"]) and again["threshold"] == pytest.approx(manifest["threshold"])

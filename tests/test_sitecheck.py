@@ -57,6 +57,8 @@ def test_site_check_figures_match_hand_answers(tiny_bundle, small_site):
     assert 24 / 28 - 1e-9 <= auc["value"] < 1.0 and auc["ci95"][0] < auc["value"] <= auc["ci95"][1]  # the two missed score low
     assert report["enough"] is False and "30" in report["warning"]
     assert 0 <= report["calibration"]["ece"] <= 1 and report["uncertain"] == 0
+    floor = report["calibration"]["ece_if_calibrated"]  # on 26 slices an exactly right P still shows some ECE
+    assert 0 < floor["low"] <= floor["median"] <= floor["high"] and 0 <= floor["p_value"] <= 1
 
 
 def test_accept_refused_with_too_few_slices_and_written_only_when_asked(tiny_bundle, small_site, large_site, tmp_path):

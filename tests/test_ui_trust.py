@@ -72,4 +72,4 @@ def test_page_model_card_shows_calibration_per_source(settings, monkeypatch, tin
     page = logged_in_page(settings, monkeypatch)
     body = html_of(page)
     assert 'data-table="calibration"' in body and "Reliability after calibration" in body
-    assert "ECE before" in body
+    assert "ECE before" in body and "ECE if perfectly calibrated" in body

@@ -143,14 +143,47 @@ def fit(positive_probabilities, y_true, method: str = "platt", weights=None, ite
 
 
 def calibration_report(y_true, probabilities, bins: int = 10) -> dict:
-    """ECE and reliability bins of ``probabilities`` (what the model card and page draw)."""
+    """ECE and reliability bins of ``probabilities`` (what the model card and page draw), with
+    the ECE that a perfectly calibrated model would show on the same slices
+    (:func:`ece_if_calibrated`), so a reader can tell miscalibration from sampling noise."""
     y = np.asarray(y_true, dtype=np.int64)
     p = np.asarray(probabilities, dtype=np.float64)
+    ece = expected_calibration_error(y, p, bins)
     return {
         "n": int(y.size),
-        "ece": expected_calibration_error(y, p, bins),
+        "ece": ece,
+        "ece_if_calibrated": ece_if_calibrated(p, ece, bins),
         "bins": [{k: _plain(v) for k, v in row.items()} for row in reliability_bins(y, p, bins)],
     }
+
+
+def ece_if_calibrated(probabilities, measured: float | None = None, bins: int = 10, draws: int = 2000,
+                      seed: int = 0) -> dict:
+    """The ECE of a perfectly calibrated model on these slices: labels drawn as Bernoulli(P)
+    for the same P, ``draws`` times (seeded, so a report is reproducible).
+
+    Why: ECE is biased upwards on small samples. On 118 slices (COVID-CT's val) a model whose
+    P is exactly right still shows an ECE of about 0.08 over 10 bins, so an ECE target below
+    that cannot be met or judged there. ``median`` and the 90 % range ``low``-``high`` give
+    the noise floor; ``p_value`` (with ``measured``) is the share of draws at least as large
+    as the measured ECE: a small value means real miscalibration, not noise."""
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 0.0, 1.0)
+    if p.size == 0:
+        return {"median": None, "low": None, "high": None, "p_value": None, "draws": 0}
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    index = np.clip(np.digitize(p, edges[1:-1], right=True), 0, bins - 1)
+    members = np.eye(bins)[index]  # slices x bins
+    counts = members.sum(axis=0)
+    confidence = np.divide(p @ members, counts, out=np.zeros(bins), where=counts > 0)
+    rng = np.random.default_rng(seed)
+    eces = np.empty(draws)
+    for start in range(0, draws, 250):  # bounded memory: 250 x slices labels at a time
+        labels = (rng.random((min(250, draws - start), p.size)) < p).astype(np.float64)
+        rate = np.divide(labels @ members, counts, out=np.zeros((len(labels), bins)), where=counts > 0)
+        eces[start : start + len(labels)] = (np.abs(rate - confidence) * counts).sum(axis=1) / p.size
+    low, median, high = np.quantile(eces, [0.05, 0.5, 0.95])
+    p_value = None if measured is None else float(np.mean(eces >= measured - 1e-12))
+    return {"median": float(median), "low": float(low), "high": float(high), "p_value": p_value, "draws": draws}
 
 
 def _plain(value):

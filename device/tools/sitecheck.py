@@ -255,7 +255,7 @@ def format_report(report: dict) -> str:
         lines += [
             f"ROC AUC       {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f}, DeLong)",
             f"calibration   ECE {report['calibration']['ece']:.3f} with the bundle's map (10 bins)"
-            + ("" if model["calibrated"] else "; the bundle is not calibrated"),
+            + ("" if model["calibrated"] else "; the bundle is not calibrated") + _noise_floor(report["calibration"]),
         ]
         site = report["site_calibration"]
         if "error" in site:
@@ -313,3 +313,12 @@ def run(args) -> int:
         if accepted:
             print(f"accepted: {accepted} (restart the watch daemon to use it; the page uses it at once)")
     return EXIT_FAILED_INPUTS if args.accept and accepted is None else EXIT_OK
+
+
+def _noise_floor(calibration: dict) -> str:
+    """What a perfectly calibrated P would show on these slices, so few slices are not read as miscalibration."""
+    floor = calibration.get("ece_if_calibrated") or {}
+    if floor.get("median") is None:
+        return ""
+    return (f"; a perfectly calibrated P would show {floor['median']:.3f} (90% range {floor['low']:.3f}-{floor['high']:.3f}) "
+            f"on these slices, p = {floor['p_value']:.2f}")

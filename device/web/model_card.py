@@ -72,6 +72,7 @@ def calibration_section(manifest: dict, positive_label: str) -> None:
         rows.append({
             "val source": name, "slices": entry["reliability"][name]["after"]["n"],
             "ECE before": round(entry["ece_before"][name], 3), "ECE after": round(after, 3),
+            "ECE if perfectly calibrated (median)": _floor(entry["reliability"][name]["after"]),
             "in band": figures.get("in_band"), "accuracy outside band": round(figures.get("accuracy_outside", float("nan")), 3),
         })  # fmt: skip
     st.html(html_table(rows, "calibration"))
@@ -117,3 +118,9 @@ def site_section(classifier: Classifier) -> None:
         )
         curves = {name: bins for name, bins in site_map["reliability"].items() if name != "site map, in-sample"}
         st.html(reliability_svg(curves, "Reliability on local slices"))
+
+
+def _floor(report: dict):
+    """The ECE a perfectly calibrated P would show on the same slices (older bundles lack it)."""
+    median = (report.get("ece_if_calibrated") or {}).get("median")
+    return "n/a" if median is None else round(median, 3)
