@@ -37,7 +37,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint train loso pretrain convert bench system-deps lock
-.PHONY: deploy rollback deploy-fleet
+.PHONY: deploy rollback deploy-fleet pi-emu
 
 help: ## list the targets and their variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
@@ -104,3 +104,6 @@ rollback: $(VENV)/.stamp-ui ## switch Pi PI back to its previous release and hea
 
 deploy-fleet: $(VENV)/.stamp-dev ## deploy MODEL to every Pi in INVENTORY with Ansible, one result line per Pi
 	$(VENV)/bin/ansible-playbook -i "$(INVENTORY)" deploy/playbook.yml -e ctpi_model="$(abspath $(MODEL))" -e ctpi_extras="$(EXTRAS)"
+
+pi-emu: $(VENV)/.stamp-dev ## make deploy of models/mobilenetv2 to an emulated Raspberry Pi OS arm64 (qemu, cached root in .cache/pi-emu), health check and rollback there; as root
+	$(PY) -m tests.pi_emu
