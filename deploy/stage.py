@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
 RELEASE_SCRIPT = Path(__file__).resolve().parent / "release.sh"
-SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md")
+SHIPPED = ("device", "pyproject.toml", "streamlit_app.py", "systemd", "README.md", "docs")  # docs: README links into it
 SKIPPED_NAMES = {"__pycache__", ".pytest_cache"}
 SKIPPED_SUFFIXES = (".pyc", ".pyo")
 HEALTH_SLICE = "health/slice.png"

@@ -8,6 +8,7 @@ with exactly that bundle."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sqlite3
 import subprocess
@@ -44,6 +45,9 @@ def test_release_units_run_the_bundle_the_release_ships(model, tmp_path):
     assert json.loads((release / "RELEASE.json").read_text())["model"]["bundle_sha256"] == identity
     units = sorted((release / "systemd").glob("*.service"))
     assert {u.name for u in units} >= {"ctpi-watch.service", "ctpi-ui.service", "ctpi-dicom.service"}
+    # the units' Documentation= is the release's README, and every page it links to ships with it
+    links = re.findall(r"\]\((docs/[^)#]+)", (release / "README.md").read_text())
+    assert links and all((release / link).is_file() for link in links), [link for link in links if not (release / link).is_file()]
     for unit in units:
         text = unit.read_text()
         assert not any(placeholder in text for placeholder in UNIT_PLACEHOLDERS), unit.name
