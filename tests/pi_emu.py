@@ -29,12 +29,15 @@ Emulated timings are a function check only, never Pi latency. The run's root sta
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -129,7 +132,6 @@ def base_root() -> Path:
         return base
     partial = base.with_name(base.name + ".partial")
     remove_tree(partial)
-    CACHE.mkdir(parents=True, exist_ok=True)
     say(f"building a Bookworm arm64 root with mmdebstrap (minbase + {', '.join(ROOT_PACKAGES)})")
     command = ["mmdebstrap", "--quiet", "--arch=arm64", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}",
                '--aptopt=Acquire::Check-Valid-Until "false"']
@@ -249,8 +251,6 @@ def stop_leftovers() -> None:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -261,14 +261,18 @@ def result_of(done: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else ""
 
 
-def snapshot(target: Path, broken: bool = False) -> Path:
-    """A frozen copy of what a deploy ships (others edit the working tree meanwhile); ``broken``:
-    a release whose ``ctpi predict`` fails, which the health check must catch and roll back."""
+def snapshots(folder: Path) -> tuple[Path, Path]:
+    """Frozen copies of what a deploy ships, taken together (others edit and commit in the working
+    tree meanwhile): the release, and the same with a ``ctpi predict`` that fails, which the health
+    check must catch and roll back. Only that file differs, so both share one virtualenv."""
     from tests.test_deploy import snapshot_source
 
-    if not broken:
-        return snapshot_source(target)
-    return snapshot_source(target, 'def run(args):\n    raise RuntimeError("this release cannot classify")', file="device/tools/predict.py")
+    good = snapshot_source(folder / "source-a")
+    broken = folder / "source-broken"
+    shutil.copytree(good, broken)
+    with open(broken / "device/tools/predict.py", "a", encoding="utf-8") as handle:
+        handle.write('\ndef run(args):\n    raise RuntimeError("this release cannot classify")\n')
+    return good, broken
 
 
 def bench_table(deploy_output: str) -> list[str]:
@@ -329,25 +333,17 @@ def page_health(pi: EmulatedPi, seconds: float = 300) -> str:
         time.sleep(3)
 
 
-class Phases:
-    """Wall time of each phase, printed as it ends and as a table at the end."""
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}
-
-    def __call__(self, name: str):
-        phases = self
-
-        class Timer:
-            def __enter__(self):
-                say(f"[{name}] ...")
-                self.started = time.monotonic()
-
-            def __exit__(self, *exc):
-                phases.seconds[name] = round(time.monotonic() - self.started, 1)
-                say(f"[{name}] {'failed' if exc[0] else 'done'} in {phases.seconds[name]:.1f} s")
-
-        return Timer()
+@contextlib.contextmanager
+def timed(name: str, seconds: dict[str, float]):
+    """One phase: its wall time goes into ``seconds`` and is printed as it ends."""
+    say(f"[{name}] ...")
+    started, failed = time.monotonic(), True
+    try:
+        yield
+        failed = False
+    finally:
+        seconds[name] = round(time.monotonic() - started, 1)
+        say(f"[{name}] {'failed' if failed else 'done'} in {seconds[name]:.1f} s")
 
 
 def require(condition: bool, message: str) -> None:
@@ -356,38 +352,46 @@ def require(condition: bool, message: str) -> None:
 
 
 def main() -> int:
-    phase, summary = Phases(), {}
-    summary["phases"] = phase.seconds
+    CACHE.mkdir(parents=True, exist_ok=True)
+    lock = open(CACHE / ".lock", "w")  # noqa: SIM115 - held until exit
     try:
-        with phase("host"):
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        say("another make pi-emu is running on this machine (it owns .cache/pi-emu); not starting a second")
+        return 1
+    seconds: dict[str, float] = {}
+    summary: dict = {"phases": seconds}
+    try:
+        with timed("host", seconds):
             ensure_host()
     except CannotEmulate as error:
         say(f"cannot emulate an arm64 Pi on this machine: {error}")
         return CANNOT_EMULATE
     pi, code = None, 0
     try:
-        with phase("root"):
+        with timed("root", seconds):
             base = base_root()
-        with phase("pi"):
+        with timed("pi", seconds):
             pi = EmulatedPi(base)
             pi.start()
             summary["platform"] = pi.ssh("uname -m; python3 -c 'import sys; print(sys.version.split()[0])'").stdout.split()
             say(f"emulated Pi answers over ssh on 127.0.0.1:{pi.port}: {' '.join(summary['platform'])}")
             require(summary["platform"][0] == "aarch64", f"the root is not aarch64: {summary['platform']}")
-        with phase("deploy"):
-            done = pi.make_deploy(snapshot(RUN / "source-a"))
+        with timed("deploy", seconds):
+            source, broken = snapshots(RUN)
+            done = pi.make_deploy(source)
             summary["deploy"] = result_of(done)
             require(done.returncode == 0 and summary["deploy"].startswith("deployed "), f"make deploy: {summary['deploy'] or done.returncode}")
             summary["bench"], summary["wheels"] = bench_table(done.stdout), installed_wheels()
             summary["current"] = os.readlink(ROOT / "opt/ctpi/current")
-        with phase("check"):
+        with timed("check", seconds):
             summary["watch"] = watch_check(pi)
             require(len(summary["watch"]) == 4 and all(r.get("status") == "ok" for r in summary["watch"]), "ctpi watch --once did not triage all 4 files")
             summary["page"] = page_health(pi)
             say(f"page {PAGE_HEALTH}: {summary['page']}")
             require(summary["page"] == "ok", f"the page's health endpoint: {summary['page']}")
-        with phase("rollback"):
-            done = pi.make_deploy(snapshot(RUN / "source-broken", broken=True))
+        with timed("rollback", seconds):
+            done = pi.make_deploy(broken)
             summary["rollback"] = result_of(done)
             require(done.returncode != 0 and summary["rollback"].startswith("rolled-back "), f"broken release: {summary['rollback']}")
             require(os.readlink(ROOT / "opt/ctpi/current") == summary["current"], "the previous release is not current again")
@@ -395,13 +399,13 @@ def main() -> int:
         say(f"FAILED: {error}")
         summary["error"], code = str(error), 1
     finally:
-        with phase("stop"):
+        with timed("stop", seconds):
             if pi:
                 pi.stop()
-        summary["total_seconds"] = round(sum(phase.seconds.values()), 1)
+        summary["total_seconds"] = round(sum(seconds.values()), 1)
         if RUN.is_dir():
             (RUN / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say("wall time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phase.seconds.items()) + f"; total {summary['total_seconds']:.1f} s")
+    say("wall time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in seconds.items()) + f"; total {summary['total_seconds']:.1f} s")
     if summary.get("wheels"):
         say(f"aarch64 wheels installed ({len(summary['wheels'])}): {' '.join(summary['wheels'])}")
     say(("PASSED" if code == 0 else "FAILED") + f" (summary: {os.path.relpath(RUN / 'summary.json', REPO)})")
