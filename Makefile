@@ -34,6 +34,9 @@ DEPLOY_WORK ?=
 INVENTORY ?= deploy/hosts.ini
 # extra pytest arguments for make test, e.g. --no-skips (a skip fails; CI sets it) or -k NAME
 PYTEST_ARGS ?=
+# pytest-xdist workers for make test (0: one process); a test file stays on one worker
+# (--dist loadfile), so a module's fixtures are built once and its fixed ports never collide
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help run test lint train loso pretrain convert bench system-deps lock
@@ -65,7 +68,7 @@ system-deps: ## install the system packages the tests use (Debian: chromium, ope
 	@bash tests/system-deps.sh
 
 test: $(VENV)/.stamp-dev system-deps ## run the whole test suite (README command 2)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile) $(PYTEST_ARGS)
 
 lint: $(VENV)/.stamp-dev ## ruff
 	$(VENV)/bin/ruff check device train convert deploy tests tools streamlit_app.py

@@ -113,21 +113,59 @@ def test_stills_appear_in_the_inbox_only_by_rename_from_a_hidden_part_file(tmp_p
         assert np.array_equal(np.asarray(Image.open(path)), frame)
 
 
-def test_every_and_count_set_the_schedule_without_drift(tmp_path, capsys):
-    StandInCamera.capture_seconds = 0.25  # a slow camera must not push the schedule back
-    every, count = 0.5, 4
-    code = main(["capture", "--inbox", str(tmp_path / "inbox"), "--every", str(every), "--count", str(count), "--camera", SEAM])
+def test_every_and_count_take_that_many_stills_into_the_inbox(tmp_path, capsys):
+    StandInCamera.capture_seconds = 0.05
+    code = main(["capture", "--inbox", str(tmp_path / "inbox"), "--every", "0.1", "--count", "4", "--camera", SEAM])
     assert code == 0
     camera = StandInCamera.instances[0]
-    assert camera.closed
-    assert len(camera.times) == count
-    start = camera.times[0]
-    for index, taken in enumerate(camera.times):
-        assert taken >= start + index * every - 0.01  # never early
-        assert taken < start + index * every + 0.2  # on the fixed schedule: drift would add 0.25 s per still
+    assert camera.closed and len(camera.times) == 4
+    assert all(later > earlier for earlier, later in zip(camera.times, camera.times[1:], strict=False))
     printed = capsys.readouterr().out.split()
-    assert len(printed) == count and all(Path(p).is_file() for p in printed)
+    assert len(printed) == 4 and all(Path(p).is_file() for p in printed)
     assert sorted(p.name for p in (tmp_path / "inbox").iterdir()) == sorted(Path(p).name for p in printed)
+
+
+class SimulatedTime:
+    """A clock that only moves when the code waits (``wait``) or the camera works (``spend``):
+    the schedule is then checked exactly, whatever the machine's load."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float) -> None:
+        self.now += seconds
+
+    def is_set(self) -> bool:  # the stop event's interface: never stopped
+        return False
+
+    def wait(self, seconds: float) -> bool:
+        self.now += seconds
+        return False
+
+
+@pytest.mark.parametrize("capture_seconds", [0.0, 0.25, 0.7], ids=["instant", "slow", "slower-than-every"])
+def test_stills_follow_a_fixed_schedule_that_slow_captures_do_not_drift(tmp_path, capture_seconds):
+    from device.tools.capture import capture_stills
+
+    time_source, taken = SimulatedTime(), []
+
+    class TimedCamera:
+        def capture(self):
+            taken.append(time_source())
+            time_source.spend(capture_seconds)  # the exposure and read-out
+            return np.zeros((16, 16, 3), np.uint8)
+
+    every, count = 0.5, 5
+    capture_stills(TimedCamera(), tmp_path / "inbox", every, count, stop=time_source, clock=time_source)
+    start = taken[0]
+    # on schedule start + k * every while a capture fits in the interval; a drifting loop would
+    # add capture_seconds per still. A capture longer than the interval takes the next still at once.
+    expected = [start + k * max(every, capture_seconds) for k in range(count)]
+    assert taken == pytest.approx(expected, abs=1e-9)
+    assert len(list((tmp_path / "inbox").glob("*.png"))) == count
 
 
 def test_count_zero_captures_until_terminated_and_exits_cleanly(tmp_path):

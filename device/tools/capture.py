@@ -148,16 +148,18 @@ def write_still(data: bytes, inbox: Path, stem: str) -> Path:
     return target
 
 
-def capture_stills(camera, inbox: Path, every: float, count: int, stop: threading.Event | None = None) -> list[Path]:
+def capture_stills(camera, inbox: Path, every: float, count: int, stop: threading.Event | None = None,
+                   clock=time.monotonic) -> list[Path]:
     """Take ``count`` stills (0: until ``stop`` is set), one every ``every`` seconds on a fixed
-    schedule (start + k * every, so slow captures do not drift it), into ``inbox``."""
+    schedule (start + k * every, so slow captures do not drift it), into ``inbox``. ``clock``
+    and ``stop.wait`` are the only time sources, so the schedule can be checked without timing."""
     stop = stop or threading.Event()
     inbox.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    start = time.monotonic()
+    start = clock()
     index = 0
     while not stop.is_set() and (count == 0 or index < count):
-        delay = start + index * every - time.monotonic()
+        delay = start + index * every - clock()
         if delay > 0 and stop.wait(delay):
             break
         frame = camera.capture()
