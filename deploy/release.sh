@@ -18,9 +18,10 @@
 #                                               `is-active --quiet UNIT`, `status`, `enable`, `daemon-reload`;
 #                                               the tests point it at tests/servicectl.py, which runs the units
 #   CTPI_UNIT_DIR         /etc/systemd/system   where systemd/*.service of the release go (with
-#                                               /opt/ctpi and /var/lib/ctpi replaced by these settings)
+#                                               /opt/ctpi, /var/lib/ctpi and /etc/ctpi replaced by these settings)
 #   CTPI_SERVICE_USER     ctpi                  created as a system user when absent
 #   CTPI_DATA_DIR         /var/lib/ctpi         inbox/ and state/, owned by the service user
+#   CTPI_CONFIG_DIR       /etc/ctpi             where the units' ctpi.toml is read (CTPI_CONFIG in each unit)
 #   CTPI_PYTHON           python3               the interpreter the virtualenv is made from
 #   CTPI_HEALTH_TIMEOUT   30                    seconds a unit may take to become active
 #   CTPI_BENCH_RUNS       20                    `ctpi bench --runs` in the health check (0: skip)
@@ -34,6 +35,7 @@ SERVICE_MANAGER=${CTPI_SERVICE_MANAGER:-systemctl}
 UNIT_DIR=${CTPI_UNIT_DIR:-/etc/systemd/system}
 SERVICE_USER=${CTPI_SERVICE_USER:-ctpi}
 DATA_DIR=${CTPI_DATA_DIR:-/var/lib/ctpi}
+CONFIG_DIR=${CTPI_CONFIG_DIR:-/etc/ctpi}
 PYTHON=${CTPI_PYTHON:-python3}
 HEALTH_TIMEOUT=${CTPI_HEALTH_TIMEOUT:-30}
 BENCH_RUNS=${CTPI_BENCH_RUNS:-20}
@@ -126,7 +128,7 @@ install_units() { # release folder: copy its units (with the prefix substituted)
   local release=$1 unit changed=0
   mkdir -p "$UNIT_DIR"
   for unit in $(units_of "$release"); do
-    sed -e "s|/opt/ctpi|$PREFIX|g" -e "s|/var/lib/ctpi|$DATA_DIR|g" "$release/systemd/$unit" >"$UNIT_DIR/.$unit.tmp"
+    sed -e "s|/opt/ctpi|$PREFIX|g" -e "s|/var/lib/ctpi|$DATA_DIR|g" -e "s|/etc/ctpi|$CONFIG_DIR|g" "$release/systemd/$unit" >"$UNIT_DIR/.$unit.tmp"
     if cmp -s "$UNIT_DIR/.$unit.tmp" "$UNIT_DIR/$unit"; then
       rm -f "$UNIT_DIR/.$unit.tmp"
     else

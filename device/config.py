@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import sys
 import types
 import typing
@@ -27,6 +28,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 DEFAULT_PATHS = (Path("/etc/ctpi/ctpi.toml"),)
+CONFIG_ENV = "CTPI_CONFIG"  # a config file to read first (the units set it)
 
 
 class ConfigError(ValueError):
@@ -204,8 +206,13 @@ def build_section(cls, table: dict, where: str):
 
 
 def find_config() -> Path | None:
-    """The first existing file of :data:`DEFAULT_PATHS`, or None."""
-    return next((path for path in DEFAULT_PATHS if path.is_file()), None)
+    """``$CTPI_CONFIG`` when it names an existing file, else the first existing file of
+    :data:`DEFAULT_PATHS`, or None. The units set ``CTPI_CONFIG=/etc/ctpi/ctpi.toml`` and a
+    deploy rewrites that folder with the rest (``CTPI_CONFIG_DIR``), so a Pi whose settings live
+    elsewhere (or a test's loopback Pi) gets its own; the file stays optional, as on a Pi."""
+    named = os.environ.get(CONFIG_ENV)
+    candidates = ((Path(named),) if named else ()) + DEFAULT_PATHS
+    return next((path for path in candidates if path.is_file()), None)
 
 
 def load_config(path: str | Path | None = None) -> Config:

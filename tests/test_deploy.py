@@ -11,8 +11,9 @@ installs are seen running the release (the watch daemon triages a slice, the pag
 a release rolls back because its unit's process died or never said READY=1, never because the
 stand-in was told to fail.
 
-The units listen where they would on a Pi (the page on 127.0.0.1:8501, the DICOM node on
-127.0.0.1:11112): one service manager, like one Pi, so the fleet test's two "Pis" share them.
+The units read the Pi's ``ctpi.toml`` from ``CTPI_CONFIG_DIR`` (a deploy setting, like the
+prefix), which gives the page and the DICOM node free ports: two suites on one machine do not
+clash. One service manager, like one Pi, so the fleet test's two "Pis" share them.
 """
 
 from __future__ import annotations
@@ -124,6 +125,9 @@ class Pi:
         self.root, self.sshd, self.model, self.work = root, sshd, model, work
         self.prefix, self.units, self.data = root / "opt", root / "units", root / "data"
         self.calls, self.services = root / "service-manager.log", root / "services"
+        self.config_dir, self.page_port, self.dicom_port = root / "etc", free_port(), free_port()
+        self.config_dir.mkdir()
+        (self.config_dir / "ctpi.toml").write_text(f"[ui]\nport = {self.page_port}\n\n[dicom]\nport = {self.dicom_port}\n")
         self.servicectl = [sys.executable, str(SERVICECTL), "--units", str(self.units), "--state", str(self.services)]
         self.env = {
             **os.environ,
@@ -131,6 +135,7 @@ class Pi:
             "CTPI_SERVICE_MANAGER": shlex.join([*self.servicectl, "--log", str(self.calls)]),
             "CTPI_UNIT_DIR": str(self.units),
             "CTPI_DATA_DIR": str(self.data),
+            "CTPI_CONFIG_DIR": str(self.config_dir),
             "CTPI_SERVICE_USER": getpass.getuser(),
             "CTPI_PYTHON": remote_python(),
             "CTPI_HEALTH_TIMEOUT": "10",
@@ -317,6 +322,7 @@ def test_deployed_units_really_run_the_release(pi, release_a):
         pid = runs_release(pi, unit, version)
         environment = process_environment(pid)
         assert environment["HOME"] == "/tmp" and "CTPI_PREFIX" not in environment  # the unit's Environment=, not the deploy's
+        assert environment["CTPI_CONFIG"] == str(pi.config_dir / "ctpi.toml")  # /etc/ctpi, moved by CTPI_CONFIG_DIR
         command = exec_start(pi.units / unit)
         arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
         if unit == "ctpi-ui.service":  # `ctpi ui` execs streamlit in place (same PID) on the release's page
@@ -343,13 +349,13 @@ def test_deployed_units_really_run_the_release(pi, release_a):
 
     def page_health():
         try:
-            with urllib.request.urlopen("http://127.0.0.1:8501/_stcore/health", timeout=5) as answer:
+            with urllib.request.urlopen(f"http://127.0.0.1:{pi.page_port}/_stcore/health", timeout=5) as answer:
                 return answer.read().decode()
         except OSError:
             return ""
 
-    assert wait_for(page_health, 120, "the page unit answers on 127.0.0.1:8501") == "ok"
-    with socket.create_connection(("127.0.0.1", 11112), timeout=10):
+    assert wait_for(page_health, 120, f"the page unit answers on its configured port {pi.page_port}") == "ok"
+    with socket.create_connection(("127.0.0.1", pi.dicom_port), timeout=10):
         pass  # the DICOM node's port is open (it sent READY=1 once it was)
 
 

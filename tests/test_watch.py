@@ -424,6 +424,18 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         assert str(path) in str(error.value)
 
 
+def test_ctpi_config_names_the_file_read_when_it_exists(tmp_path, monkeypatch):
+    """The units set CTPI_CONFIG (a deploy moves its folder); the file stays optional."""
+    from device.config import DEFAULT_PATHS, find_config, load_config
+
+    path = tmp_path / "ctpi.toml"
+    path.write_text("[ui]\nport = 18501\n")
+    monkeypatch.setenv("CTPI_CONFIG", str(path))
+    assert find_config() == path and load_config().ui.port == 18501
+    monkeypatch.setenv("CTPI_CONFIG", str(tmp_path / "absent.toml"))  # a Pi without settings: the defaults
+    assert find_config() == next((p for p in DEFAULT_PATHS if p.is_file()), None)
+
+
 def test_sd_notify_reaches_an_abstract_socket_and_is_silent_outside_systemd():
     import socket
     import uuid
