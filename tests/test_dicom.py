@@ -37,8 +37,9 @@ def test_ct_slice_becomes_lung_windowed_hounsfield_units():
     dataset = pydicom.dcmread(io.BytesIO(data))
     hounsfield = dataset.pixel_array * float(dataset.RescaleSlope) + float(dataset.RescaleIntercept)
     pixels, mode = dicom.decode(data)
-    level, width = dicom.LUNG_WINDOW
-    expected = np.clip((hounsfield - (level - width / 2)) * 255.0 / width, 0, 255)
+    # the lung window written out, not read from the code under test: level -600 HU, width 1500 HU,
+    # so -1350 HU is black and +150 HU white
+    expected = np.clip((hounsfield + 1350.0) * 255.0 / 1500.0, 0, 255)
     assert pixels.shape == dataset.pixel_array.shape and mode.startswith("MONOCHROME2/")
     assert np.allclose(pixels, expected, atol=1e-3)
     assert 0.0 <= pixels.min() and pixels.max() <= 255.0

@@ -240,6 +240,10 @@ KERAS = figures(1.0, 0.900)
         ("float32", 1.000, 0.9035, False),
         ("onnx", 0.995, 0.8985, True),
         ("onnx", 1.000, 0.8965, False),
+        ("int8", 0.980, 0.900, True),     # exactly 98 % (e.g. 98 of 100 slices): "needs 98 %" means at least
+        ("float32", 0.990, 0.900, True),  # exactly 99 %
+        ("int8", 1.000, 0.9099, True),    # AUC just inside 0.01 (exactly 0.01 is not a float: 0.91 - 0.9 > 0.01)
+        ("int8", 1.000, 0.9101, False),   # just outside
     ],
 )
 def test_accuracy_gate_agreement_and_auc_rules(fmt, agreement, auc, passes):
