@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+from device.core.calibration import ece_floor_text
+
 INTENDED_USE = """\
 **Decision support for triage, not a diagnostic device.** The model gives each axial lung CT
 slice a probability that it shows COVID-19 pneumonia patterns, so that a radiologist can look
@@ -307,15 +309,6 @@ CALIBRATION_START, CALIBRATION_END = "<!-- section:calibration -->", "<!-- /sect
 RELIABILITY_FILE = "reliability.svg"
 
 
-def noise_floor(report: dict) -> str:
-    """``median (low-high), p = ...`` of :func:`device.core.calibration.ece_if_calibrated`, or n/a."""
-    floor = report.get("ece_if_calibrated") or {}
-    if floor.get("median") is None:
-        return "n/a"
-    p_value = f", p = {floor['p_value']:.2f}" if floor.get("p_value") is not None else ""
-    return f"{floor['median']:.3f} ({floor['low']:.3f}-{floor['high']:.3f}){p_value}"
-
-
 def calibration_section(entry: dict, band: list[float] | None, threshold: float) -> str:
     """The card's "Calibration and the uncertain band" section from the manifest's
     ``calibration`` entry (written by ``python -m convert.calibrate``)."""
@@ -349,7 +342,7 @@ def calibration_section(entry: dict, band: list[float] | None, threshold: float)
         figures = entry["band"]["figures"].get(name, {})
         lines.append(
             f"| {name} | {entry['reliability'][name]['after']['n']} | {entry['ece_before'][name]:.3f} | "
-            f"{entry['ece_after'][name]:.3f} | {noise_floor(entry['reliability'][name]['after'])} | "
+            f"{entry['ece_after'][name]:.3f} | {ece_floor_text(entry['reliability'][name]['after']) or 'n/a'} | "
             f"{figures.get('in_band', 'n/a')} ({fraction(figures.get('fraction_in_band'))}) | "
             f"{_number(figures.get('accuracy_outside'))} | {_number(figures.get('accuracy_all'))} |"
         )

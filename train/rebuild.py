@@ -53,7 +53,7 @@ def tflite_weights(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, set[st
     return weights
 
 
-def _keras_layers(model):
+def keras_layers(model):
     """Weighted layers in graph order, each with the BatchNormalization that follows it (or None)."""
     import keras
 
@@ -88,7 +88,7 @@ def load_folded(model, weights: list[tuple]) -> None:
     """Put the folded TFLite weights into ``model`` (see the module docstring)."""
     import keras
 
-    pairs = _keras_layers(model)
+    pairs = keras_layers(model)
     if len(pairs) != len(weights):
         raise RebuildError(f"the TFLite file has {len(weights)} weighted ops, the architecture {len(pairs)} weighted layers")
     for (layer, norm), (op, kernel, bias) in zip(pairs, _in_layer_order(pairs, weights), strict=True):

@@ -70,10 +70,10 @@ def snap_model(model) -> dict:
     """Round every Conv2D and DepthwiseConv2D kernel of ``model`` in place; the figures of the change."""
     import keras
 
-    from train.rebuild import _keras_layers
+    from train.rebuild import keras_layers
 
     layers, moved, largest = 0, [], 0.0
-    for layer, norm in _keras_layers(model):
+    for layer, norm in keras_layers(model):
         if isinstance(layer, keras.layers.Dense):
             continue
         weights = layer.get_weights()
@@ -84,7 +84,7 @@ def snap_model(model) -> dict:
             snapped = snap_kernel(shaped, batchnorm_fold(norm)).reshape(kernel.shape)
         elif isinstance(layer, keras.layers.Conv2D):
             snapped = snap_kernel(kernel, batchnorm_fold(norm))
-        else:  # pragma: no cover - _keras_layers yields only the three kinds
+        else:  # pragma: no cover - keras_layers yields only the three kinds
             raise SnapError(f"{layer.name}: cannot snap a {type(layer).__name__}")
         change = np.abs(snapped - kernel)
         moved.append(float(change.mean() / max(np.abs(kernel).mean(), 1e-12)))

@@ -186,6 +186,16 @@ def ece_if_calibrated(probabilities, measured: float | None = None, bins: int = 
     return {"median": float(median), "low": float(low), "high": float(high), "p_value": p_value, "draws": draws}
 
 
+def ece_floor_text(report: dict) -> str | None:
+    """``median (low-high), p = ...`` of a report's :func:`ece_if_calibrated`, or None (older
+    manifests lack it): the one wording the model card and ``ctpi site-check`` print."""
+    floor = report.get("ece_if_calibrated") or {}
+    if floor.get("median") is None:
+        return None
+    p_value = f", p = {floor['p_value']:.2f}" if floor.get("p_value") is not None else ""
+    return f"{floor['median']:.3f} ({floor['low']:.3f}-{floor['high']:.3f}){p_value}"
+
+
 def _plain(value):
     """A JSON-safe number: NaN (an empty bin) becomes None, floats are rounded."""
     if isinstance(value, float):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from device.core.band import UNCERTAIN, Band, band_figures, choose_band
-from device.core.calibration import Calibration, CalibrationError, calibration_report, fit
+from device.core.calibration import Calibration, CalibrationError, calibration_report, ece_floor_text, fit
 from device.core.classifier import Classifier
 from device.core.dataset import fingerprint, list_examples
 from device.core.metrics import (
@@ -255,7 +255,9 @@ def format_report(report: dict) -> str:
         lines += [
             f"ROC AUC       {auc['value']:.3f} (95% CI {auc['ci95'][0]:.3f}-{auc['ci95'][1]:.3f}, DeLong)",
             f"calibration   ECE {report['calibration']['ece']:.3f} with the bundle's map (10 bins)"
-            + ("" if model["calibrated"] else "; the bundle is not calibrated") + _noise_floor(report["calibration"]),
+            + ("" if model["calibrated"] else "; the bundle is not calibrated")
+            + (f"; a perfectly calibrated P would show {floor} on these slices"
+               if (floor := ece_floor_text(report["calibration"])) else ""),
         ]
         site = report["site_calibration"]
         if "error" in site:
@@ -313,12 +315,3 @@ def run(args) -> int:
         if accepted:
             print(f"accepted: {accepted} (restart the watch daemon to use it; the page uses it at once)")
     return EXIT_FAILED_INPUTS if args.accept and accepted is None else EXIT_OK
-
-
-def _noise_floor(calibration: dict) -> str:
-    """What a perfectly calibrated P would show on these slices, so few slices are not read as miscalibration."""
-    floor = calibration.get("ece_if_calibrated") or {}
-    if floor.get("median") is None:
-        return ""
-    return (f"; a perfectly calibrated P would show {floor['median']:.3f} (90% range {floor['low']:.3f}-{floor['high']:.3f}) "
-            f"on these slices, p = {floor['p_value']:.2f}")
