@@ -152,6 +152,60 @@ def test_sr_carries_every_verdict_field_including_new_ones(tmp_path):
         assert result.returncode == 0 and "Uncertain slices" in result.stdout, result.stdout + result.stderr
 
 
+def test_secondary_capture_shows_the_occlusion_heatmap_of_the_shipped_model(tmp_path):
+    """The Secondary Capture's image is the occlusion map of the bundle's own TFLite model over
+    the top slice, exactly as the page computes it, although the node now decodes before it
+    loads the model, occludes one copy at a time and drops the interpreter after each study
+    (#19, memory); with the heatmap off it is the plain slice."""
+    import numpy as np
+
+    from device.config import DicomConfig
+    from device.core.classifier import Classifier
+    from device.core.heatmap import occlusion_map, overlay
+    from device.core.preprocess import decode_slice, prepare
+    from device.node.daemon import Node
+    from device.watch.journal import Journal, SliceResult
+
+    (inbox := tmp_path / "inbox").mkdir()
+    (state := tmp_path / "state").mkdir()
+    source = write_series(tmp_path / "series", 1, size=128, label="COVID")[0]
+    journal = Journal.open(state)
+    scored = SliceResult("study-x/a.dcm", None, None, "ok", time.time(), label="COVID", positive=True, positive_probability=0.9, threshold=0.5)
+    (recorded,) = journal.record([scored], "COVID", "NonCOVID")
+    journal.close()
+    (state / recorded.stored_as).parent.mkdir(parents=True)
+    shutil.copy(source, state / recorded.stored_as)
+    verdict = {"top_slice_id": recorded.id}
+
+    node = Node(DicomConfig(heatmap=True), inbox, state, MODEL)
+    shown = node.top_slice_rgb(verdict)
+    again = node.top_slice_rgb(verdict)  # a second study loads the model afresh: same image
+
+    classifier = Classifier(MODEL, None, 1)
+    pixels = prepare(decode_slice(source, classifier.bundle.spec).pixels, classifier.bundle.spec)
+    expected = overlay(pixels, occlusion_map(classifier, pixels).sensitivity)
+    assert shown.shape == (224, 224, 3) and np.array_equal(shown, expected) and np.array_equal(again, expected)
+    assert (shown[..., 0] != shown[..., 2]).any()  # coloured: the map is drawn, not only the grey slice
+    plain = Node(DicomConfig(heatmap=False), inbox, state, MODEL).top_slice_rgb(verdict)
+    assert (plain[..., 0] == plain[..., 2]).all() and (plain[..., 1] == plain[..., 2]).all()
+
+
+def test_occlusion_one_copy_at_a_time_is_the_batch_map():
+    """The node's occlusion map (one occluded copy in memory at a time) has the values of the
+    batch of :func:`occluded_copies` through the same model, to the bit."""
+    import numpy as np
+
+    from device.core.classifier import Classifier
+    from device.core.heatmap import occluded_copies, occlusion_map
+
+    classifier = Classifier(MODEL, None, 1)
+    pixels = np.random.default_rng(3).integers(0, 256, (224, 224, 1), dtype=np.uint8)
+    positive = classifier.bundle.positive_index
+    base = float(classifier.probabilities(pixels)[positive])
+    batch = (base - classifier.probabilities_batch(occluded_copies(pixels, 7))[:, positive]).reshape(7, 7).astype(np.float32)
+    assert np.array_equal(occlusion_map(classifier, pixels, 7).coarse, batch)
+
+
 def test_stored_file_is_the_received_bytes_behind_pynetdicoms_own_file_meta():
     """The node writes the peer's encoded dataset behind a Part 10 header it encodes itself
     (no decode, no re-encode); that header must be the one pynetdicom would have written."""

@@ -16,7 +16,33 @@ import numpy as np
 
 from device.core.preprocess import LUNG_WINDOW, BadSliceError
 
-__all__ = ["LUNG_WINDOW", "apply_window", "decode", "decode_with_header", "is_dicom", "to_hounsfield"]
+__all__ = ["LUNG_WINDOW", "apply_window", "decode", "decode_with_header", "import_pydicom_lean", "is_dicom", "to_hounsfield"]
+
+# Optional packages pydicom 3 imports for its test-data downloader (pydicom.data.download), only
+# because they are installed (the page's dependencies bring them): requests (with urllib3, idna,
+# charset_normalizer, certifi) and tqdm, about 5 MB of a long-running service's memory for
+# downloads it never makes.
+DOWNLOADER_EXTRAS = ("requests", "tqdm")
+
+
+def import_pydicom_lean():
+    """Import pydicom (and so pynetdicom's base) without :data:`DOWNLOADER_EXTRAS`, for a
+    daemon that must stay small (the DICOM node, #19). Call it before anything imports pydicom;
+    later imports of those packages work as usual. It uses Python's documented switch (a
+    ``None`` in ``sys.modules`` makes that import raise ImportError, which pydicom's downloader
+    handles by falling back to urllib) and only while pydicom itself is imported."""
+    import sys
+
+    blocked = [name for name in DOWNLOADER_EXTRAS if name not in sys.modules] if "pydicom" not in sys.modules else []
+    for name in blocked:
+        sys.modules[name] = None
+    try:
+        import pydicom
+    finally:
+        for name in blocked:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+    return pydicom
 
 
 def is_dicom(data: bytes) -> bool:

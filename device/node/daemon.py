@@ -80,7 +80,6 @@ class Node(Receiver, Outbox, Sender):
         self._journal = None
         self._model_info: dict | None = None
         self._spec = None
-        self._classifier = None
         self.folders = FolderSync(self.inbox)
         self.headers_kept: set[str] = set()
 
@@ -97,6 +96,9 @@ class Node(Receiver, Outbox, Sender):
         self.stop.set()
 
     def run(self) -> int:
+        from device.core.dicom import import_pydicom_lean
+
+        import_pydicom_lean()  # before pynetdicom imports it: 5 MB less for a long-running service
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger.open(self.folder)

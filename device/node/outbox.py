@@ -13,10 +13,23 @@ from device.node.store import write_durably
 log = logging.getLogger(__name__)
 
 
+def release_memory() -> None:
+    """Hand freed heap back to the kernel (glibc's ``malloc_trim``): CPython and LiteRT free
+    into malloc's arenas, which otherwise keep the pages, so the RSS of a long-running node
+    would stay at its high-water mark after every study. A no-op where libc has no such call."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc's among them
+    except (OSError, AttributeError):
+        pass
+
+
 class Outbox:
     """The results half of :class:`~device.node.daemon.Node` (a base class: it works on the node's
     ``config``, ``state``, ``folder``, ``ledger``, ``model_path``, ``fmt`` and the caches
-    ``_journal``, ``_model_info``, ``_spec`` and ``_classifier`` that the node starts empty)."""
+    ``_journal``, ``_model_info`` and ``_spec`` that the node starts empty; the heatmap's model
+    is deliberately not cached, see :meth:`top_slice_rgb`)."""
 
     def journal(self):
         from device.watch.journal import Journal, JournalError
@@ -72,7 +85,12 @@ class Outbox:
                          extra={"event": "result-queued", "study": row["study"]})
 
     def top_slice_rgb(self, verdict: dict):
-        """The verdict's slice as the model saw it, with the heatmap when enabled (RGB uint8)."""
+        """The verdict's slice as the model saw it, with the heatmap when enabled (RGB uint8).
+
+        Memory (#19: the node's budget is 80 MB): the slice is decoded before the model is
+        loaded, so the 512x512 float copies of the decode are gone before the interpreter
+        arrives; the interpreter lives for the occlusion map only and its memory is handed back
+        before the overlay and the Secondary Capture are built, and between studies."""
         import numpy as np
 
         journal = self.journal()
@@ -83,24 +101,24 @@ class Outbox:
             return np.zeros((256, 256, 3), dtype=np.uint8)
         from device.core.preprocess import decode_slice, prepare
 
-        classifier = self.classifier()
-        if classifier is None:
+        if not self.config.heatmap or self.model_path is None:
             decoded = decode_slice(path, self.spec())
             grey = np.clip(decoded.pixels, 0, 255).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
+        from device.core.bundle import load_bundle
+        from device.core.classifier import Classifier
         from device.core.heatmap import occlusion_map, overlay
 
-        pixels = prepare(decode_slice(path, classifier.bundle.spec).pixels, classifier.bundle.spec)
-        return overlay(pixels, occlusion_map(classifier, pixels).sensitivity)
-
-    def classifier(self):
-        if not self.config.heatmap or self.model_path is None:
-            return None
-        if self._classifier is None:
-            from device.core.classifier import Classifier
-
-            self._classifier = Classifier(str(self.model_path), self.fmt, 1)
-        return self._classifier
+        bundle = load_bundle(self.model_path)
+        pixels = prepare(decode_slice(path, bundle.spec).pixels, bundle.spec)
+        release_memory()
+        classifier = Classifier(bundle, self.fmt, 1, guard=False)  # the guard judged the slice in the watch daemon
+        try:
+            sensitivity = occlusion_map(classifier, pixels).sensitivity
+        finally:
+            del classifier
+            release_memory()
+        return overlay(pixels, sensitivity)
 
     def make_results(self, study: str, verdict: dict) -> list[tuple[str, str]]:
         import pydicom
@@ -116,4 +134,6 @@ class Outbox:
             relative = f"outbox/{study}/{round_number}-{kind}.dcm"
             write_durably(self.folder / relative, encode(dataset))
             files.append((kind, relative))
+        del dataset
+        release_memory()
         return files
