@@ -13,7 +13,7 @@ from pathlib import Path
 
 from train.data import DataError
 from train.model import WeightsError
-from train.recipe import ARCHITECTURES, THRESHOLD_RULES, default_recipe
+from train.recipe import ARCHITECTURES, HEADS, THRESHOLD_RULES, default_recipe
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache the frozen trunk for this many views per train slice and train the rest on them (0 = end to end)")
     knobs.add_argument("--snap-weights", action="store_true", default=None,
                        help="keep convolution kernels on the int8 grid: rounded at the start and after every epoch")
+    knobs.add_argument("--head", choices=HEADS,
+                       help="dense (fine-tuned softmax head) or experts (frozen backbone, per-source experts and a source gate)")
+    knobs.add_argument("--expert-layers", help="comma-separated backbone layers pooled for --head experts (default: end of each stage)")
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
 
@@ -74,7 +77,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
-    "trunk_views", "snap_weights",
+    "trunk_views", "snap_weights", "head", "expert_layers",
 )
 
 

@@ -15,7 +15,8 @@ def gradcam(model, pixels: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
     """Heatmaps in [0, 1] at input resolution (N x H x W) for each slice's given class.
 
     The model is replayed layer by layer (it is a plain chain: grey-to-RGB, scaling, backbone,
-    pooling, dropout, softmax) so the backbone's output can be watched by the gradient tape.
+    pooling, dropout, softmax, or the experts head) so the backbone's output can be watched by
+    the gradient tape.
     """
     import tensorflow as tf
 
@@ -27,9 +28,11 @@ def gradcam(model, pixels: np.ndarray, class_indices: np.ndarray) -> np.ndarray:
             if layer.name == "grey_to_rgb":
                 h = layer([h, h, h])
             elif layer.name == BACKBONE_NAME:
-                features = layer(h, training=False)
+                h = layer(h, training=False)
+                # An experts model's backbone gives several maps (train.experts): the deepest,
+                # last, is the one Grad-CAM explains.
+                features = h[-1] if isinstance(h, (list, tuple)) else h
                 tape.watch(features)
-                h = features
             else:
                 h = layer(h, training=False)
         chosen = tf.gather(h, tf.convert_to_tensor(class_indices, dtype=tf.int32), axis=1, batch_dims=1)

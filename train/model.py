@@ -121,6 +121,19 @@ def load_backbone_weights(base, path: Path) -> None:
         ) from None
 
 
+def scaled_input(arch: str, img_size: int):
+    """``(pixels input, backbone input)``: raw grey 0..255 pixels repeated to three channels and
+    scaled the way the backbone's ImageNet weights expect, in built-in layers."""
+    import keras
+
+    pixels = keras.Input((img_size, img_size, 1), name="pixels")
+    x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([pixels, pixels, pixels])
+    if arch == "mobilenetv2":
+        return pixels, keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")(x)
+    # Keras ResNet50 'caffe' mode: BGR minus ImageNet means; grey input makes BGR == RGB
+    return pixels, keras.layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0], name="imagenet_means")(x)
+
+
 def build_features(arch: str, img_size: int, weights: InitialWeights, weights_path: Path | None = None,
                    batchnorm_training: bool = False):
     """Raw grey pixels to pooled backbone features, ``(pixels input, features)``: the part
@@ -129,12 +142,7 @@ def build_features(arch: str, img_size: int, weights: InitialWeights, weights_pa
     import keras
 
     base = build_backbone(arch, img_size, weights, weights_path)
-    pixels = keras.Input((img_size, img_size, 1), name="pixels")
-    x = keras.layers.Concatenate(axis=-1, name="grey_to_rgb")([pixels, pixels, pixels])
-    if arch == "mobilenetv2":
-        x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="scale_to_pm1")(x)
-    else:  # Keras ResNet50 'caffe' mode: BGR minus ImageNet means; grey input makes BGR == RGB
-        x = keras.layers.Normalization(mean=[103.939, 116.779, 123.68], variance=[1.0, 1.0, 1.0], name="imagenet_means")(x)
+    pixels, x = scaled_input(arch, img_size)
     # Pretrained: BatchNorm stays in inference mode whatever fit() says (the shared weights have
     # BN folded in; batch statistics would throw the learned scales away). From scratch, BN
     # follows the training flag like any normal network.

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 ARCHITECTURES = ("mobilenetv2", "resnet50")
 THRESHOLD_RULES = ("youden", "sensitivity95")
+HEADS = ("dense", "experts")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,14 @@ class Recipe:
     model that differs from it only in activation rounding. A projected form of
     quantization-aware training: each epoch's updates accumulate in float and are rounded
     once, and the next epoch adapts to the rounding. Not with ``ema_momentum``."""
+    head: str = "dense"
+    """``dense``: a softmax layer on the pooled last feature map, trained with the network
+    (stages 1 and 2). ``experts``: the backbone stays frozen and a mixture of one linear
+    expert per source, weighted by a source gate, is fitted on features pooled at several
+    depths (:mod:`train.experts`); ``trunk_views`` views of each train slice are cached."""
+    expert_layers: str = ""
+    """Backbone layers (comma-separated) whose pooled maps feed the experts head; empty for
+    the architecture's default (the end of each stage, :data:`train.experts.DEFAULT_LAYERS`)."""
     max_minutes: float | None = None
     """Wall-time budget for the whole run: training stops after the epoch that crosses
     ``max_minutes`` minus a margin for evaluation and the report. A run that stops this way

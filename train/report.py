@@ -164,9 +164,7 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         f"- Command: `{command}`",
         f"- Seed {run['seed']}, wall time {run['wall_seconds'] / 60:.1f} min, TensorFlow {run['tensorflow_version']}, "
         f"Keras {run['keras_version']}",
-        (f"- Best checkpoint: epoch {metrics['best_epoch']} ({metrics['best_stage']} stage), selected on val ROC AUC"
-         + (" of the worst source" if len(val.get("sources", {})) > 1 else "")
-         if metrics["best_epoch"] is not None else f"- Ensemble of {len(metrics.get('members', []))} runs, each selected on val ROC AUC"),
+        _selection_line(metrics, len(val.get("sources", {})) > 1),
         "",
         "## Validation figures",
         "",
@@ -188,11 +186,13 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         "the held-back official test split is the honest measure.",
         "",
         *extra,
-        "## Training curves" if metrics["best_epoch"] is not None else "## Members",
-        "",
-        *([curves_caption, ""] if curves_caption else []),
-        "![training curves](training_curves.png)",
-        "",
+        *([] if "experts" in metrics else [
+            "## Training curves" if metrics["best_epoch"] is not None else "## Members",
+            "",
+            *([curves_caption, ""] if curves_caption else []),
+            "![training curves](training_curves.png)",
+            "",
+        ]),
         "## ROC, confusion matrix, reliability",
         "",
         "![ROC](roc.png) ![confusion matrix](confusion_matrix.png) ![reliability](reliability.png)",
@@ -211,6 +211,15 @@ def write_report(path: Path, run: dict, metrics: dict, gradcam_note: str, comman
         "",
     ]
     path.write_text("\n".join(lines))
+
+
+def _selection_line(metrics: dict, several_sources: bool) -> str:
+    if "experts" in metrics:
+        return "- Frozen backbone, experts head fitted in one step (no epochs; see the head's note below)"
+    if metrics["best_epoch"] is None:
+        return f"- Ensemble of {len(metrics.get('members', []))} runs, each selected on val ROC AUC"
+    return (f"- Best checkpoint: epoch {metrics['best_epoch']} ({metrics['best_stage']} stage), selected on val ROC AUC"
+            + (" of the worst source" if several_sources else ""))
 
 
 def data_lines(training_data: dict) -> list[str]:

@@ -119,6 +119,11 @@ def train_run(config: RunConfig) -> dict:
 
     from train.callbacks import SnapWeights, ValAUCCheckpoint, predict_positive
 
+    if recipe.head == "experts":
+        return _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val,
+                       val_pixels, val_sources, val_paths, val_targets,
+                       *_fit_experts(config, recipe, sources, labels, positive_index, weights, weights_path,
+                                     val_pixels, y_val, val_sources, out / "model.keras"))
     model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
     if recipe.snap_weights:
         if recipe.ema_momentum > 0 or recipe.batchnorm_training:
@@ -186,7 +191,64 @@ def train_run(config: RunConfig) -> dict:
             break
     if selector.best_epoch is None:
         raise DataError("no epoch was trained (head and fine-tune epochs are both 0)")
+    selection = Selection(selector.best_epoch, selector.best_stage, selector.out_of_time, _notes(selector, recipe, weights))
+    return _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val,
+                   val_pixels, val_sources, val_paths, val_targets, history, selection)
 
+
+@dataclass
+class Selection:
+    """How the saved checkpoint was chosen, for metrics.json and the report."""
+
+    best_epoch: int | None
+    best_stage: str
+    out_of_time: bool = False
+    notes: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+
+
+def _fit_experts(config, recipe, sources, labels, positive_index, weights, weights_path, val_pixels, y_val, val_sources,
+                 checkpoint: Path) -> tuple[list[dict], Selection]:
+    """The experts head (:mod:`train.experts`): cache pooled features of the train views and
+    of val, fit gate and experts, save the model. No epochs, so no training curves."""
+    from train.experts import build_experts_model, build_extractor, feature_layers, fit_mixture
+
+    layers = feature_layers(config.arch, recipe.expert_layers)
+    extractor = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers)
+    views = max(1, recipe.trunk_views)
+    print(f"experts head: pooling {', '.join(layers)} for {views} view(s) of each train slice", flush=True)
+    train_views, y_train, s_train = [[] for _ in range(views)], [], []
+    for source in sources:
+        cached = trunk_views(extractor, source.train.pixels, recipe, config.seed, views, config.show_progress)
+        n = len(source.train.targets)
+        for view in range(views):
+            train_views[view].append(cached[view * n:(view + 1) * n].astype(np.float64))
+        y_train.append(source.train.targets == positive_index)
+        s_train.append(np.full(n, source.name))
+    val_features = trunk_views(extractor, val_pixels, recipe, config.seed, 1, config.show_progress).astype(np.float64)
+    fitted = fit_mixture([np.concatenate(parts) for parts in train_views], np.concatenate(y_train).astype(int),
+                         np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources])
+    model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
+    model.save(checkpoint)
+    choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
+                        for name, c in fitted["choices"].items())
+    print(f"experts fitted ({choices}); gate picks the right source for {fitted['gate_val_accuracy']:.1%} of val", flush=True)
+    notes = [f"Head: a source gate and one linear expert per source on the frozen backbone's maps pooled at {', '.join(layers)} "
+             f"(logistic regression; each expert's C and views chosen on its own source's val AUC: {choices}). "
+             f"The gate assigns {fitted['gate_val_accuracy']:.1%} of val slices to their own source.", ""]
+    extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate_val_accuracy": fitted["gate_val_accuracy"]}}
+    return [], Selection(None, "experts", False, notes, extra)
+
+
+def _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val, val_pixels,
+            val_sources, val_paths, val_targets, history: list[dict], selection: Selection) -> dict:
+    """Score the saved checkpoint on val, write every figure, the report and ``run.json``."""
+    import keras
+    import tensorflow as tf
+
+    from train.callbacks import predict_positive
+
+    checkpoint = out / "model.keras"
     # Everything below is computed from the saved checkpoint, so what ships is what was measured.
     best = keras.models.load_model(checkpoint)
     val_scores = predict_positive(best, val_pixels, positive_index)
@@ -197,7 +259,8 @@ def train_run(config: RunConfig) -> dict:
 
     _write_history(out / "history.csv", history)
     _write_scores(out / "val_scores.csv", val, labels, val_scores)
-    report.plot_history(history, out / "training_curves.png")
+    if history:
+        report.plot_history(history, out / "training_curves.png")
     report.plot_roc(y_val, val_scores, val_metrics, out / "roc.png", val_sources)
     negative = labels[1 - positive_index]
     report.plot_confusion(val_metrics, positive, negative, out / "confusion_matrix.png")
@@ -207,11 +270,12 @@ def train_run(config: RunConfig) -> dict:
     metrics = {
         "val": val_metrics,
         "threshold_rule": recipe.threshold_rule,
-        "best_epoch": selector.best_epoch,
-        "best_stage": selector.best_stage,
+        "best_epoch": selection.best_epoch,
+        "best_stage": selection.best_stage,
         "epochs_trained": len(history),
-        "stopped_by_time_budget": selector.out_of_time,
+        "stopped_by_time_budget": selection.out_of_time,
         "gradcam": cam_summary,
+        **selection.extra,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     run = {
@@ -232,7 +296,7 @@ def train_run(config: RunConfig) -> dict:
         "recipe": recipe.to_dict(),
         "command": config.command,
     }
-    report.write_report(out / "report.md", run, metrics, _gradcam_note(cam_summary, weights), config.command, _notes(selector, recipe, weights))
+    report.write_report(out / "report.md", run, metrics, _gradcam_note(cam_summary, weights), config.command, selection.notes)
     run["wall_seconds"] = round(time.perf_counter() - started, 1)
     partial = out / "run.json.part"
     partial.write_text(json.dumps(run, indent=2))

@@ -1,0 +1,122 @@
+"""The experts head: a source gate and one linear expert per source on frozen features
+(``python -m train --head experts``). Synthetic features and tiny real Keras models only."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from device.core.metrics import roc_auc
+
+pytest.importorskip("sklearn")
+
+
+def _opposite_cues(n: int, seed: int):
+    """Two sources told apart by feature 2; the label raises feature 0 in source a and lowers
+    it in source b, so one linear boundary for both cannot rank either source."""
+    rng = np.random.default_rng(seed)
+    source = np.repeat(np.array(["a", "b"]), n)
+    y = np.tile(np.repeat([0, 1], n // 2), 2)
+    x = rng.normal(0, 1, (2 * n, 6))
+    sign = np.where(source == "a", 1.0, -1.0)
+    x[:, 0] += 2.0 * sign * (2 * y - 1)
+    x[:, 2] += 4.0 * sign
+    return x, y, source
+
+
+def test_per_source_experts_rank_two_sources_whose_cues_run_opposite():
+    from sklearn.linear_model import LogisticRegression
+
+    from train.experts import fit_mixture, predict_mixture
+
+    x, y, source = _opposite_cues(200, 1)
+    xv, yv, sv = _opposite_cues(100, 2)
+    fitted = fit_mixture([x, x + np.random.default_rng(3).normal(0, 0.1, x.shape)], y, source, xv, yv, sv, ["a", "b"])
+    mixed = predict_mixture(fitted, xv)
+    pooled = LogisticRegression(max_iter=1000).fit(x, y).predict_proba(xv)[:, 1]
+    for name in ("a", "b"):
+        own = sv == name
+        assert roc_auc(yv[own], mixed[own]) > 0.95
+    assert min(roc_auc(yv[sv == name], pooled[sv == name]) for name in ("a", "b")) < 0.75
+    assert fitted["gate_val_accuracy"] > 0.95
+    assert set(fitted["choices"]) == {"a", "b"} and {c["views"] for c in fitted["choices"].values()} <= {1, 2}
+
+
+def test_each_expert_is_chosen_on_its_own_source_only():
+    """Scrambling source b's val labels leaves source a's choice alone."""
+    from train.experts import fit_mixture
+
+    x, y, source = _opposite_cues(120, 4)
+    xv, yv, sv = _opposite_cues(60, 5)
+    scrambled = yv.copy()
+    scrambled[sv == "b"] = np.random.default_rng(6).permutation(scrambled[sv == "b"])
+    first = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"])
+    second = fit_mixture([x], y, source, xv, scrambled, sv, ["a", "b"])
+    assert first["choices"]["a"] == second["choices"]["a"]
+    np.testing.assert_array_equal(first["experts"][0][:, 0], second["experts"][0][:, 0])
+
+
+@pytest.mark.parametrize("positive_index", [0, 1])
+def test_the_keras_model_computes_the_fitted_mixture_in_built_in_layers(positive_index, tmp_path):
+    keras = pytest.importorskip("keras")
+    from train.experts import DEFAULT_LAYERS, build_experts_model, build_extractor, fit_mixture, predict_mixture
+    from train.model import resolve_weights
+
+    weights, path = resolve_weights("none")
+    layers = DEFAULT_LAYERS["mobilenetv2"]
+    keras.utils.set_random_seed(0)
+    extractor = build_extractor("mobilenetv2", 32, weights, path, layers)
+    pixels = np.random.default_rng(7).integers(0, 256, (24, 32, 32, 1)).astype(np.float32)
+    features = np.asarray(extractor(pixels), dtype=np.float64)
+    y = np.tile([0, 1], 12)
+    source = np.repeat(np.array(["a", "b"]), 12)
+    fitted = fit_mixture([features], y, source, features, y, source, ["a", "b"])
+    keras.utils.set_random_seed(0)  # the same random backbone as the extractor's
+    model = build_experts_model("mobilenetv2", 32, ["COVID", "NonCOVID"], positive_index, weights, path, layers, fitted)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")  # no custom objects
+    out = np.asarray(loaded(pixels))
+    np.testing.assert_allclose(out[:, positive_index], predict_mixture(fitted, features), atol=2e-5)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp_path):
+    pytest.importorskip("tensorflow")
+    from convert.tflite import to_tflite
+    from device.core.backends import dequantize, open_backend, quantize
+    from tests.synthetic import write_image_folder
+    from train.cli import main
+
+    folders = []
+    for index, name in enumerate(("hospital-a", "hospital-b")):
+        write_image_folder(tmp_path / name / "train", per_class=8, seed=40 + index)
+        write_image_folder(tmp_path / name / "val", per_class=5, seed=50 + index, size=(96 + 32 * index, 128))
+        folders.append(tmp_path / name)
+    out = tmp_path / "run"
+    args = ["--arch", "mobilenetv2", "--weights", "none", "--out", str(out), "--img-size", "32", "--cache", "", "-q",
+            "--no-determinism", "--head", "experts", "--trunk-views", "2"]
+    for folder in folders:
+        args += ["--data", str(folder)]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert run["recipe"]["head"] == "experts" and metrics["epochs_trained"] == 0
+    assert set(metrics["experts"]["choices"]) == {"hospital-a", "hospital-b"}
+    report = (out / "report.md").read_text()
+    assert "experts head fitted in one step" in report and "training_curves.png" not in report
+    assert (out / "gradcam.png").is_file()
+
+    import keras
+
+    model = keras.models.load_model(out / "model.keras")
+    rng = np.random.default_rng(8)
+    slices = rng.integers(0, 256, (8, 32, 32, 1)).astype(np.uint8)
+    (tmp_path / "model.tflite").write_bytes(to_tflite(model, "int8", list(slices)))
+    backend = open_backend(tmp_path / "model.tflite", "tflite", 1)
+    assert backend.input.dtype == np.int8  # full-integer: the gate, experts and mixture too
+    int8 = np.stack([dequantize(backend.invoke(quantize(s[None].astype(np.float32), backend.input)), backend.output)[0]
+                     for s in slices])
+    np.testing.assert_allclose(int8, np.asarray(model(slices.astype(np.float32))), atol=0.1)
