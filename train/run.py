@@ -115,9 +115,8 @@ def train_run(config: RunConfig) -> dict:
 
     configure_tensorflow(config.seed, config.threads, config.deterministic)
     import keras
-    import tensorflow as tf
 
-    from train.callbacks import SnapWeights, ValAUCCheckpoint, predict_positive
+    from train.callbacks import SnapWeights, ValAUCCheckpoint
 
     if recipe.head == "experts":
         return _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val,
