@@ -29,8 +29,8 @@ DEFAULT_LAYERS = {
     "resnet50": ("conv2_block3_out", "conv3_block4_out", "conv4_block3_out", "conv4_block6_out"),
     "mobilenetv2": ("block_6_expand_relu", "block_13_expand_relu", "block_16_project_BN", "out_relu"),
 }
-C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1)
-GATE_C = 1.0
+C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+GATE_GRID = (0.001, 0.01, 0.1, 1.0)
 HEAD_NAME = "experts"
 
 
@@ -110,53 +110,77 @@ def sample_weights(groups: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.ndarray, val: np.ndarray,
-                y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID) -> dict:
-    """Fit the standardisation, the gate and one expert per source; pick each expert's C and
-    views on its own source's val AUC. ``train_views[v]`` is view ``v`` of every train slice
-    (view 0 as it is), rows aligned with ``y_train`` / ``s_train``; ``y`` is 1 for positive."""
+                y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID) -> dict:
+    """Fit the standardisation, one expert per source and the gate. Each expert's C and views
+    are picked on its own source's val AUC; then the gate's C and views on the mixture's
+    worst-source val AUC (the run's selection rule). ``train_views[v]`` is view ``v`` of every
+    train slice (view 0 as it is), rows aligned with ``y_train`` / ``s_train``; ``y`` is 1
+    for positive."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
 
     every = np.concatenate(train_views)
     mean, std = every.mean(axis=0), every.std(axis=0)
     std = np.where(std > 1e-6, std, 1.0)
     views = [(view - mean) / std for view in train_views]
     val_z = (val - mean) / std
-    source_index = np.array([sources.index(s) for s in s_train])
-    gate = LogisticRegression(C=GATE_C, max_iter=5000, class_weight="balanced").fit(views[0], source_index)
-    gate_weight = np.zeros((every.shape[1], len(sources)))
-    gate_bias = np.zeros(len(sources))
-    if len(sources) == 1:
-        gate_bias[0] = 0.0
-    else:
-        coef, intercept = gate.coef_, gate.intercept_
-        if len(sources) == 2:  # sklearn's binary model: one logit for class 1; softmax of (0, z) is the same
-            coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
-        gate_weight[:, gate.classes_] = coef.T
-        gate_bias[gate.classes_] = intercept
-    gate_val = _softmax(val_z @ gate_weight + gate_bias)
+    view_counts = sorted({1, len(views)})
     expert_weight = np.zeros((every.shape[1], len(sources)))
     expert_bias = np.zeros(len(sources))
     choices = {}
     for index, source in enumerate(sources):
-        rows = s_train == source
+        rows, own = s_train == source, s_val == source
         best = None
-        for n_views in sorted({1, len(views)}):
+        for n_views in view_counts:
             x = np.concatenate([view[rows] for view in views[:n_views]])
             y = np.tile(y_train[rows], n_views)
             for c in c_grid:
                 expert = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=sample_weights(np.zeros(len(y)), y))
-                own = s_val == source
-                scores = val_z[own] @ expert.coef_[0] + expert.intercept_[0]
-                auc = float(roc_auc_score(y_val[own], scores)) if own.any() and 0 < y_val[own].mean() < 1 else 0.0
+                auc = _auc(y_val[own], val_z[own] @ expert.coef_[0] + expert.intercept_[0])
                 if best is None or auc > best[0] + 1e-9:
                     best = (auc, c, n_views, expert.coef_[0].copy(), float(expert.intercept_[0]))
         auc, c, n_views, coef, intercept = best
         expert_weight[:, index], expert_bias[index] = coef, intercept
         choices[source] = {"C": c, "views": n_views, "val_auc": round(auc, 4)}
-    gate_accuracy = float((gate_val.argmax(axis=1) == np.array([sources.index(s) for s in s_val])).mean())
+    experts_val = 1.0 / (1.0 + np.exp(-(val_z @ expert_weight + expert_bias)))
+    gate_weight, gate_bias = np.zeros((every.shape[1], len(sources))), np.zeros(len(sources))
+    gate_choice = {"C": None, "views": None, "worst_source_auc": None}
+    if len(sources) > 1:
+        best = None
+        for n_views in view_counts:
+            x = np.concatenate(views[:n_views])
+            labels = np.tile(np.array([sources.index(name) for name in s_train]), n_views)
+            for c in gate_grid:
+                gate = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x, labels)
+                weight, bias = _softmax_weights(gate, every.shape[1], len(sources))
+                mixed = (_softmax(val_z @ weight + bias) * experts_val).sum(axis=1)
+                worst = min(_auc(y_val[s_val == name], mixed[s_val == name]) for name in sources)
+                if best is None or worst > best[0] + 1e-9:
+                    best = (worst, c, n_views, weight, bias)
+        worst, c, n_views, gate_weight, gate_bias = best
+        gate_choice = {"C": c, "views": n_views, "worst_source_auc": round(worst, 4)}
+    gate_val = _softmax(val_z @ gate_weight + gate_bias)
+    routed = gate_val.argmax(axis=1) == np.array([sources.index(name) for name in s_val])
+    accuracy = {name: round(float(routed[s_val == name].mean()), 4) for name in sources if (s_val == name).any()}
     return {"mean": mean, "variance": std**2, "gate": (gate_weight, gate_bias), "experts": (expert_weight, expert_bias),
-            "choices": choices, "gate_val_accuracy": round(gate_accuracy, 4), "sources": list(sources)}
+            "choices": choices, "gate_choice": gate_choice, "gate_val_accuracy": round(float(routed.mean()), 4),
+            "gate_val_accuracy_by_source": accuracy, "sources": list(sources)}
+
+
+def _auc(y: np.ndarray, scores: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, scores)) if len(y) and 0 < np.mean(y) < 1 else 0.0
+
+
+def _softmax_weights(gate, width: int, n_sources: int) -> tuple[np.ndarray, np.ndarray]:
+    """A fitted sklearn classifier over source indices as softmax weights over all sources."""
+    coef, intercept = gate.coef_, gate.intercept_
+    if coef.shape[0] == 1:  # sklearn's binary model: one logit for class 1; softmax of (0, z) is the same
+        coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
+    weight, bias = np.zeros((width, n_sources)), np.zeros(n_sources)
+    weight[:, gate.classes_] = coef.T
+    bias[gate.classes_] = intercept
+    return weight, bias
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -231,11 +231,18 @@ def _fit_experts(config, recipe, sources, labels, positive_index, weights, weigh
     model.save(checkpoint)
     choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
                         for name, c in fitted["choices"].items())
-    print(f"experts fitted ({choices}); gate picks the right source for {fitted['gate_val_accuracy']:.1%} of val", flush=True)
+    routed = ", ".join(f"{name} {share:.1%}" for name, share in fitted["gate_val_accuracy_by_source"].items())
+    gate = fitted["gate_choice"]
+    print(f"experts fitted ({choices}); gate C {gate['C']}, {gate['views']} view(s): routes val slices to their own "
+          f"source's expert ({routed})", flush=True)
     notes = [f"Head: a source gate and one linear expert per source on the frozen backbone's maps pooled at {', '.join(layers)} "
              f"(logistic regression; each expert's C and views chosen on its own source's val AUC: {choices}). "
-             f"The gate assigns {fitted['gate_val_accuracy']:.1%} of val slices to their own source.", ""]
-    extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate_val_accuracy": fitted["gate_val_accuracy"]}}
+             f"The gate (C {gate['C']}, {gate['views']} view(s), chosen on the mixture's worst-source val AUC) routes val "
+             f"slices to their own source's expert: {routed}. A slice the gate sends to the other source's expert gets that "
+             "source's rule, which is where the mixture loses to each expert alone.", ""]
+    extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
+                         "gate_val_accuracy": fitted["gate_val_accuracy"],
+                         "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"]}}
     return [], Selection(None, "experts", False, notes, extra)
 
 
