@@ -149,6 +149,23 @@ def _ensemble_lines(ensemble: dict | None) -> list[str]:
     return lines
 
 
+def _experts_lines(experts: dict | None) -> list[str]:
+    """An experts head (``python -m train --head experts``): what it pools, each expert, the gate."""
+    if not experts:
+        return []
+    lines = [f"- Head: **a source gate and one linear expert per source** on the frozen backbone's maps pooled at "
+             f"{', '.join(f'`{name}`' for name in experts['layers'])} (`train/experts.py`): P = Σ gate(source) × expert(source)."]
+    for name, choice in experts["choices"].items():
+        lines.append(f"  - expert `{name}`: C {choice['C']:g}, {choice['views']} view(s) per train slice, "
+                     f"val AUC {choice['val_auc']:.3f} on its own source alone")
+    gate = experts.get("gate") or {}
+    routed = ", ".join(f"{name} {share:.1%}" for name, share in (experts.get("gate_val_accuracy_by_source") or {}).items())
+    lines.append(f"  - gate: C {gate.get('C')}, {gate.get('views')} view(s); sends val slices to their own source's expert: "
+                 f"{routed}. A slice it sends to the other expert is judged by that source's rule: for a new hospital, the "
+                 "source its slices resemble decides which rule applies.")
+    return lines
+
+
 def _initial_weights(weights) -> str:
     if not weights:
         return "not recorded by the training run"
@@ -211,7 +228,7 @@ def render_model_card(
         "",
         f"Trained on **{manifest['training_data'].get('name', 'unknown data')}** (training-data fingerprint "
         f"`{str(manifest['training_data'].get('fingerprint', ''))[:16]}…`, see `manifest.json`) with each data "
-        "set's patient-disjoint split: fitted on train, selected (epoch, threshold) on val. Test splits and "
+        "set's patient-disjoint split: fitted on train, selected (epoch or head, threshold) on val. Test splits and "
         "held-back patients were not used here; they are kept for people who did not tune on them. The val "
         "figures below therefore include model selection on val: they are optimistic.",
         "",
@@ -235,6 +252,7 @@ def render_model_card(
         f"TensorFlow {provenance.get('tensorflow_version')}, Keras {provenance.get('keras_version')}",
         f"- Trained with: `{provenance.get('command') or 'not recorded'}`",
         *_ensemble_lines(provenance.get("ensemble")),
+        *_experts_lines(provenance.get("experts")),
         _calibration_line(calibration, "int8" in manifest["formats"]),
         f"- Converted with: `{command}`",
         "",

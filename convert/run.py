@@ -69,7 +69,19 @@ class TrainingRun:
     @property
     def provenance(self) -> dict:
         """What the run says about how the model was made (for the manifest and model card)."""
-        return {key: self.info.get(key) for key in PROVENANCE_KEYS}
+        provenance = {key: self.info.get(key) for key in PROVENANCE_KEYS}
+        head = self.head
+        if head:
+            provenance["experts"] = head
+        return provenance
+
+    @property
+    def head(self) -> dict | None:
+        """An experts-head run's layers, experts and gate (``metrics.json``, :mod:`train.experts`)."""
+        try:
+            return json.loads((self.path / "metrics.json").read_text(encoding="utf-8")).get("experts")
+        except (OSError, ValueError):
+            return None
 
     def load_model(self):
         """The Keras model, checked against ``run.json`` (input size, number of labels)."""

@@ -108,6 +108,13 @@ def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp
     report = (out / "report.md").read_text()
     assert "experts head fitted in one step" in report and "training_curves.png" not in report
     assert (out / "gradcam.png").is_file()
+    from convert.model_card import _experts_lines
+    from convert.run import load_run
+
+    provenance = load_run(out).provenance  # what the manifest and the model card get
+    assert provenance["experts"]["choices"] == metrics["experts"]["choices"]
+    card = "\n".join(_experts_lines(provenance["experts"]))
+    assert "expert `hospital-a`" in card and "expert `hospital-b`" in card and "gate: C" in card
 
     import keras
 
