@@ -16,6 +16,10 @@ RUN     ?= runs/$(ARCH)
 OUT     ?= models/$(ARCH)
 SEEDS   ?=
 TRAIN_ARGS ?=
+# experts: frozen backbone, a source gate and one linear expert per source (what models/ ships);
+# dense: the fine-tuned softmax head (also what WEIGHTS=none needs)
+HEAD    ?= experts
+HEAD_ARGS = $(if $(filter experts,$(HEAD)),--head experts --trunk-views 3,--head $(HEAD))
 SSL     ?= runs/ssl-$(ARCH)
 MODEL   ?= models/mobilenetv2
 THREADS ?= 1,2
@@ -76,13 +80,13 @@ lint: $(VENV)/.stamp-dev ## ruff
 run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
 	$(CTPI) run --model $(MODEL) --inbox $(INBOX) --state $(STATE) --host $(HOST) --port $(PORT)
 
-train: $(VENV)/.stamp-train ## fine-tune ARCH on the DATA sources from WEIGHTS into RUN (SEEDS="42 1 2": one run per seed, averaged into RUN)
+train: $(VENV)/.stamp-train ## train ARCH on the DATA sources from WEIGHTS into RUN (HEAD=experts|dense; SEEDS="42 1 2": one run per seed, averaged into RUN)
 ifeq ($(words $(SEEDS)),0)
-	$(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN) $(TRAIN_ARGS)
+	$(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN) $(HEAD_ARGS) $(TRAIN_ARGS)
 else
 	@set -e; for seed in $(SEEDS); do \
 	  echo "== member seed $$seed -> $(RUN)-seed$$seed"; \
-	  $(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(TRAIN_ARGS); \
+	  $(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(HEAD_ARGS) $(TRAIN_ARGS); \
 	done
 	$(PY) -m train.ensemble $(DATA_ARGS) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
 endif

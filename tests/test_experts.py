@@ -127,3 +127,16 @@ def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp
     int8 = np.stack([dequantize(backend.invoke(quantize(s[None].astype(np.float32), backend.input)), backend.output)[0]
                      for s in slices])
     np.testing.assert_allclose(int8, np.asarray(model(slices.astype(np.float32))), atol=0.1)
+
+
+def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
+    from tests.synthetic import write_image_folder
+    from train.cli import main
+
+    write_image_folder(tmp_path / "a" / "train", per_class=3, seed=1)
+    write_image_folder(tmp_path / "a" / "val", per_class=3, seed=2)
+    args = ["--arch", "mobilenetv2", "--weights", "none", "--data", str(tmp_path / "a"), "--out", str(tmp_path / "run"),
+            "--img-size", "32", "--cache", "", "-q", "--head", "experts", "--snap-weights"]
+    assert main(args) == 2
+    assert "--snap-weights would do nothing" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.keras").exists()
