@@ -98,3 +98,64 @@ def test_evaluate_refuses_thresholds_outside_zero_one(tiny_bundle, synthetic_dat
 def test_broken_bundle_is_a_usage_error_with_the_reason(tmp_path, synthetic_data, capsys):
     assert main(["predict", "--model", str(tmp_path), str(next(synthetic_data.rglob("*.png")))]) == 2
     assert "not a ctpi model bundle" in capsys.readouterr().err
+
+
+def test_every_verb_maps_to_the_module_that_registers_it():
+    import argparse
+    import importlib
+
+    from device.cli import VERB_MODULES, VERBS
+
+    registered = {}
+    for name in VERB_MODULES:
+        subparsers = argparse.ArgumentParser().add_subparsers()
+        importlib.import_module(name).register(subparsers)
+        registered.update(dict.fromkeys(subparsers.choices, name))
+    assert registered == VERBS
+
+
+def test_the_verb_is_the_first_word_that_is_not_an_option():
+    from device.cli import requested_verb
+
+    assert requested_verb(["-v", "dicom", "--port", "11112"]) == "dicom"
+    assert requested_verb(["site-check", "--help"]) == "site-check"
+    assert requested_verb(["--help"]) is None
+    assert requested_verb(["dicmo"]) is None  # argparse then names every verb
+
+
+def test_help_and_a_mistyped_verb_still_name_every_verb(capsys):
+    from device.cli import VERBS
+
+    with pytest.raises(SystemExit) as exit_help:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_help.value.code == 0 and all(verb in out for verb in VERBS)
+    with pytest.raises(SystemExit) as exit_typo:
+        main(["dicmo"])
+    err = capsys.readouterr().err
+    assert exit_typo.value.code == 2 and "invalid choice" in err and all(verb in err for verb in VERBS)
+
+
+def test_a_verb_imports_only_its_own_module():
+    """#19: ``ctpi dicom`` and ``ctpi watch`` are long-running services with an 80 MB budget;
+    importing every verb's module cost the node about 2 MB. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import contextlib, io, json, sys\n"
+        "from device.cli import VERB_MODULES, main\n"
+        "out = io.StringIO()\n"
+        "with contextlib.redirect_stdout(out):\n"
+        "    try:\n"
+        "        main(['dicom', '--help'])\n"
+        "    except SystemExit as exit:\n"
+        "        code = exit.code\n"
+        "print(json.dumps({'code': code, 'help': out.getvalue(), 'loaded': [m for m in VERB_MODULES if m in sys.modules]}))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    report = json.loads(result.stdout)
+    assert report["code"] == 0 and "--send-to" in report["help"]
+    assert report["loaded"] == ["device.node.daemon"]

@@ -421,3 +421,40 @@ def test_orthanc_pushes_a_study_and_gets_the_sr_and_secondary_capture_back(node_
     finally:
         node.stop()
         orthanc.stop()
+
+
+ARENAS = """
+import ctypes, os, tempfile, threading
+if {one}:
+    from device.node.outbox import one_malloc_arena
+    one_malloc_arena()
+def work():
+    blocks = [bytearray(200_000) for _ in range(20)]
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+libc = ctypes.CDLL(None)
+libc.fopen.restype = ctypes.c_void_p
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(open(path).read().count("<heap nr="))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or sys.implementation.name != "cpython", reason="glibc's malloc")
+def test_the_node_keeps_its_threads_in_one_malloc_arena():
+    """#19: pynetdicom's association threads each got a glibc arena of their own, which kept the
+    node's peak growing study after study; ``one_malloc_arena`` (called by the node) stops that."""
+    counts = {}
+    for one in (False, True):
+        result = subprocess.run([sys.executable, "-c", ARENAS.format(one=one)], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1], timeout=60)
+        assert result.returncode == 0, result.stderr
+        counts[one] = int(result.stdout)
+    if counts[False] == 1:
+        pytest.skip("this libc gave the thread no arena of its own")
+    assert counts[True] == 1

@@ -26,9 +26,10 @@ DOWNLOADER_EXTRAS = ("requests", "tqdm")
 
 
 def import_pydicom_lean():
-    """Import pydicom (and so pynetdicom's base) without :data:`DOWNLOADER_EXTRAS`, for a
-    daemon that must stay small (the DICOM node, #19). Call it before anything imports pydicom;
-    later imports of those packages work as usual. It uses Python's documented switch (a
+    """Import pydicom (and so pynetdicom's base) without :data:`DOWNLOADER_EXTRAS`, for the
+    daemons that must stay small (#19: the DICOM node, and the watch daemon through
+    :func:`decode_with_header`). Call it before anything imports pydicom; later imports of
+    those packages work as usual. It uses Python's documented switch (a
     ``None`` in ``sys.modules`` makes that import raise ImportError, which pydicom's downloader
     handles by falling back to urllib) and only while pydicom itself is imported."""
     import sys
@@ -86,7 +87,7 @@ def _header(dataset) -> dict:
 def decode_with_header(data: bytes, window: tuple[float, float] = LUNG_WINDOW) -> tuple[np.ndarray, str, dict]:
     """:func:`decode` plus the :func:`_header` of the file."""
     try:
-        import pydicom
+        pydicom = import_pydicom_lean()  # the watch daemon decodes every slice here (#19: 80 MB budget)
         from pydicom.errors import InvalidDicomError
     except ImportError:  # pragma: no cover - pydicom is a base dependency
         raise BadSliceError("unsupported-format", "DICOM needs pydicom: pip install pydicom") from None

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from device.config import ConfigError, DicomConfig, LogFormat, load_config, override
 from device.node.ledger import NODE_FOLDER, Ledger
-from device.node.outbox import Outbox
+from device.node.outbox import Outbox, one_malloc_arena
 from device.node.scp import Peer, Receiver
 from device.node.sender import Destination, Sender
 from device.node.store import FolderSync
@@ -99,6 +99,7 @@ class Node(Receiver, Outbox, Sender):
         from device.core.dicom import import_pydicom_lean
 
         import_pydicom_lean()  # before pynetdicom imports it: 5 MB less for a long-running service
+        one_malloc_arena()  # before pynetdicom's threads: 4.5 MB less at the peak once studies follow each other
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self.ledger = Ledger.open(self.folder)
