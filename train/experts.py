@@ -15,8 +15,13 @@ standardised. Everything is fitted by logistic regression (convex, deterministic
 two cores) on the cached features of a few views of each train slice, then written into
 built-in Keras layers, so the result is an ordinary ``model.keras`` that converts to int8 like
 any run. Each expert's regularisation and views (the slice alone, or with augmented copies)
-are chosen on its own source's val AUC (the expert alone), like every other choice of a run (val chooses,
-so val figures are optimistic; held-back slices judge).
+are chosen on its own source's val AUC (the expert alone), the gate's on the mixture's
+worst-source val AUC, like every other choice of a run (val chooses, so val figures are
+optimistic; held-back slices judge).
+
+Measured on the two shared sources (docs/models.md): the gate is the weak part. Each expert
+alone ranks its own source's val better than the mixture does, because the gate sends about
+one COVID-CT val slice in eight to the São Paulo expert.
 """
 
 from __future__ import annotations
