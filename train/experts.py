@@ -36,7 +36,6 @@ DEFAULT_LAYERS = {
 }
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 GATE_GRID = (0.001, 0.01, 0.1, 1.0)
-QUANT_KAPPA = 3.0
 HEAD_NAME = "experts"
 
 
@@ -63,14 +62,12 @@ def _backbone_maps(arch: str, img_size: int, weights, weights_path, layers: tupl
 
 
 def build_extractor(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...]):
-    """Raw pixels to the pooled maps, joined and not yet standardised (what is cached per view),
-    and each map's width (channels)."""
+    """Raw pixels to the pooled maps, joined and not yet standardised: what is cached per view."""
     import keras
 
     pixels, maps = _backbone_maps(arch, img_size, weights, weights_path, layers)
     pooled = [keras.layers.GlobalAveragePooling2D()(x) for x in maps]
-    model = keras.Model(pixels, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0], name="extractor")
-    return model, [int(x.shape[-1]) for x in maps]
+    return keras.Model(pixels, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0], name="extractor")
 
 
 def build_experts_model(arch: str, img_size: int, labels: list[str], positive_index: int, weights, weights_path,
@@ -117,20 +114,8 @@ def sample_weights(groups: np.ndarray, y: np.ndarray) -> np.ndarray:
     return weights * len(y) / weights.sum()
 
 
-def int8_steps(features: np.ndarray, widths: list[int]) -> np.ndarray:
-    """Per feature, the int8 step of its pooled map's tensor: the converter quantizes each map's
-    pooled output per tensor over its calibration range (zero included), 255 steps."""
-    steps, start = [], 0
-    for width in widths:
-        block = features[:, start:start + width]
-        steps.append(np.full(width, (max(float(block.max()), 0.0) - min(float(block.min()), 0.0)) / 255.0))
-        start += width
-    return np.concatenate(steps)
-
-
 def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.ndarray, val: np.ndarray,
-                y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID,
-                step: np.ndarray | None = None) -> dict:
+                y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID) -> dict:
     """Fit the standardisation, one expert per source and the gate. Each expert's C and views
     are picked on its own source's val AUC; then the gate's C and views on the mixture's
     worst-source val AUC (the run's selection rule). ``train_views[v]`` is view ``v`` of every
@@ -140,11 +125,6 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
 
     every = np.concatenate(train_views)
     mean, std = every.mean(axis=0), every.std(axis=0)
-    if step is not None:
-        # A feature that varies by a few int8 steps only would be magnified, rounding error and
-        # all, by plain standardisation; dividing by sqrt(std^2 + step^2) shrinks such features
-        # so the L2 penalty keeps the experts off them (QUANT_KAPPA steps, see int8_steps).
-        std = np.sqrt(std**2 + (QUANT_KAPPA * step) ** 2)
     std = np.where(std > 1e-6, std, 1.0)
     views = [(view - mean) / std for view in train_views]
     val_z = (val - mean) / std

@@ -214,10 +214,10 @@ def _fit_experts(config, recipe, sources, labels, positive_index, weights, weigh
                  checkpoint: Path) -> tuple[list[dict], Selection]:
     """The experts head (:mod:`train.experts`): cache pooled features of the train views and
     of val, fit gate and experts, save the model. No epochs, so no training curves."""
-    from train.experts import build_experts_model, build_extractor, feature_layers, fit_mixture, int8_steps
+    from train.experts import build_experts_model, build_extractor, feature_layers, fit_mixture
 
     layers = feature_layers(config.arch, recipe.expert_layers)
-    extractor, widths = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers)
+    extractor = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers)
     views = max(1, recipe.trunk_views)
     print(f"experts head: pooling {', '.join(layers)} for {views} view(s) of each train slice", flush=True)
     train_views, y_train, s_train = [[] for _ in range(views)], [], []
@@ -229,9 +229,8 @@ def _fit_experts(config, recipe, sources, labels, positive_index, weights, weigh
         y_train.append(source.train.targets == positive_index)
         s_train.append(np.full(n, source.name))
     val_features = trunk_views(extractor, val_pixels, recipe, config.seed, 1, config.show_progress).astype(np.float64)
-    train_views = [np.concatenate(parts) for parts in train_views]
-    fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int), np.concatenate(s_train), val_features, y_val,
-                         np.asarray(val_sources), [s.name for s in sources], step=int8_steps(train_views[0], widths))
+    fitted = fit_mixture([np.concatenate(parts) for parts in train_views], np.concatenate(y_train).astype(int),
+                         np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources])
     model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
     model.save(checkpoint)
     choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
