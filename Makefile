@@ -16,10 +16,16 @@ RUN     ?= runs/$(ARCH)
 OUT     ?= models/$(ARCH)
 SEEDS   ?=
 TRAIN_ARGS ?=
-# experts: frozen backbone, a source gate and one linear expert per source (what models/ ships);
-# dense: the fine-tuned softmax head (also what WEIGHTS=none needs)
-HEAD    ?= experts
-HEAD_ARGS = $(if $(filter experts,$(HEAD)),--head experts --trunk-views 3,--head $(HEAD))
+# The recipe each shipped bundle was trained with (docs/models.md); RECIPE= gives python -m
+# train's defaults (what WEIGHTS=none needs). MobileNetV2: fine-tuned with its kernels on the
+# int8 grid; ResNet50: frozen backbone, a source gate and one linear expert per source.
+RECIPE_mobilenetv2 := --snap-weights --head-epochs 3 --fine-epochs 24 --patience 7 --max-minutes 45
+RECIPE_resnet50    := --head experts --trunk-views 3
+RECIPE  ?= $(RECIPE_$(ARCH))
+# ... and the formats each was converted to (the experts head's int8 fails the gate: float16)
+FORMATS_mobilenetv2 := int8,float16,float32,onnx
+FORMATS_resnet50    := float16
+FORMATS ?= $(FORMATS_$(ARCH))
 SSL     ?= runs/ssl-$(ARCH)
 MODEL   ?= models/mobilenetv2
 THREADS ?= 1,2
@@ -80,13 +86,13 @@ lint: $(VENV)/.stamp-dev ## ruff
 run: $(VENV)/.stamp-ui ## start the appliance: watch daemon + UI on $(HOST):$(PORT) (README command 1)
 	$(CTPI) run --model $(MODEL) --inbox $(INBOX) --state $(STATE) --host $(HOST) --port $(PORT)
 
-train: $(VENV)/.stamp-train ## train ARCH on the DATA sources from WEIGHTS into RUN (HEAD=experts|dense; SEEDS="42 1 2": one run per seed, averaged into RUN)
+train: $(VENV)/.stamp-train ## train ARCH on the DATA sources from WEIGHTS into RUN with the shipped bundle's RECIPE (SEEDS="42 1 2": one run per seed, averaged into RUN)
 ifeq ($(words $(SEEDS)),0)
-	$(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN) $(HEAD_ARGS) $(TRAIN_ARGS)
+	$(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN) $(RECIPE) $(TRAIN_ARGS)
 else
 	@set -e; for seed in $(SEEDS); do \
 	  echo "== member seed $$seed -> $(RUN)-seed$$seed"; \
-	  $(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(HEAD_ARGS) $(TRAIN_ARGS); \
+	  $(PY) -m train --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --out $(RUN)-seed$$seed --seed $$seed $(RECIPE) $(TRAIN_ARGS); \
 	done
 	$(PY) -m train.ensemble $(DATA_ARGS) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
 endif
@@ -97,8 +103,8 @@ loso: $(VENV)/.stamp-train ## leave-one-source-out: ARCH trained on each DATA so
 pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on the first DATA source's train/ from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
 	$(PY) -m train.pretrain --arch $(ARCH) --data $(firstword $(DATA)) --weights $(WEIGHTS) --out $(SSL)
 
-convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT (int8, float16, float32, onnx) with the accuracy gate
-	$(PY) -m convert --run $(RUN) $(DATA_ARGS) --out $(OUT)
+convert: $(VENV)/.stamp-convert ## convert training run RUN into bundle OUT in FORMATS (the shipped bundle's for ARCH) with the accuracy gate
+	$(PY) -m convert --run $(RUN) $(DATA_ARGS) --out $(OUT) --name $(notdir $(OUT)) --formats $(FORMATS) --calibration-samples 300
 
 bench: $(VENV)/.stamp-onnx ## on-device benchmark of MODEL with THREADS
 	$(CTPI) bench --model $(MODEL) --threads $(THREADS)
