@@ -54,7 +54,7 @@ TEST_WORKERS ?= 2
 
 help: ## list the targets and their variables
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-14s %s\n", $$1, $$2}'
-	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) SEEDS=$(SEEDS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL) PI=$(PI) EXTRAS=$(EXTRAS) INVENTORY=$(INVENTORY)"
+	@echo "  variables: DATA=$(DATA) ARCH=$(ARCH) WEIGHTS=$(WEIGHTS) SEEDS=$(SEEDS) RECIPE='$(RECIPE)' FORMATS=$(FORMATS) RUN=$(RUN) OUT=$(OUT) MODEL=$(MODEL) PI=$(PI) EXTRAS=$(EXTRAS) INVENTORY=$(INVENTORY)"
 
 # One virtualenv, installed from pyproject.toml at the versions of this interpreter's desktop
 # lock (requirements/desktop-cp<XY>-<machine>.txt, as pip constraints); a stamp per set of
