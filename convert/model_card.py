@@ -332,7 +332,18 @@ def calibration_section(entry: dict, band: list[float] | None, threshold: float)
     ``calibration`` entry (written by ``python -m convert.calibrate``)."""
     sources = entry["sources"]
     fraction = lambda value: "n/a" if value is None else f"{value:.1%}"  # noqa: E731
-    lines = [
+    choice = entry.get("choice")
+    chosen = ("" if not choice else " Chosen by the " + choice["rule"] + " (" + ", ".join(
+        f"{name} {value:.3f}" for name, value in choice["worst_source_ece"].items()) + ").")
+    if entry["method"] == "identity":
+        opening = (f"P({entry['positive_label']}) is the model's own: no map was applied, because neither Platt nor "
+                   f"temperature scaling, fitted on {entry['fitted_on']['n']} labelled val slices ({', '.join(sources)}; "
+                   f"{entry['weighting']}), lowered the worst source's ECE.{chosen} The threshold is the model's, "
+                   f"**{threshold:.4f}**.")
+        lines = [CALIBRATION_START, "## Calibration and the uncertain band", "", opening, ""]
+    else:
+        lines = None
+    lines = lines or [
         CALIBRATION_START,
         "## Calibration and the uncertain band",
         "",
@@ -341,7 +352,7 @@ def calibration_section(entry: dict, band: list[float] | None, threshold: float)
         f"`P = sigmoid({entry['a']:.4f} · logit(p) + {entry['b']:.4f})`, fitted on the {entry['format']} model's "
         f"outputs of {entry['fitted_on']['n']} slices ({', '.join(sources)}; {entry['weighting']}). "
         f"The map is increasing, so ROC AUC and every decision are unchanged: the threshold "
-        f"{entry['raw_threshold']:.4f} on the model's scale is **{threshold:.4f}** on the calibrated scale.",
+        f"{entry['raw_threshold']:.4f} on the model's scale is **{threshold:.4f}** on the calibrated scale.{chosen}",
         "",
     ]
     if band:

@@ -64,7 +64,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, multiple: bool = False)
         parser.add_argument("--model", action="append", required=True, metavar="BUNDLE", help="bundle folder (repeat to compare)")
     else:
         parser.add_argument("--model", required=True, metavar="BUNDLE", help="bundle folder, e.g. models/mobilenetv2")
-    parser.add_argument("--format", dest="fmt", default=None, help="model format in the bundle (default: the bundle's default_format, e.g. int8 for models/resnet50, float16 for models/mobilenetv2)")
+    parser.add_argument("--format", dest="fmt", default=None, help="model format in the bundle (default: the bundle's default_format, e.g. int8 for models/mobilenetv2, float16 for models/resnet50)")
     parser.add_argument("--backend", default=None, help="force a backend (ai-edge-litert, tflite-runtime, onnxruntime)")
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
 

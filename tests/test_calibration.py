@@ -134,3 +134,40 @@ def test_calibrate_command_calibrates_a_bundle_in_place_and_is_idempotent(tmp_pa
     again = json.loads((bundle / "manifest.json").read_text())
     assert again["calibration"]["a"] == pytest.approx(entry["a"]) and again["threshold"] == pytest.approx(manifest["threshold"])
     assert (bundle / "MODEL_CARD.md").read_text().count("## Calibration and the uncertain band") == 1
+
+
+def test_the_auto_map_is_the_one_with_the_smallest_worst_source_ece_above_its_noise_floor():
+    """One global map can calibrate the pooled slices while making a source worse; ``auto``
+    keeps whichever of no map, Platt and temperature leaves the worst source best."""
+    from types import SimpleNamespace
+
+    from convert.calibrate import choose_map
+
+    def source(y, p):
+        return SimpleNamespace(y_true=np.asarray(y), raw=np.asarray(p))
+
+    def worst(calibration, sources):  # ECE above what an exactly right P shows on the same slices
+        return max(expected_calibration_error(s.y_true, p := np.asarray(calibration.apply(s.raw)))
+                   - ece_if_calibrated(p, draws=500)["median"] for s in sources)
+
+    y, scores = overconfident(3000, seed=3)
+    rng = np.random.default_rng(4)
+    truth = sigmoid(rng.normal(0.0, 1.2, 3000))
+    honest = source((rng.uniform(size=3000) < truth).astype(int), truth)  # exactly right P
+    cases = {"one overconfident source": [source(y, scores)],
+             "a right source beside an underconfident one": [honest, source(y, sigmoid(0.4 * logit(scores)))]}
+    chosen = {}
+    for name, sources in cases.items():
+        all_y = np.concatenate([s.y_true for s in sources])
+        all_p = np.concatenate([s.raw for s in sources])
+        weights = np.concatenate([np.full(s.y_true.size, 1.0 / s.y_true.size) for s in sources])
+        calibration, choice = choose_map(sources, all_y, all_p, weights, "auto")
+        candidates = {"identity": Calibration(), "platt": fit(all_p, all_y, "platt", weights),
+                      "temperature": fit(all_p, all_y, "temperature", weights)}
+        expected = {key: worst(value, sources) for key, value in candidates.items()}
+        assert choice["worst_source_ece"] == pytest.approx(expected, abs=1e-4)
+        assert calibration.method == min(expected, key=expected.get)
+        chosen[name] = calibration.method
+    assert chosen["one overconfident source"] != "identity"
+    assert Calibration.from_manifest({"method": "identity", "a": 1.0, "b": 0.0}).identity
+    assert choose_map(cases["one overconfident source"], y, scores, None, "platt") == (fit(scores, y, "platt"), {})

@@ -77,6 +77,8 @@ class Calibration:
         if not entry:
             return cls()
         method = entry.get("method")
+        if method == "identity":  # calibrated and found better left alone (convert.calibrate's auto rule)
+            return cls()
         if method not in METHODS:
             raise ValueError(f"calibration method {method!r} is not one of {METHODS}")
         a, b = float(entry["a"]), float(entry["b"])

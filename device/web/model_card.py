@@ -61,9 +61,12 @@ def calibration_section(manifest: dict, positive_label: str) -> None:
         return
     st.subheader("Calibration")
     band = manifest.get("uncertain_band")
+    mapping = (f"P({positive_label}) is the model's own (checked on {entry['fitted_on']['n']} val slices: no map lowered "
+               "the worst source's ECE)" if entry["method"] == "identity" else
+               f"P({positive_label}) = sigmoid({entry['a']:.3f} · logit(p) + {entry['b']:.3f}) ({entry['method']}, fitted on "
+               f"{entry['fitted_on']['n']} val slices)")
     st.markdown(
-        f"P({positive_label}) = sigmoid({entry['a']:.3f} · logit(p) + {entry['b']:.3f}) ({entry['method']}, fitted on "
-        f"{entry['fitted_on']['n']} val slices); threshold {manifest['threshold']:.3f} on this scale"
+        mapping + f"; threshold {manifest['threshold']:.3f} on this scale"
         + (f"; **uncertain — review** band [{band[0]:.3f}, {band[1]:.3f})" if band else "")
     )
     rows = []
