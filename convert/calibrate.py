@@ -26,9 +26,9 @@ import numpy as np
 from device.core.band import MAX_FRACTION, TARGET_ACCURACY, choose_band
 from device.core.bundle import BundleError, load_bundle, write_manifest
 from device.core.calibration import METHODS, Calibration, CalibrationError, calibration_report, ece_if_calibrated, fit
-from device.core.metrics import expected_calibration_error
 from device.core.classifier import Classifier
 from device.core.dataset import fingerprint, list_examples
+from device.core.metrics import expected_calibration_error
 from device.core.preprocess import BadSliceError, load_slice
 from device.tools.progress import progress
 
