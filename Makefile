@@ -98,7 +98,7 @@ else
 endif
 
 loso: $(VENV)/.stamp-train ## leave-one-source-out: ARCH trained on each DATA source alone, scored on every source's val (docs/leave-one-source-out.md)
-	$(PY) -m train.loso --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --train-args "$(TRAIN_ARGS)"
+	$(PY) -m train.loso --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --train-args "$(RECIPE) $(TRAIN_ARGS)"
 
 pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on the first DATA source's train/ from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
 	$(PY) -m train.pretrain --arch $(ARCH) --data $(firstword $(DATA)) --weights $(WEIGHTS) --out $(SSL)
