@@ -73,3 +73,28 @@ def test_page_model_card_shows_calibration_per_source(settings, monkeypatch, tin
     body = html_of(page)
     assert 'data-table="calibration"' in body and "Reliability after calibration" in body
     assert "ECE before" in body and "ECE if perfectly calibrated" in body
+
+
+def test_page_model_card_says_when_no_calibration_map_was_applied(settings, monkeypatch, tiny_bundle, synthetic_data, tmp_path):
+    """``convert.calibrate``'s auto rule may keep no map (``identity``): the bundle still loads,
+    P is the model's own, and the page says why instead of printing a formula."""
+    import dataclasses
+    import json
+
+    from convert.calibrate import calibrate_bundle
+    from device.core.bundle import load_bundle, write_manifest
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "models" / "tiny")
+    calibrate_bundle(bundle, [synthetic_data], show_progress=False)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["calibration"].update(method="identity", a=1.0, b=0.0)
+    manifest["threshold"] = manifest["calibration"]["raw_threshold"]
+    write_manifest(bundle, manifest)
+    loaded = load_bundle(bundle)
+    raw = Classifier(tiny_bundle).predict(next(synthetic_data.rglob("*.png"))).positive_probability
+    assert Classifier(loaded).predict(next(synthetic_data.rglob("*.png"))).positive_probability == pytest.approx(raw)
+    settings = dataclasses.replace(settings, watch=dataclasses.replace(settings.watch, model=bundle),
+                                   ui=dataclasses.replace(settings.ui, models_dir=bundle.parent))
+    page = logged_in_page(settings, monkeypatch)
+    text = page_text(page)
+    assert "is the model's own" in text and "sigmoid(" not in text
