@@ -112,7 +112,7 @@ def calibrate_bundle(
 ) -> dict:
     """Calibrate the bundle in place (model files untouched) and return its new ``calibration``
     manifest entry. ``weighting`` ``source`` makes every source count equally in the fit."""
-    from convert.model_card import RELIABILITY_FILE, calibration_section, with_calibration_section
+    from convert.calibration_card import RELIABILITY_FILE, calibration_section, with_calibration_section
     from device.tools.plots import reliability_svg
 
     if weighting not in WEIGHTINGS:

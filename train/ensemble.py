@@ -117,7 +117,8 @@ def ensemble_run(runs: list[Path], data: list[Path] | Path, out: Path, cache_dir
     import keras
 
     from train.callbacks import predict_positive
-    from train.run import _gradcam_note, _write_scores
+    from train.gradcam import summary_note
+    from train.run import _write_scores
 
     keras.utils.set_random_seed(seed)
     members = [keras.models.load_model(run / "model.keras", compile=False) for run in runs]
@@ -197,7 +198,7 @@ def ensemble_run(runs: list[Path], data: list[Path] | Path, out: Path, cache_dir
         *[f"- `{info['command']}`" for info in infos],
         "",
     ]
-    report.write_report(out / "report.md", run, metrics, _gradcam_note(cams, _Weights(first)), command, extra,
+    report.write_report(out / "report.md", run, metrics, summary_note(cams), command, extra,
                         curves_caption="Members' val scores (left: ROC per member and ensemble; right: each member's "
                                        "P(COVID) against the ensemble's)")
     partial = out / "run.json.part"
@@ -206,23 +207,15 @@ def ensemble_run(runs: list[Path], data: list[Path] | Path, out: Path, cache_dir
     return run
 
 
-class _Weights:
-    """What ``_gradcam_note`` reads of the initial weights."""
-
-    def __init__(self, info: dict):
-        self.pretrained = info["initial_weights"]["kind"] != "none"
-
-
 def _member_gradcams(members, val, labels, positive_index, y_val, scores, threshold, out: Path, seed: int) -> dict:
     """Grad-CAM of the ensemble: the mean of the members' heatmaps for the ensemble's
     predicted class (each member is a plain single-run graph)."""
-    from train.gradcam import gradcam
-    from train.run import _gradcam_figures
+    from train.gradcam import gradcam, sample_figures
 
     def heatmaps(pixels, class_indices):
         return np.mean([gradcam(member, pixels, class_indices) for member in members], axis=0)
 
-    return _gradcam_figures(heatmaps, val, labels, positive_index, y_val, scores, threshold, out, seed)
+    return sample_figures(heatmaps, val, labels, positive_index, y_val, scores, threshold, out, seed)
 
 
 def _write_member_scores(path: Path, val, rows: list[dict], member_scores: list[np.ndarray]) -> None:

@@ -62,3 +62,66 @@ def border_share(cams: np.ndarray, band: float = 0.125) -> np.ndarray:
 
 def uniform_border_share(band: float = 0.125) -> float:
     return 1.0 - (1.0 - 2.0 * band) ** 2
+
+
+def sample_figures(heatmaps, val, labels, positive_index, y_val, scores, threshold, out, seed: int,
+                     per_group: int = 3) -> dict:
+    """Grad-CAM for a sample of val slices: right and wrong, both classes (up to ``per_group``
+    each), plus the mean share of heatmap mass on the image border over all of val.
+    ``heatmaps(pixels, class_indices)`` is the model's Grad-CAM (an ensemble averages its members')."""
+    from train import report
+
+    predicted_positive = scores >= threshold
+    predicted_index = np.where(predicted_positive, positive_index, 1 - positive_index)
+    all_cams = np.concatenate([
+        heatmaps(val.pixels[start : start + 32], predicted_index[start : start + 32])
+        for start in range(0, len(val.pixels), 32)
+    ])
+    shares = border_share(all_cams)
+    rng = np.random.default_rng(seed)
+    chosen, titles = [], []
+    sources = getattr(val, "sources", None)
+    groups = np.asarray(sources) if sources is not None else np.zeros(len(scores), dtype=int)
+    _, first = np.unique(groups, return_index=True)
+    names = [groups[i] for i in sorted(first)]
+    per_group = per_group if len(names) == 1 else 2  # every source in one figure
+    for source, truth, correct in ((n, t, c) for n in names for t in (1, 0) for c in (True, False)):
+        members = np.flatnonzero((groups == source) & (y_val == truth) & ((predicted_positive == (truth == 1)) == correct))
+        for index in rng.permutation(members)[:per_group]:
+            chosen.append(int(index))
+            name = labels[positive_index] if truth else labels[1 - positive_index]
+            verdict = "right" if correct else "WRONG"
+            titles.append(f"{name}, {verdict}, P={scores[index]:.2f}\n{val.paths[index][-28:]}")
+    if chosen:
+        report.plot_gradcam(val.pixels[chosen], all_cams[chosen], titles, out / "gradcam.png")
+    return {
+        "class": "predicted class",
+        "shown": [val.paths[i] for i in chosen],
+        "border_band": 0.125,
+        "mean_border_share": mean_defined(shares),
+        "uniform_border_share": uniform_border_share(),
+        "mean_border_share_right": mean_defined(shares[predicted_positive == (y_val == 1)]),
+    }
+
+
+def mean_defined(values: np.ndarray) -> float | None:
+    """Mean over defined values; None (JSON null) when a heatmap is empty everywhere."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else None
+
+
+def summary_note(summary: dict) -> str:
+    share, uniform = summary["mean_border_share"], summary["uniform_border_share"]
+    if share is None:
+        return "Every Grad-CAM heatmap is empty (the model's output does not depend on its last feature map)."
+    if share > uniform + 0.03:
+        verdict = "more than a uniform map would: check the overlays for text, arrows or letterbox edges"
+    elif share < uniform - 0.03:
+        verdict = "less than a uniform map would, i.e. the heatmaps concentrate on the image centre, where the lungs are"
+    else:
+        verdict = "about what a uniform map would, i.e. no preference for the centre: check the overlays"
+    return (
+        f"Heatmaps for the predicted class on a random sample of val slices (right and wrong, both classes). "
+        f"Over all of val, {share:.0%} of the heatmap mass lies in the outer 12.5 % frame ({uniform:.0%} for a "
+        f"uniform map): {verdict}."
+    )

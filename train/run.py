@@ -25,7 +25,7 @@ from device.core.metrics import choose_threshold_by_source, source_metrics
 from device.core.preprocess import PreprocessSpec
 from train import report
 from train.data import DataError, balanced_dataset, balanced_epoch_size, load_sources, stack_splits, trunk_views
-from train.gradcam import border_share, gradcam, uniform_border_share
+from train.gradcam import gradcam, sample_figures, summary_note
 from train.model import InitialWeights, build_model, resolve_weights, set_stage, split_model
 from train.recipe import Recipe
 
@@ -275,7 +275,7 @@ def _finish(config, recipe, started, out, sources, labels, positive, positive_in
     negative = labels[1 - positive_index]
     report.plot_confusion(val_metrics, positive, negative, out / "confusion_matrix.png")
     report.plot_reliability(y_val, val_scores, val_metrics["ece"], positive, out / "reliability.png", val_sources)
-    cam_summary = _gradcam_figures(lambda pixels, classes: gradcam(best, pixels, classes), val, labels, positive_index, y_val, val_scores, threshold, out, config.seed)
+    cam_summary = sample_figures(lambda pixels, classes: gradcam(best, pixels, classes), val, labels, positive_index, y_val, val_scores, threshold, out, config.seed)
 
     metrics = {
         "val": val_metrics,
@@ -306,7 +306,7 @@ def _finish(config, recipe, started, out, sources, labels, positive, positive_in
         "recipe": recipe.to_dict(),
         "command": config.command,
     }
-    report.write_report(out / "report.md", run, metrics, _gradcam_note(cam_summary, weights), config.command, selection.notes)
+    report.write_report(out / "report.md", run, metrics, summary_note(cam_summary), config.command, selection.notes)
     run["wall_seconds"] = round(time.perf_counter() - started, 1)
     partial = out / "run.json.part"
     partial.write_text(json.dumps(run, indent=2))
@@ -394,64 +394,3 @@ def _write_scores(path: Path, split: ScoredVal, labels: list[str], scores: np.nd
         writer.writerow(["path", "source", "label", "positive_probability"])
         for relative, source, label, score in zip(split.relative, split.sources, split.labels, scores, strict=True):
             writer.writerow([relative, source, label, repr(float(score))])
-
-
-def _gradcam_figures(heatmaps, val, labels, positive_index, y_val, scores, threshold, out: Path, seed: int,
-                     per_group: int = 3) -> dict:
-    """Grad-CAM for a sample of val slices: right and wrong, both classes (up to ``per_group``
-    each), plus the mean share of heatmap mass on the image border over all of val.
-    ``heatmaps(pixels, class_indices)`` is the model's Grad-CAM (an ensemble averages its members')."""
-    predicted_positive = scores >= threshold
-    predicted_index = np.where(predicted_positive, positive_index, 1 - positive_index)
-    all_cams = np.concatenate([
-        heatmaps(val.pixels[start : start + 32], predicted_index[start : start + 32])
-        for start in range(0, len(val.pixels), 32)
-    ])
-    shares = border_share(all_cams)
-    rng = np.random.default_rng(seed)
-    chosen, titles = [], []
-    sources = getattr(val, "sources", None)
-    groups = np.asarray(sources) if sources is not None else np.zeros(len(scores), dtype=int)
-    _, first = np.unique(groups, return_index=True)
-    names = [groups[i] for i in sorted(first)]
-    per_group = per_group if len(names) == 1 else 2  # every source in one figure
-    for source, truth, correct in ((n, t, c) for n in names for t in (1, 0) for c in (True, False)):
-        members = np.flatnonzero((groups == source) & (y_val == truth) & ((predicted_positive == (truth == 1)) == correct))
-        for index in rng.permutation(members)[:per_group]:
-            chosen.append(int(index))
-            name = labels[positive_index] if truth else labels[1 - positive_index]
-            verdict = "right" if correct else "WRONG"
-            titles.append(f"{name}, {verdict}, P={scores[index]:.2f}\n{val.paths[index][-28:]}")
-    if chosen:
-        report.plot_gradcam(val.pixels[chosen], all_cams[chosen], titles, out / "gradcam.png")
-    return {
-        "class": "predicted class",
-        "shown": [val.paths[i] for i in chosen],
-        "border_band": 0.125,
-        "mean_border_share": _mean(shares),
-        "uniform_border_share": uniform_border_share(),
-        "mean_border_share_right": _mean(shares[predicted_positive == (y_val == 1)]),
-    }
-
-
-def _mean(values: np.ndarray) -> float | None:
-    """Mean over defined values; None (JSON null) when a heatmap is empty everywhere."""
-    defined = values[~np.isnan(values)]
-    return float(defined.mean()) if defined.size else None
-
-
-def _gradcam_note(summary: dict, weights: InitialWeights) -> str:
-    share, uniform = summary["mean_border_share"], summary["uniform_border_share"]
-    if share is None:
-        return "Every Grad-CAM heatmap is empty (the model's output does not depend on its last feature map)."
-    if share > uniform + 0.03:
-        verdict = "more than a uniform map would: check the overlays for text, arrows or letterbox edges"
-    elif share < uniform - 0.03:
-        verdict = "less than a uniform map would, i.e. the heatmaps concentrate on the image centre, where the lungs are"
-    else:
-        verdict = "about what a uniform map would, i.e. no preference for the centre: check the overlays"
-    return (
-        f"Heatmaps for the predicted class on a random sample of val slices (right and wrong, both classes). "
-        f"Over all of val, {share:.0%} of the heatmap mass lies in the outer 12.5 % frame ({uniform:.0%} for a "
-        f"uniform map): {verdict}."
-    )
