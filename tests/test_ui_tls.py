@@ -34,10 +34,12 @@ def tls_context(cert: Path) -> ssl.SSLContext:
     return context
 
 
-@pytest.fixture
-def lan_page(tmp_path, tiny_bundle):
-    """``ctpi ui`` bound to every address (0.0.0.0: the LAN), as the Pi's unit runs it."""
+@pytest.fixture(scope="module")
+def lan_page(tmp_path_factory, tiny_bundle):
+    """``ctpi ui`` bound to every address (0.0.0.0: the LAN), as the Pi's unit runs it: started
+    once for the module (the tests only read from it), so its first start is what they see."""
     pytest.importorskip("streamlit")
+    tmp_path = tmp_path_factory.mktemp("lan-page")
     password_file, state = tmp_path / "ui-password", tmp_path / "state"
     env = dict(os.environ, HOME=str(tmp_path / "home"))
     subprocess.run(ctpi("passwd", "--password-file", str(password_file), "--stdin"), input=PASSWORD + "\n", text=True,
@@ -56,9 +58,12 @@ def lan_page(tmp_path, tiny_bundle):
             if cert.exists():
                 try:
                     connection = http.client.HTTPSConnection("127.0.0.1", port, timeout=3, context=tls_context(cert))
-                    connection.request("GET", "/_stcore/health")
-                    if connection.getresponse().read().strip() == b"ok":
-                        break
+                    try:
+                        connection.request("GET", "/_stcore/health")
+                        if connection.getresponse().read().strip() == b"ok":
+                            break
+                    finally:
+                        connection.close()  # an open keep-alive connection held the server's exit 15 s
                 except OSError:
                     pass
             if server.poll() is not None or time.monotonic() > deadline:
