@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", type=Path, action="append", required=True,
                         help="ImageFolder with train/<label>/ and val/<label>/, named for its source; repeat for several sources")
     parser.add_argument("--weights", required=True,
-                        help="imagenet (Keras' own download), none (from scratch), or a Keras .weights.h5 file of the backbone")
+                        help="imagenet (Keras' own download), none (from scratch), a Keras .weights.h5 file of the backbone, "
+                             "or a run folder / its model.keras (that run's fine-tuned backbone)")
     parser.add_argument("--out", type=Path, required=True, help="run folder (RUN_DIR) to write")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--positive-label", default=None, help="positive label (default: COVID)")
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep convolution kernels on the int8 grid: rounded at the start and after every epoch")
     knobs.add_argument("--head", choices=HEADS,
                        help="dense (fine-tuned softmax head) or experts (frozen backbone, per-source experts and a source gate)")
+    knobs.add_argument("--int8-view", action="store_true", default=None,
+                       help="--head experts: also fit on every train slice's features as the full-int8 model computes them")
     knobs.add_argument("--expert-layers", help="comma-separated backbone layers pooled for --head experts (default: end of each stage)")
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
@@ -77,7 +80,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
-    "trunk_views", "snap_weights", "head", "expert_layers",
+    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view",
 )
 
 

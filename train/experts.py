@@ -70,6 +70,37 @@ def build_extractor(arch: str, img_size: int, weights, weights_path, layers: tup
     return keras.Model(pixels, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0], name="extractor")
 
 
+def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...], train_views: list[np.ndarray],
+                  pixels: np.ndarray, seed: int, samples: int = 300) -> np.ndarray:
+    """Pooled features of ``pixels`` as the shipped full-int8 model computes them, unstandardised
+    to the float features' scale: the extractor up to the head's input (each map pooled and
+    standardised, then joined: the tensor the head's int8 layers read) is converted to int8,
+    calibrated on ``samples`` train slices as ``python -m convert`` does, and run by the Pi's
+    TFLite runtime. Row ``i`` is slice ``i`` as it is (no augmentation)."""
+    import keras
+
+    from convert.diagnose import tflite_probabilities
+    from convert.tflite import to_tflite
+
+    every = np.concatenate(train_views)
+    mean, variance = every.mean(axis=0), np.maximum(every.var(axis=0), 1e-12)
+    pixels_in, maps = _backbone_maps(arch, img_size, weights, weights_path, layers)
+    scaled, start = [], 0
+    for x in maps:
+        width = int(x.shape[-1])
+        pooled = keras.layers.GlobalAveragePooling2D()(x)
+        scaled.append(keras.layers.Normalization(mean=mean[start:start + width].tolist(),
+                                                 variance=variance[start:start + width].tolist())(pooled))
+        start += width
+    joined = keras.layers.Concatenate()(scaled) if len(scaled) > 1 else scaled[0]
+    extractor = keras.Model(pixels_in, joined, name="standardised_extractor")
+    rng = np.random.default_rng(seed)
+    representative = pixels[rng.choice(len(pixels), min(samples, len(pixels)), replace=False)]
+    content = to_tflite(extractor, "int8", list(representative))
+    standardised = tflite_probabilities(content, pixels).astype(np.float64)
+    return standardised * np.sqrt(variance) + mean
+
+
 def build_experts_model(arch: str, img_size: int, labels: list[str], positive_index: int, weights, weights_path,
                         layers: tuple[str, ...], fitted: dict):
     """The classifier: pixels, backbone maps, then the fitted head (pool and standardise each

@@ -42,7 +42,7 @@ class WeightsError(ValueError):
 class InitialWeights:
     """Where the backbone's starting weights came from, as ``run.json`` records it."""
 
-    kind: str  # imagenet | file | none
+    kind: str  # imagenet | file | run | none
     file: str | None = None
     sha256: str | None = None
     description: str = ""
@@ -56,19 +56,45 @@ class InitialWeights:
 
 
 def resolve_weights(option: str) -> tuple[InitialWeights, Path | None]:
-    """``imagenet`` | ``none`` | a path to a Keras weights file, as an :class:`InitialWeights`."""
+    """``imagenet`` | ``none`` | a path to a Keras weights file | a fine-tuned run's
+    ``model.keras``, as an :class:`InitialWeights`."""
     if option == "imagenet":
         return InitialWeights("imagenet", description="ImageNet weights from Keras' own download (keras.applications)"), None
     if option == "none":
         return InitialWeights("none", description="none: trained from scratch (random initialisation)"), None
     path = Path(option)
+    if path.is_dir() and (path / "model.keras").is_file():
+        path = path / "model.keras"
     if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist (use --weights imagenet, none, or a Keras .weights.h5 file)")
+        raise WeightsError(f"weights file {path} does not exist (use --weights imagenet, none, a Keras .weights.h5 file "
+                           "or a run's model.keras)")
+    if path.name.endswith(".keras"):
+        return _run_weights(path), path
     if not path.name.endswith(".weights.h5"):
         raise WeightsError(f"{path.name}: expected a Keras weights file ending in .weights.h5 (from model.save_weights)")
     digest = file_sha256(path)
     description = KNOWN_WEIGHTS.get(digest) or _pretrained_here(path, digest) or f"Keras weights file {path.name} (sha256 {digest[:12]}...)"
     return InitialWeights("file", path.name, digest, description), path
+
+
+def _run_weights(path: Path) -> InitialWeights:
+    """The backbone of a run this project trained (its ``model.keras``, ``run.json`` beside it):
+    what the experts head is fitted on when a fine-tuned backbone's features quantize better
+    than ImageNet's (docs/models.md). The description names the run and its val figures."""
+    digest = file_sha256(path)
+    try:
+        run = json.loads((path.parent / "run.json").read_text())
+    except (OSError, ValueError) as error:
+        raise WeightsError(f"{path}: a model.keras is accepted as --weights only inside a run folder with its run.json "
+                           f"({error})") from error
+    val = (run.get("metrics") or {}).get("val") or {}
+    figures = ", ".join(f"{name} {figures['auc']:.3f}" for name, figures in sorted((val.get("sources") or {}).items())
+                        if isinstance(figures, dict) and figures.get("auc") is not None)
+    command = run.get("command") or ""
+    description = (f"the backbone of the {run.get('architecture', '?')} run {path.parent.name} fine-tuned by this project"
+                   + (f" (val AUC {figures})" if figures else "") + (f": {command}" if command else "")
+                   + f"; model.keras sha256 {digest[:12]}...")
+    return InitialWeights("run", f"{path.parent.name}/{path.name}", digest, description)
 
 
 def _pretrained_here(path: Path, digest: str) -> str | None:
@@ -107,7 +133,30 @@ def build_backbone(arch: str, img_size: int, weights: InitialWeights, weights_pa
         raise ValueError(f"unknown architecture {arch!r}")
     if weights.kind == "file":
         load_backbone_weights(base, weights_path)
+    elif weights.kind == "run":
+        load_run_backbone(base, weights_path)
     return base
+
+
+def load_run_backbone(base, path: Path) -> None:
+    """Copy the ``backbone`` sub-model of a run's ``model.keras`` into ``base`` (same
+    architecture and input size, or a :class:`WeightsError` that says which)."""
+    import keras
+
+    try:
+        source = keras.models.load_model(path, compile=False).get_layer(BACKBONE_NAME)
+    except (ValueError, OSError) as error:
+        raise WeightsError(f"{path}: not a model with a {BACKBONE_NAME!r} sub-model ({error})") from error
+    # The run's backbone may be cut shorter (the experts head keeps only the maps it pools):
+    # copy layer by layer by name, and every layer of the new backbone must be found.
+    weights = {layer.name: layer.get_weights() for layer in source.layers}
+    for layer in base.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in weights or [w.shape for w in weights[layer.name]] != [tuple(w.shape) for w in layer.weights]:
+            raise WeightsError(f"{path}: its backbone has no layer {layer.name!r} of the same shape: "
+                               "it comes from another architecture or input size")
+        layer.set_weights(weights[layer.name])
 
 
 def load_backbone_weights(base, path: Path) -> None:

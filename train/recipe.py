@@ -105,6 +105,12 @@ class Recipe:
     (stages 1 and 2). ``experts``: the backbone stays frozen and a mixture of one linear
     expert per source, weighted by a source gate, is fitted on features pooled at several
     depths (:mod:`train.experts`); ``trunk_views`` views of each train slice are cached."""
+    int8_view: bool = False
+    """With ``head = experts``: one more view of every train slice, its features as the full-int8
+    model will compute them (the extractor up to the standardised features converted to int8
+    and run), so the experts and the gate are fitted on both and learn to lean on what survives
+    8-bit activations. A frozen backbone's pooled features move by a fifth to a half of their
+    spread between slices under int8 (MobileNetV2), which flips decisions near the threshold."""
     expert_layers: str = ""
     """Backbone layers (comma-separated) whose pooled maps feed the experts head; empty for
     the architecture's default (the end of each stage, :data:`train.experts.DEFAULT_LAYERS`)."""

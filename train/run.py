@@ -127,6 +127,8 @@ def train_run(config: RunConfig) -> dict:
                        val_pixels, val_sources, val_paths, val_targets,
                        *_fit_experts(config, recipe, sources, labels, positive_index, weights, weights_path,
                                      val_pixels, y_val, val_sources, out / "model.keras"))
+    if recipe.int8_view:
+        raise DataError("--int8-view is a view for the experts head's fit; with --head dense it would do nothing")
     model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
     if recipe.snap_weights:
         if recipe.ema_momentum > 0 or recipe.batchnorm_training:
@@ -229,7 +231,14 @@ def _fit_experts(config, recipe, sources, labels, positive_index, weights, weigh
         y_train.append(source.train.targets == positive_index)
         s_train.append(np.full(n, source.name))
     val_features = trunk_views(extractor, val_pixels, recipe, config.seed, 1, config.show_progress).astype(np.float64)
-    fitted = fit_mixture([np.concatenate(parts) for parts in train_views], np.concatenate(y_train).astype(int),
+    train_views = [np.concatenate(parts) for parts in train_views]
+    if recipe.int8_view:
+        from train.experts import int8_features
+
+        print("experts head: the int8 view (the extractor converted to full-integer int8, run on every train slice)", flush=True)
+        train_views.append(int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
+                                         np.concatenate([source.train.pixels for source in sources]), config.seed))
+    fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
                          np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources])
     model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
     model.save(checkpoint)
@@ -246,7 +255,8 @@ def _fit_experts(config, recipe, sources, labels, positive_index, weights, weigh
              "source's rule, which is where the mixture loses to each expert alone.", ""]
     extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
-                         "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"]}}
+                         "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
+                         "int8_view": bool(recipe.int8_view)}}
     return [], Selection(None, "experts", False, notes, extra)
 
 
