@@ -118,5 +118,5 @@ rollback: $(VENV)/.stamp-ui ## switch Pi PI back to its previous release and hea
 deploy-fleet: $(VENV)/.stamp-dev ## deploy MODEL to every Pi in INVENTORY with Ansible, one result line per Pi
 	$(VENV)/bin/ansible-playbook -i "$(INVENTORY)" deploy/playbook.yml -e ctpi_model="$(abspath $(MODEL))" -e ctpi_extras="$(EXTRAS)"
 
-pi-emu: $(VENV)/.stamp-dev ## make deploy of models/mobilenetv2 to an emulated Raspberry Pi OS arm64 (qemu, cached root in .cache/pi-emu), health check and rollback there; as root
+pi-emu: $(VENV)/.stamp-dev ## make deploy of models/mobilenetv2 to an emulated Raspberry Pi OS arm64 (qemu; root, wheelhouse, venv cached in CTPI_PI_EMU_CACHE, default /var/cache/ctpi-pi-emu), health check, lost wheel and rollback there; as root
 	$(PY) -m tests.pi_emu

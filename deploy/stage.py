@@ -304,6 +304,13 @@ def locked_set(requirements_file: Path, lock: Path, target: Target, work: Path) 
     return sorted(f"{name}=={version}" for name, version in chosen)
 
 
+def wheelhouse_stamp(folder: Path, requirements_file: Path, lock: Path) -> Path:
+    """The file whose presence says ``folder`` holds every wheel these requirements need under
+    ``lock`` (so the desktop downloads nothing); tests/pi_emu.py writes one to stage a lost wheel."""
+    key = hashlib.sha256(requirements_file.read_bytes() + b"\0" + lock.read_bytes()).hexdigest()
+    return folder / f".complete-{key[:16]}"
+
+
 def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Path:
     """``dest/<target tag>/`` holding the wheel of every requirement and dependency, at exactly
     the versions of the release's Pi lock for ``target``; skipped when it was already built for
@@ -312,8 +319,7 @@ def build_wheelhouse(requirements_file: Path, target: Target, dest: Path) -> Pat
         raise StageError(f"{requirements_file} does not exist; stage the release first")
     lock = pi_lock(requirements_file.parent, target)
     folder = dest / target.tag
-    key = hashlib.sha256(requirements_file.read_bytes() + b"\0" + lock.read_bytes()).hexdigest()
-    stamp = folder / f".complete-{key[:16]}"
+    stamp = wheelhouse_stamp(folder, requirements_file, lock)
     if stamp.is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)

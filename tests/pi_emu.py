@@ -11,7 +11,9 @@ What it does, each phase timed:
    installed with apt where missing; ``binfmt_misc`` mounted and ``qemu-aarch64`` enabled (a
    machine that cannot mount it exits with :data:`CANNOT_EMULATE` and says why).
 2. root: a Debian Bookworm arm64 root (what Raspberry Pi OS 64-bit is built on) with Python 3.11,
-   built once by mmdebstrap and cached under ``.cache/pi-emu/``; each run copies it to a fresh "Pi".
+   built once by mmdebstrap and cached under :data:`CACHE` (outside the clone, so a clean CI clone
+   finds it); each run copies it to a fresh "Pi", seeded with the virtualenv an earlier run's
+   ``pip install`` made for the same lock (``/opt/ctpi/venvs/<key>``, as on a Pi deployed before).
 3. pi: the "Pi" is reached as a real one is: an sshd on a loopback port whose every session runs
    in the arm64 root (``session.sh``: its own mount namespace with proc, sys and dev mounted, the
    Pi's own network namespace so its units' ports never meet this machine's, and ``env -i``).
@@ -21,17 +23,19 @@ What it does, each phase timed:
    ``tests/servicectl.py`` (run by the root's arm64 python) as its systemctl.
 5. check: inside the root, ``ctpi watch --once`` over synthetic slices and a DICOM, ``ctpi results``,
    and the page's health endpoint.
-6. rollback: a release whose ``ctpi predict`` fails is deployed and must roll back to the first.
+6. lost-wheel: a release whose lock pins a numpy the wheelhouse has no aarch64 wheel of must fail at
+   the Pi's ``pip install --no-index``, before the switch, leaving the first release current.
+7. rollback: a release whose ``ctpi predict`` fails is deployed and must roll back to the first.
 
 Emulated timings are a function check only, never Pi latency. The run's root stays in
-``.cache/pi-emu/run/`` for inspection (``summary.json``) until the next run.
+``CACHE/run/`` for inspection (``summary.json``) until the next run.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import shlex
@@ -43,17 +47,17 @@ import sys
 import time
 from pathlib import Path
 
+from deploy.stage import PROBE
+from tests.pi_emu_host import CannotEmulate, base_root, ensure_host, remove_tree, run, say
+
 REPO = Path(__file__).resolve().parent.parent
-CACHE = REPO / ".cache" / "pi-emu"
+# Outside the clone: CI starts from a clean clone, and the root, the wheelhouse and the venv are slow to make.
+CACHE = Path(os.environ.get("CTPI_PI_EMU_CACHE") or "/var/cache/ctpi-pi-emu")
+VENVS = CACHE / "venvs"  # /opt/ctpi/venvs/<key> of the last passing run, hard links, seeded into each fresh Pi
 RUN = CACHE / "run"
 ROOT = RUN / "root"
 DESKTOP = CACHE / "desktop"  # DEPLOY_WORK: staged releases and the aarch64 wheelhouse, kept between runs
 NETNS = "ctpi-pi-emu"
-MIRROR = os.environ.get("CTPI_PI_EMU_MIRROR", "http://deb.debian.org/debian")
-# Raspberry Pi OS Lite has these; python3-venv is what docs/deploy.md asks the owner to install.
-ROOT_PACKAGES = ("python3", "python3-venv", "libstdc++6", "openssl", "ca-certificates")
-HOST_TOOLS = {"qemu-aarch64-static": "qemu-user-static", "update-binfmts": "binfmt-support",
-              "mmdebstrap": "mmdebstrap", "arch-test": "arch-test", "/usr/sbin/sshd": "openssh-server"}
 MODEL = REPO / "models" / "mobilenetv2"  # the shipped default bundle
 SERVICECTL_IN_ROOT = "/usr/local/lib/ctpi-pi-emu/servicectl.py"
 SETTINGS = {  # release.sh's settings (forwarded by deploy.ship); the rest keep their Pi defaults
@@ -61,103 +65,16 @@ SETTINGS = {  # release.sh's settings (forwarded by deploy.ship); the rest keep 
     "CTPI_HEALTH_TIMEOUT": "300",
     "CTPI_BENCH_RUNS": "3",
 }
-# Bookworm's qemu-user-static 7.2 segfaults in LiteRT 2.3's Interpreter() (10.0 from bookworm-backports runs it).
-QEMU_MINIMUM = (8, 0)
-BACKPORTS = Path("/etc/apt/sources.list.d/ctpi-pi-emu-backports.list")
 PAGE_HEALTH = "http://127.0.0.1:8501/_stcore/health"
 CANNOT_EMULATE = 77  # the test skips on this exit status (and only on it)
-
-
-class CannotEmulate(Exception):
-    """This machine cannot run arm64 binaries (no binfmt_misc); the message says why."""
-
-
-def say(message: str) -> None:
-    print(f"pi-emu: {message}", flush=True)
-
-
-def run(command: list[str] | str, check: bool = True, **kwargs) -> subprocess.CompletedProcess:
-    done = subprocess.run(command, text=True, **kwargs)
-    if check and done.returncode != 0:
-        raise RuntimeError(f"{command if isinstance(command, str) else shlex.join(command)} exited {done.returncode}")
-    return done
-
-
-def qemu_version() -> tuple[int, ...]:
-    done = run(["qemu-aarch64-static", "--version"], check=False, capture_output=True) if shutil.which("qemu-aarch64-static") else None
-    words = done.stdout.split() if done and done.returncode == 0 else []
-    return tuple(int(part) for part in words[2].split(".")[:2]) if len(words) > 2 and words[1] == "version" else ()
-
-
-def apt_install(packages: list[str], release: str | None = None) -> None:
-    if os.geteuid() != 0 or shutil.which("apt-get") is None:
-        raise CannotEmulate(f"needs root and apt to install {' '.join(packages)}")
-    say(f"installing {' '.join(packages)} with apt" + (f" from {release}" if release else ""))
-    run(["apt-get", "update", "-qq"])
-    run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *(["-t", release] if release else []), *packages],
-        stdout=subprocess.DEVNULL, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-
-
-def ensure_host() -> None:
-    missing = sorted({package for tool, package in HOST_TOOLS.items() if shutil.which(tool) is None and not os.access(tool, os.X_OK)})
-    if missing:
-        apt_install(missing)
-    if qemu_version() < QEMU_MINIMUM:
-        os_release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
-        if "VERSION_CODENAME=bookworm" not in os_release:
-            raise CannotEmulate(f"QEMU {qemu_version()} is older than {QEMU_MINIMUM} (LiteRT crashes under it); install a newer qemu-user-static")
-        BACKPORTS.write_text("# make pi-emu (tests/pi_emu.py): qemu-user-static >= 8, bookworm's 7.2 crashes in LiteRT\n"
-                             "deb http://deb.debian.org/debian bookworm-backports main\n")
-        apt_install(["qemu-user-static"], release="bookworm-backports")
-    binfmt = Path("/proc/sys/fs/binfmt_misc")
-    if not (binfmt / "status").exists():
-        mounted = run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(binfmt)], check=False, capture_output=True)
-        if mounted.returncode != 0:
-            raise CannotEmulate(f"binfmt_misc cannot be mounted here: {mounted.stderr.strip()}")
-    # Registered afresh: with the F flag the kernel keeps the emulator file it opened when the entry
-    # was made, so after an upgrade an old entry would go on running the old QEMU.
-    run(["update-binfmts", "--disable", "qemu-aarch64"], check=False, capture_output=True)
-    run(["update-binfmts", "--enable", "qemu-aarch64"], capture_output=True)
-    if "enabled" not in (binfmt / "qemu-aarch64").read_text():
-        raise CannotEmulate("update-binfmts could not enable qemu-aarch64")
-    say(f"QEMU {'.'.join(map(str, qemu_version()))} runs aarch64 binaries through binfmt_misc")
-
-
-def base_root() -> Path:
-    """The cached arm64 root, built by mmdebstrap when this package set has none yet."""
-    key = hashlib.sha256(f"bookworm arm64 minbase {' '.join(ROOT_PACKAGES)}".encode()).hexdigest()[:12]
-    base = CACHE / f"bookworm-arm64-{key}"
-    if (base / ".complete").exists():
-        say(f"reusing the cached arm64 root {base.relative_to(REPO)}")
-        return base
-    partial = base.with_name(base.name + ".partial")
-    remove_tree(partial)
-    say(f"building a Bookworm arm64 root with mmdebstrap (minbase + {', '.join(ROOT_PACKAGES)})")
-    command = ["mmdebstrap", "--quiet", "--arch=arm64", "--variant=minbase", f"--include={','.join(ROOT_PACKAGES)}",
-               '--aptopt=Acquire::Check-Valid-Until "false"']
-    command += [f"--dpkgopt=path-exclude=/usr/share/{folder}/*" for folder in ("man", "doc", "locale", "info")]
-    run([*command, "bookworm", str(partial), MIRROR])
-    (partial / ".complete").write_text(json.dumps({"mirror": MIRROR, "packages": ROOT_PACKAGES}) + "\n")
-    partial.rename(base)
-    return base
-
-
-def remove_tree(folder: Path) -> None:
-    """rm -rf that refuses a folder with anything mounted under it (a bound /dev must never be emptied)."""
-    if not folder.exists():
-        return
-    mounts = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()]
-    inside = [mount for mount in mounts if mount == str(folder) or mount.startswith(f"{folder}/")]
-    if inside:
-        raise RuntimeError(f"not removing {folder}: mounted under it: {inside}")
-    run(["rm", "-rf", "--one-file-system", str(folder)])
+LOST_WHEEL = "numpy"  # the pin the lost-wheel release moves to a version no wheelhouse holds
 
 
 class EmulatedPi:
     """The arm64 root behind a loopback sshd; ``ssh()`` runs a command inside it as root."""
 
     def __init__(self, base: Path):
-        self.base, self.port, self.sshd = base, None, None
+        self.base, self.port, self.sshd, self.seeded, self.timelines = base, None, None, [], []
 
     def start(self) -> None:
         stop_leftovers()
@@ -165,6 +82,11 @@ class EmulatedPi:
         RUN.mkdir(parents=True)
         run(["cp", "-a", "--reflink=auto", str(self.base), str(ROOT)])
         (ROOT / ".complete").unlink()
+        self.seeded = []
+        for venv in sorted(VENVS.glob("*/.complete")):  # hard links: the Pi only adds files there (new .pyc), never rewrites one
+            (ROOT / "opt/ctpi/venvs").mkdir(parents=True, exist_ok=True)
+            run(["cp", "-al", str(venv.parent), str(ROOT / "opt/ctpi/venvs" / venv.parent.name)])
+            self.seeded.append(venv.parent.name)
         servicectl = ROOT / SERVICECTL_IN_ROOT.lstrip("/")
         servicectl.parent.mkdir(parents=True)
         shutil.copy2(REPO / "tests" / "servicectl.py", servicectl)
@@ -211,14 +133,23 @@ class EmulatedPi:
             raise RuntimeError(f"on the emulated Pi, {command!r} exited {done.returncode}:\n{done.stdout}{done.stderr}")
         return done
 
-    def make_deploy(self, source: Path) -> subprocess.CompletedProcess:
+    def make_deploy(self, source: Path, work: Path = DESKTOP) -> subprocess.CompletedProcess:
         venv = os.path.relpath(Path(sys.executable).parent.parent, REPO)  # make pi-emu installed it (stamp-dev)
         command = ["make", "--no-print-directory", "-o", f"{venv}/.stamp-ui", "deploy", "PI=127.0.0.1", f"PI_PORT={self.port}", "PI_USER=root",
                    f"SSH_OPTS={shlex.join(self.ssh_options())}", f"MODEL={os.path.relpath(MODEL, REPO)}",
-                   f"SOURCE={source}", f"DEPLOY_WORK={DESKTOP}", f"VENV={venv}"]
-        done = run(command, check=False, cwd=REPO, env={**os.environ, **SETTINGS}, capture_output=True, timeout=3600)
-        print(done.stdout + done.stderr, flush=True)
-        return done
+                   f"SOURCE={source}", f"DEPLOY_WORK={work}", f"VENV={venv}"]
+        started, lines, steps = time.monotonic(), [], []
+        with subprocess.Popen(command, cwd=REPO, env={**os.environ, **SETTINGS}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as process:
+            for line in process.stdout:  # streamed, each step's time since make started
+                lines.append(line)
+                at = round(time.monotonic() - started, 1)
+                print(f"[+{at:6.1f} s] {line}", end="", flush=True)
+                text = line.split("] ", 1)[1] if line.startswith("[") else line
+                if text.startswith(("deploy:", "ctpi-release:", "RESULT:")):
+                    steps.append([at, text.strip()[:120]])
+        self.timelines.append(steps)
+        return subprocess.CompletedProcess(command, process.returncode, "".join(lines), "")
 
     def stop(self) -> None:
         if self.sshd and self.sshd.poll() is None:
@@ -261,18 +192,62 @@ def result_of(done: subprocess.CompletedProcess) -> str:
     return lines[-1] if lines else ""
 
 
-def snapshots(folder: Path) -> tuple[Path, Path]:
+def snapshots(folder: Path) -> tuple[Path, Path, Path]:
     """Frozen copies of what a deploy ships, taken together (others edit and commit in the working
-    tree meanwhile): the release, and the same with a ``ctpi predict`` that fails, which the health
-    check must catch and roll back. Only that file differs, so both share one virtualenv."""
+    tree meanwhile): the release; the same with a ``ctpi predict`` that fails, which the health
+    check must catch and roll back (only that file differs, so both share one virtualenv); and the
+    same with a lock whose :data:`LOST_WHEEL` pin has no wheel anywhere (see :func:`lost_wheel_work`)."""
     from tests.test_deploy import snapshot_source
 
     good = snapshot_source(folder / "source-a")
-    broken = folder / "source-broken"
+    broken, lost = folder / "source-broken", folder / "source-lost-wheel"
     shutil.copytree(good, broken)
     with open(broken / "device/tools/predict.py", "a", encoding="utf-8") as handle:
         handle.write('\ndef run(args):\n    raise RuntimeError("this release cannot classify")\n')
-    return good, broken
+    shutil.copytree(good, lost)
+    lock = lost / "requirements/pi-cp311-aarch64.txt"
+    lines = [f"{line}.post999" if line.startswith(f"{LOST_WHEEL}==") else line for line in lock.read_text().splitlines()]
+    require(any(line.endswith(".post999") for line in lines), f"{lock.name} pins no {LOST_WHEEL}")
+    lock.write_text("\n".join(lines) + "\n")
+    return good, broken, lost
+
+
+def lost_wheel_work(source: Path, target_probe: str) -> Path:
+    """DEPLOY_WORK for ``source`` whose wheelhouse lost the wheel of its :data:`LOST_WHEEL` pin: every
+    wheel of the good wheelhouse and a stamp saying it is complete for this release (as a wheelhouse
+    copied between desktops, or pruned by hand, says). Without the stamp the desktop's own resolve
+    stops the deploy before the Pi is touched; this is the Pi-side guard: nothing is switched when
+    ``pip install --no-index`` cannot find a wheel."""
+    from deploy.stage import Target, pi_lock, stage, wheelhouse_stamp
+
+    work, target = RUN / "desktop-lost-wheel", Target.parse(target_probe)
+    release = stage(source, MODEL, work / "releases", ["ui"])  # what make deploy stages again (same version)
+    folder = work / "wheels" / target.tag
+    folder.mkdir(parents=True)
+    for wheel in (DESKTOP / "wheels" / target.tag).glob("*.whl"):
+        os.link(wheel, folder / wheel.name)
+    wheelhouse_stamp(folder, release.path / "requirements.txt", pi_lock(release.path, target)).touch()
+    return work
+
+
+def keep_venv(output: str) -> str:
+    """Keep the current release's virtualenv for the next fresh Pi (replacing older ones); says
+    whether this run's pip made it or the cache gave it."""
+    key = Path(os.readlink(ROOT / "opt/ctpi/current/venv")).name
+    made = f"creating virtualenv venvs/{key}" in output
+    if made or not (VENVS / key / ".complete").exists():
+        remove_tree(VENVS)
+        VENVS.mkdir(parents=True)
+        run(["cp", "-al", str(ROOT / "opt/ctpi/venvs" / key), str(VENVS / f".{key}")])
+        (VENVS / f".{key}").rename(VENVS / key)
+    return f"{key}: " + ("installed by pip under QEMU in this run" if made else "reused (an earlier run's pip install, as on a Pi deployed before)")
+
+
+def units_active(pi: EmulatedPi) -> list[str]:
+    """The units the service manager in the root reports active."""
+    units = sorted(path.name for path in (ROOT / "etc/systemd/system").glob("ctpi-*.service"))
+    manager = SETTINGS["CTPI_SERVICE_MANAGER"]
+    return [unit for unit in units if pi.ssh(f"{manager} is-active --quiet {unit}", check=False).returncode == 0]
 
 
 def bench_table(deploy_output: str) -> list[str]:
@@ -346,6 +321,19 @@ def timed(name: str, seconds: dict[str, float]):
         say(f"[{name}] {'failed' if failed else 'done'} in {seconds[name]:.1f} s")
 
 
+def lost_wheel(pi: EmulatedPi, source: Path, summary: dict, seconds: dict[str, float]) -> None:
+    """The release whose wheel is missing stops at the Pi's pip; the first release stays current and running."""
+    with timed("lost-wheel", seconds):
+        probe = pi.ssh(f"python3 -c {shlex.quote(PROBE)}").stdout.strip()
+        done = pi.make_deploy(source, lost_wheel_work(source, probe))
+        summary["lost_wheel"], summary["lost_wheel_units"] = result_of(done), units_active(pi)
+        summary["lost_wheel_release"] = next(line.split()[2] for line in done.stdout.splitlines() if line.startswith("deploy: release "))
+        require(done.returncode != 0 and summary["lost_wheel"].startswith("failed "), f"release with a lost wheel: {summary['lost_wheel'] or done.returncode}")
+        require(f"ERROR: Cannot install {LOST_WHEEL}" in done.stdout and "ResolutionImpossible" in done.stdout, "the Pi's pip did not stop at the lost wheel")
+        require(os.readlink(ROOT / "opt/ctpi/current") == summary["current"], "a release with a lost wheel was switched to")
+        require(len(summary["lost_wheel_units"]) == 3, f"units active after the lost wheel: {summary['lost_wheel_units']}")
+
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise RuntimeError(message)
@@ -357,20 +345,18 @@ def main() -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        say("another make pi-emu is running on this machine (it owns .cache/pi-emu); not starting a second")
+        say(f"another make pi-emu is running on this machine (it owns {CACHE}); not starting a second")
         return 1
+    (RUN / "summary.json").unlink(missing_ok=True)  # never a stale one for the test to read
     seconds: dict[str, float] = {}
     summary: dict = {"phases": seconds}
+    started = time.monotonic()
+    pi, code = None, 0
     try:
         with timed("host", seconds):
             ensure_host()
-    except CannotEmulate as error:
-        say(f"cannot emulate an arm64 Pi on this machine: {error}")
-        return CANNOT_EMULATE
-    pi, code = None, 0
-    try:
         with timed("root", seconds):
-            base = base_root()
+            base = base_root(CACHE)
         with timed("pi", seconds):
             pi = EmulatedPi(base)
             pi.start()
@@ -378,23 +364,37 @@ def main() -> int:
             say(f"emulated Pi answers over ssh on 127.0.0.1:{pi.port}: {' '.join(summary['platform'])}")
             require(summary["platform"][0] == "aarch64", f"the root is not aarch64: {summary['platform']}")
         with timed("deploy", seconds):
-            source, broken = snapshots(RUN)
+            source, broken, lost = snapshots(RUN)
             done = pi.make_deploy(source)
             summary["deploy"] = result_of(done)
             require(done.returncode == 0 and summary["deploy"].startswith("deployed "), f"make deploy: {summary['deploy'] or done.returncode}")
             summary["bench"], summary["wheels"] = bench_table(done.stdout), installed_wheels()
             summary["current"] = os.readlink(ROOT / "opt/ctpi/current")
-        with timed("check", seconds):
-            summary["watch"] = watch_check(pi)
-            require(len(summary["watch"]) == 4 and all(r.get("status") == "ok" for r in summary["watch"]), "ctpi watch --once did not triage all 4 files")
-            summary["page"] = page_health(pi)
-            say(f"page {PAGE_HEALTH}: {summary['page']}")
-            require(summary["page"] == "ok", f"the page's health endpoint: {summary['page']}")
+            summary["venv"] = keep_venv(done.stdout)
+            say(f"virtualenv {summary['venv']}")
+
+        def check() -> None:
+            with timed("check", seconds):
+                summary["watch"] = watch_check(pi)
+                require(len(summary["watch"]) == 4 and all(r.get("status") == "ok" for r in summary["watch"]), "ctpi watch --once did not triage all 4 files")
+                summary["page"] = page_health(pi)
+                say(f"page {PAGE_HEALTH}: {summary['page']}")
+                require(summary["page"] == "ok", f"the page's health endpoint: {summary['page']}")
+
+        # Beside the lost-wheel deploy, which never touches the running release or its units: the
+        # two share nothing but the CPU (watch --once has its own inbox and state).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool, timed("check + lost-wheel", seconds):
+            checked = pool.submit(check)
+            lost_wheel(pi, lost, summary, seconds)
+            checked.result()
         with timed("rollback", seconds):
             done = pi.make_deploy(broken)
             summary["rollback"] = result_of(done)
             require(done.returncode != 0 and summary["rollback"].startswith("rolled-back "), f"broken release: {summary['rollback']}")
             require(os.readlink(ROOT / "opt/ctpi/current") == summary["current"], "the previous release is not current again")
+    except CannotEmulate as error:
+        say(f"cannot emulate an arm64 Pi on this machine: {error}")
+        return CANNOT_EMULATE
     except Exception as error:  # noqa: BLE001 - reported, the units stopped, exit 1
         say(f"FAILED: {error}")
         summary["error"], code = str(error), 1
@@ -402,13 +402,14 @@ def main() -> int:
         with timed("stop", seconds):
             if pi:
                 pi.stop()
-        summary["total_seconds"] = round(sum(seconds.values()), 1)
+        summary["total_seconds"] = round(time.monotonic() - started, 1)
+        summary["deploy_timelines"] = pi.timelines if pi else []
         if RUN.is_dir():
             (RUN / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     say("wall time: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in seconds.items()) + f"; total {summary['total_seconds']:.1f} s")
     if summary.get("wheels"):
         say(f"aarch64 wheels installed ({len(summary['wheels'])}): {' '.join(summary['wheels'])}")
-    say(("PASSED" if code == 0 else "FAILED") + f" (summary: {os.path.relpath(RUN / 'summary.json', REPO)})")
+    say(("PASSED" if code == 0 else "FAILED") + f" (summary: {RUN / 'summary.json'})")
     return code
 
 

@@ -1,11 +1,12 @@
 """The emulated Raspberry Pi OS (Bookworm arm64) target: ``make pi-emu`` (tests/pi_emu.py) end to end.
 
-Opt-in (``CTPI_PI_EMU=1``, marker ``pi_emu``): it takes minutes under QEMU, beyond what CI's
-time allows today, so the default collection deselects it (``pytest_collection_modifyitems`` in
+Run with ``CTPI_PI_EMU=1`` (marker ``pi_emu``), as ``.ci/run`` does after ``make test``: it takes
+minutes under QEMU, so ``make test`` itself deselects it (``pytest_collection_modifyitems`` in
 tests/conftest.py) instead of skipping it, which ``--no-skips`` would turn into a failure.
 It runs the real ``python -m tests.pi_emu`` as ``make pi-emu`` does, then checks what happened
-inside the arm64 root it leaves in ``.cache/pi-emu/run/``: the files there, not only the script's
-own word. It skips (marked ``system``) only where this machine cannot run arm64 binaries.
+inside the arm64 root it leaves in ``CACHE/run/``: the files there, not only the script's own
+word. It skips (marked ``system``) only where binfmt_misc cannot be mounted; anything else that
+stops the emulated Pi (no root, no apt, an old QEMU) fails.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pi_emu import CANNOT_EMULATE, MODEL, ROOT, RUN
+from tests.pi_emu import CANNOT_EMULATE, DESKTOP, LOST_WHEEL, MODEL, ROOT, RUN
 
 pytestmark = [pytest.mark.pi_emu, pytest.mark.system, pytest.mark.slow, pytest.mark.timeout(3600)]
 REPO = Path(__file__).resolve().parent.parent
@@ -34,14 +35,13 @@ def elf_machine(path: Path) -> int:
 
 @pytest.fixture(scope="module")
 def emulated():
-    if os.geteuid() != 0:
-        pytest.skip("the emulated Pi needs root (apt, binfmt_misc, chroot, network namespace)")
+    assert os.geteuid() == 0, "the emulated Pi needs root (apt, binfmt_misc, chroot, network namespace)"
     done = subprocess.run([sys.executable, "-m", "tests.pi_emu"], cwd=REPO, capture_output=True, text=True, timeout=3500)
     print(done.stdout[-20000:], done.stderr[-5000:])
     if done.returncode == CANNOT_EMULATE:
         pytest.skip(done.stdout.strip().splitlines()[-1])
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     summary = json.loads((RUN / "summary.json").read_text())
-    assert done.returncode == 0, summary.get("error")
     return {"done": done, "summary": summary}
 
 
@@ -69,7 +69,7 @@ def test_the_release_is_installed_for_aarch64_inside_the_root(emulated):
     for name, version in installed.items():
         assert pins.get(name.replace("-", "_").lower()) == version, (name, version)
     assert {"numpy", "pillow", "pydicom", "ai_edge_litert", "streamlit"} <= {name.lower() for name in installed}
-    wheelhouse = list((REPO / ".cache/pi-emu/desktop/wheels").glob("cp311-aarch64-*/*.whl"))
+    wheelhouse = list((DESKTOP / "wheels").glob("cp311-aarch64-*/*.whl"))
     assert len(installed) == len(wheelhouse) and all("aarch64" in w.name or w.name.endswith("-none-any.whl") for w in wheelhouse)
 
 
@@ -88,6 +88,18 @@ def test_watch_once_triaged_slices_and_a_dicom_inside_the_root(emulated):
         rows = dict(db.execute("SELECT path, status FROM slices").fetchall())
     assert rows == {"study-png/slice-11.png": "ok", "study-png/slice-12.png": "ok", "study-png/slice-13.png": "ok",
                     "study-dicom/0000.dcm": "ok"}
+
+
+def test_a_release_whose_wheel_is_missing_stops_at_pip_and_changes_nothing(emulated):
+    summary, out = emulated["summary"], emulated["done"].stdout
+    assert summary["lost_wheel"].startswith("failed (line ") and "pip" in summary["lost_wheel"]
+    assert f"ERROR: Cannot install {LOST_WHEEL}" in out and "ResolutionImpossible" in out  # the Pi's pip --no-index said it
+    lost = ROOT / "opt/ctpi/releases" / summary["lost_wheel_release"]
+    assert lost.is_dir() and not (lost / ".complete").exists()  # unpacked, never installed
+    assert sorted(summary["lost_wheel_units"]) == ["ctpi-dicom.service", "ctpi-ui.service", "ctpi-watch.service"]
+    # the virtualenv the good release runs has the lock's numpy, not the lost one
+    site = next((ROOT / "opt/ctpi" / summary["current"] / "venv/lib").glob("python3.11/site-packages"))
+    assert [p.name for p in site.glob(f"{LOST_WHEEL}-*.dist-info")] == [f"{LOST_WHEEL}-{dict(w.split('==') for w in summary['wheels'])[LOST_WHEEL]}.dist-info"]
 
 
 def test_a_broken_release_rolls_back_inside_the_root(emulated):
