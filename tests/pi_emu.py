@@ -22,7 +22,7 @@ What it does, each phase timed:
    and ``release.sh`` installs, switches and health-checks inside the root, with
    ``tests/servicectl.py`` (run by the root's arm64 python) as its systemctl.
 5. check: inside the root, ``ctpi watch --once`` over synthetic slices and a DICOM, ``ctpi results``,
-   and the page's health endpoint.
+   and the page's health endpoint; beside step 6, which never touches the running release.
 6. lost-wheel: a release whose lock pins a numpy the wheelhouse has no aarch64 wheel of must fail at
    the Pi's ``pip install --no-index``, before the switch, leaving the first release current.
 7. rollback: a release whose ``ctpi predict`` fails is deployed and must roll back to the first.
