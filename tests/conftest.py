@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.synthetic import LABELS, POSITIVE, write_image_folder
+from tests.tiny_runs import file_run, shared_folder, split_data, tiny_weights_file  # noqa: F401 (fixtures)
 
 
 @pytest.fixture(scope="session")
@@ -25,32 +26,36 @@ def tiny_keras_model(synthetic_data):
 
 
 @pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory, tiny_keras_model, synthetic_data) -> Path:
+def tiny_bundle(tmp_path_factory, request, synthetic_data) -> Path:
     """A real bundle (int8 default, float16, float32 TFLite, ONNX) made by the project's own
-    conversion code."""
-    from convert.assemble import assemble_bundle
-    from convert.export import export_formats
-    from tests.tiny_model import SPEC, labelled_pixels
+    conversion code; one per run, shared by the xdist workers (``tests/tiny_runs.py``). It sits
+    alone in its folder, which the page lists as its models folder."""
 
-    representative, _ = labelled_pixels(synthetic_data)
-    models, format_extras = export_formats(tiny_keras_model, ("int8", "float16", "float32", "onnx"), representative)
-    out = tmp_path_factory.mktemp("bundles") / "tiny"
-    assemble_bundle(
-        out,
-        models,
-        name="tiny-texture",
-        version="0.0.1",
-        architecture="laplacian-energy",
-        labels=LABELS,
-        positive_label=POSITIVE,
-        threshold=0.5,
-        spec=SPEC,
-        metrics={},
-        training_data={"fingerprint": "synthetic", "description": "tests/synthetic.py"},
-        default_format="int8",
-        format_extras=format_extras,
-    )
-    return out
+    def build(folder: Path) -> None:
+        from convert.assemble import assemble_bundle
+        from convert.export import export_formats
+        from tests.tiny_model import SPEC, labelled_pixels
+
+        representative, _ = labelled_pixels(synthetic_data)
+        keras_model = request.getfixturevalue("tiny_keras_model")
+        models, format_extras = export_formats(keras_model, ("int8", "float16", "float32", "onnx"), representative)
+        assemble_bundle(
+            folder / "tiny",
+            models,
+            name="tiny-texture",
+            version="0.0.1",
+            architecture="laplacian-energy",
+            labels=LABELS,
+            positive_label=POSITIVE,
+            threshold=0.5,
+            spec=SPEC,
+            metrics={},
+            training_data={"fingerprint": "synthetic", "description": "tests/synthetic.py"},
+            default_format="int8",
+            format_extras=format_extras,
+        )
+
+    return shared_folder(tmp_path_factory, "bundles", build) / "tiny"
 
 
 # -- skips are failures in CI -----------------------------------------------------------------
@@ -66,9 +71,34 @@ def pytest_addoption(parser):
                      help="a skip fails unless a `system` test lacks a system service (on when CI is set)")
 
 
+# -- the longest files first -------------------------------------------------------------------
+# `make test` runs whole files on two workers (--dist loadfile). xdist hands out files in
+# collection order (its default reorders them by their number of tests, which says little: the
+# training file has 20 tests and takes a third of the suite, the deploy file 9 tests and a
+# sixth). A long file handed out last leaves the other worker idle until it ends, so the files
+# measured longest (pytest --durations, docs/testing.md) go first, longest first; the rest keep
+# their order. Only the order changes, never what runs.
+LONGEST_FIRST = (
+    "test_train.py", "test_deploy.py", "test_sources.py", "test_convert.py", "test_experts.py", "test_snap.py",
+    "test_ui.py", "test_dicom_node.py", "test_watch.py", "test_guard.py",
+)
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order given below
+        config.option.loadscopereorder = False
+
+
+def longest_first(items) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: ties keep their order
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``pi_emu`` (the emulated arm64 Pi, minutes under QEMU) run only with
-    CTPI_PI_EMU=1: deselected otherwise, not skipped, so --no-skips does not fail on them."""
+    CTPI_PI_EMU=1: deselected otherwise, not skipped, so --no-skips does not fail on them.
+    Then the longest files go first (above)."""
+    longest_first(items)
     if os.environ.get("CTPI_PI_EMU", "") == "1":
         return
     chosen = [item for item in items if item.get_closest_marker("pi_emu") is None]

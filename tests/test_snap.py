@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("tensorflow")
 
-from tests.test_train import COMMON, _train, file_run, split_data, tiny_weights_file  # noqa: E402,F401
+from tests.tiny_runs import COMMON  # noqa: E402
+from tests.tiny_runs import train as _train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -107,7 +108,7 @@ def test_snapped_kernels_reach_int8_tflite_without_rounding(snapped):
         assert worst > 1e-3  # random kernels lose a part of a step each
 
 
-def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_file, split_data, tmp_path):  # noqa: F811
+def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_file, split_data, tmp_path):
     import keras
 
     from train.snap import snap_model
@@ -122,7 +123,7 @@ def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_fil
     assert snap_model(model)["max_abs_change"] < 1e-6  # already on the grid: rounding again moves nothing
 
 
-def test_snap_refuses_an_averaged_run(tiny_weights_file, split_data, tmp_path, capsys):  # noqa: F811
+def test_snap_refuses_an_averaged_run(tiny_weights_file, split_data, tmp_path, capsys):
     path, _ = tiny_weights_file
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(tmp_path / "x"),
             *COMMON, "--fine-epochs", "1", "--snap-weights", "--ema", "0.99"]
@@ -130,7 +131,7 @@ def test_snap_refuses_an_averaged_run(tiny_weights_file, split_data, tmp_path, c
     assert "--snap-weights" in capsys.readouterr().err
 
 
-def test_snapping_a_finished_run_writes_a_new_run_rescored_on_val(file_run, split_data, tmp_path):  # noqa: F811
+def test_snapping_a_finished_run_writes_a_new_run_rescored_on_val(file_run, split_data, tmp_path):
     import keras
 
     from train.snap import main, snap_model

@@ -16,10 +16,11 @@ pytest.importorskip("tensorflow")
 from device.core.metrics import binary_metrics, choose_threshold  # noqa: E402
 from device.core.preprocess import PreprocessSpec, load_slice  # noqa: E402
 from tests.synthetic import write_image_folder  # noqa: E402
+from tests.tiny_runs import COMMON, IMG  # noqa: E402
+from tests.tiny_runs import train as _train  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-IMG = 32
 RUN_KEYS = {
     "architecture", "labels", "positive_label", "threshold", "threshold_rule", "preprocessing", "img_size",
     "initial_weights", "training_data", "metrics", "seed", "wall_seconds", "tensorflow_version", "keras_version",
@@ -29,23 +30,8 @@ OUTPUTS = [
     "model.keras", "run.json", "history.csv", "metrics.json", "val_scores.csv", "report.md",
     "training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png", "gradcam.png",
 ]
-# Tests do not enable TensorFlow's global op determinism: it would stay on for every later test
-# in the same process. The seeded path is the same otherwise.
-COMMON = ["--img-size", str(IMG), "--head-epochs", "1", "--cache", "", "--no-determinism", "-q", "--seed", "3"]
-
-
-@pytest.fixture(scope="module")
-def split_data(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("covidlike")
-    write_image_folder(root / "train", per_class=10, seed=11)
-    write_image_folder(root / "val", per_class=6, seed=12)
-    return root
-
-
-def _train(args: list[str]) -> int:
-    from train.cli import main
-
-    return main(args)
+# split_data, tiny_weights_file and file_run are session fixtures (tests/tiny_runs.py), shared
+# with test_snap.py.
 
 
 @pytest.fixture(scope="module")
@@ -55,40 +41,6 @@ def finished_run(split_data, tmp_path_factory) -> Path:
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", "none", "--out", str(out),
             *COMMON, "--fine-epochs", "1", "--unfreeze-from", "block_16_expand"]
     args[args.index("--cache") + 1] = str(cache)
-    assert _train(args) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def tiny_weights_file(tmp_path_factory, split_data) -> tuple[Path, list[np.ndarray]]:
-    """A MobileNetV2 backbone with random weights whose BatchNorm statistics were set from
-    synthetic slices (one training-mode pass at momentum 0), saved as a Keras weights file:
-    unlike a bare random init, its features vary from slice to slice."""
-    import keras
-
-    from train.data import load_split
-
-    keras.utils.set_random_seed(123)
-    base = keras.applications.MobileNetV2(input_shape=(IMG, IMG, 3), include_top=False, weights=None)
-    for layer in base.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = 0.0
-    split = load_split(split_data / "train", ["COVID", "NonCOVID"], PreprocessSpec(IMG, IMG, 1), None, False)
-    grey = split.pixels.astype(np.float32) / 127.5 - 1.0
-    base(np.repeat(grey, 3, axis=-1), training=True)
-    path = tmp_path_factory.mktemp("weights") / "tiny_mobilenetv2_notop.weights.h5"
-    base.save_weights(path)
-    return path, [w.copy() for w in base.get_weights()]
-
-
-@pytest.fixture(scope="module")
-def file_run(tiny_weights_file, split_data, tmp_path_factory) -> Path:
-    """Both stages from a weights file: head on the frozen backbone, then block 16 unfrozen."""
-    path, _ = tiny_weights_file
-    out = tmp_path_factory.mktemp("runs") / "from_file"
-    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out),
-            *COMMON, "--fine-epochs", "1", "--unfreeze-from", "block_16_expand"]
-    args[args.index("--cache") + 1] = str(tmp_path_factory.mktemp("cache"))
     assert _train(args) == 0
     return out
 
@@ -350,7 +302,7 @@ def test_with_a_weight_average_val_is_scored_and_saved_on_the_averaged_weights(t
         out = tmp_path / name
         args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out),
                 *COMMON, "--head-epochs", "0", "--fine-epochs", "2", "--batch-size", "4", "--fine-lr", "0.01",
-                "--ema", momentum]
+                "--unfreeze-from", "block_16_expand", "--ema", momentum]  # the top block: a third of the tracing
         assert _train(args) == 0
         with open(out / "history.csv", newline="") as handle:
             return [row for row in csv_module.DictReader(handle) if row["stage"] == "fine"]
@@ -403,9 +355,9 @@ def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_
     adapted = build_backbone("mobilenetv2", IMG, weights, weights_path).get_weights()
     assert len(adapted) == len(initial) and any(not np.allclose(a, b) for a, b in zip(adapted, initial, strict=True))
 
-    out = tmp_path / "run"
+    out = tmp_path / "run"  # the head stage alone: what is checked is where the run started
     assert _train(["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(ssl / "backbone.weights.h5"),
-                   "--out", str(out), *COMMON, "--fine-epochs", "1"]) == 0
+                   "--out", str(out), *COMMON, "--fine-epochs", "0"]) == 0
     run = json.loads((out / "run.json").read_text())
     assert run["initial_weights"]["description"] == record["description"]
     assert InitialWeights(**run["initial_weights"]).pretrained
