@@ -1,6 +1,6 @@
 """The emulated Raspberry Pi OS (Bookworm arm64) target: ``make pi-emu`` (tests/pi_emu.py) end to end.
 
-Run with ``CTPI_PI_EMU=1`` (marker ``pi_emu``), as ``.ci/run`` does after ``make test``: it takes
+Run with ``CTPI_PI_EMU=1`` (marker ``pi_emu``; not in ``.ci/run``, whose time it would overrun): it takes
 minutes under QEMU, so ``make test`` itself deselects it (``pytest_collection_modifyitems`` in
 tests/conftest.py) instead of skipping it, which ``--no-skips`` would turn into a failure.
 It runs the real ``python -m tests.pi_emu`` as ``make pi-emu`` does, then checks what happened
