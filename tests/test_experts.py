@@ -130,7 +130,8 @@ def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp
     int8 = np.stack([dequantize(backend.invoke(quantize(s[None].astype(np.float32), backend.input)), backend.output)[0]
                      for s in slices])
     # the same model in 8 bits (a random 32-pixel backbone calibrated on 8 slices: loose)
-    np.testing.assert_allclose(int8, np.asarray(model(slices.astype(np.float32))), atol=0.15)
+    assert np.abs(int8 - np.asarray(model(slices.astype(np.float32)))).mean() < 0.1
+    np.testing.assert_allclose(int8.sum(axis=1), 1.0, atol=0.02)
 
 
 def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
@@ -162,7 +163,8 @@ def test_the_int8_view_is_the_features_a_full_int8_model_computes(tmp_path):
     pixels = np.random.default_rng(9).integers(0, 256, (16, 32, 32, 1)).astype(np.uint8)
     features = np.asarray(extractor(pixels.astype(np.float32)), dtype=np.float64)
     keras.utils.set_random_seed(3)  # the same random backbone
-    int8 = int8_features("mobilenetv2", 32, weights, path, layers, [features], pixels, seed=0, samples=8)
+    int8, again = int8_features("mobilenetv2", 32, weights, path, layers, [features], [pixels, pixels[:4]], seed=0, samples=8)
+    np.testing.assert_array_equal(again, int8[:4])  # one converted model serves every set
     assert int8.shape == features.shape
     spread = features.std(axis=0) + 1e-9
     error = np.abs(int8 - features) / spread
@@ -188,7 +190,7 @@ def test_a_fine_tuned_runs_backbone_starts_the_experts_head(tmp_path):
     keras.utils.set_random_seed(5)  # another random start: the copy must overwrite it
     backbone = build_backbone("mobilenetv2", 32, weights, path)
     trained = model.get_layer(BACKBONE_NAME)
-    for layer in trained.layers:
+    for layer in (layer for layer in trained.layers if layer.weights):  # input layers are numbered per process
         for mine, theirs in zip(backbone.get_layer(layer.name).get_weights(), layer.get_weights(), strict=True):
             np.testing.assert_array_equal(mine, theirs)
     with pytest.raises(WeightsError, match="another architecture or input size"):

@@ -36,6 +36,10 @@ DEFAULT_LAYERS = {
 }
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 GATE_GRID = (0.001, 0.01, 0.1, 1.0)
+# With the int8 features of val at hand, a choice (an expert's or the gate's C and views) must
+# keep this share of val decisions when its features are the int8 model's: the conversion's
+# gate asks 98 %, and what is fitted here is one step short of the converted model.
+INT8_AGREEMENT = 0.985
 HEAD_NAME = "experts"
 
 
@@ -71,12 +75,13 @@ def build_extractor(arch: str, img_size: int, weights, weights_path, layers: tup
 
 
 def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...], train_views: list[np.ndarray],
-                  pixels: np.ndarray, seed: int, samples: int = 300) -> np.ndarray:
+                  pixel_sets: list[np.ndarray], seed: int, samples: int = 300) -> list[np.ndarray]:
     """Pooled features of ``pixels`` as the shipped full-int8 model computes them, unstandardised
     to the float features' scale: the extractor up to the head's input (each map pooled and
     standardised, then joined: the tensor the head's int8 layers read) is converted to int8,
     calibrated on ``samples`` train slices as ``python -m convert`` does, and run by the Pi's
-    TFLite runtime. Row ``i`` is slice ``i`` as it is (no augmentation)."""
+    TFLite runtime, on each of ``pixel_sets`` (the first is train, which calibration draws
+    from). Row ``i`` is slice ``i`` as it is (no augmentation)."""
     import keras
 
     from convert.diagnose import tflite_probabilities
@@ -95,10 +100,10 @@ def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple
     joined = keras.layers.Concatenate()(scaled) if len(scaled) > 1 else scaled[0]
     extractor = keras.Model(pixels_in, joined, name="standardised_extractor")
     rng = np.random.default_rng(seed)
-    representative = pixels[rng.choice(len(pixels), min(samples, len(pixels)), replace=False)]
+    train = pixel_sets[0]
+    representative = train[rng.choice(len(train), min(samples, len(train)), replace=False)]
     content = to_tflite(extractor, "int8", list(representative))
-    standardised = tflite_probabilities(content, pixels).astype(np.float64)
-    return standardised * np.sqrt(variance) + mean
+    return [tflite_probabilities(content, pixels).astype(np.float64) * np.sqrt(variance) + mean for pixels in pixel_sets]
 
 
 def build_experts_model(arch: str, img_size: int, labels: list[str], positive_index: int, weights, weights_path,
@@ -146,12 +151,16 @@ def sample_weights(groups: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.ndarray, val: np.ndarray,
-                y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID) -> dict:
+                y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID,
+                val_int8: np.ndarray | None = None) -> dict:
     """Fit the standardisation, one expert per source and the gate. Each expert's C and views
     are picked on its own source's val AUC; then the gate's C and views on the mixture's
     worst-source val AUC (the run's selection rule). ``train_views[v]`` is view ``v`` of every
     train slice (view 0 as it is), rows aligned with ``y_train`` / ``s_train``; ``y`` is 1
-    for positive."""
+    for positive. ``val_int8``: val's features as the int8 model computes them; then only
+    choices whose decisions survive them (:data:`INT8_AGREEMENT`) compete on AUC, and when none
+    does, the one that keeps most decisions wins: a float model the int8 gate refuses ships
+    nothing."""
     from sklearn.linear_model import LogisticRegression
 
     every = np.concatenate(train_views)
@@ -159,6 +168,7 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
     std = np.where(std > 1e-6, std, 1.0)
     views = [(view - mean) / std for view in train_views]
     val_z = (val - mean) / std
+    int8_z = None if val_int8 is None else (val_int8 - mean) / std
     view_counts = sorted({1, len(views)})
     expert_weight = np.zeros((every.shape[1], len(sources)))
     expert_bias = np.zeros(len(sources))
@@ -171,13 +181,20 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
             y = np.tile(y_train[rows], n_views)
             for c in c_grid:
                 expert = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=sample_weights(np.zeros(len(y)), y))
-                auc = _auc(y_val[own], val_z[own] @ expert.coef_[0] + expert.intercept_[0])
-                if best is None or auc > best[0] + 1e-9:
-                    best = (auc, c, n_views, expert.coef_[0].copy(), float(expert.intercept_[0]))
-        auc, c, n_views, coef, intercept = best
+                coef, intercept = expert.coef_[0].copy(), float(expert.intercept_[0])
+                auc = _auc(y_val[own], val_z[own] @ coef + intercept)
+                agreement = None if int8_z is None else _agreement(
+                    y_val[own], s_val[own], _sigmoid(val_z[own] @ coef + intercept), _sigmoid(int8_z[own] @ coef + intercept))
+                key = _rank(auc, agreement)
+                if best is None or key > best[0]:
+                    best = (key, c, n_views, coef, intercept, auc, agreement)
+        _, c, n_views, coef, intercept, auc, agreement = best
         expert_weight[:, index], expert_bias[index] = coef, intercept
         choices[source] = {"C": c, "views": n_views, "val_auc": round(auc, 4)}
-    experts_val = 1.0 / (1.0 + np.exp(-(val_z @ expert_weight + expert_bias)))
+        if agreement is not None:
+            choices[source]["int8_agreement"] = round(agreement, 4)
+    experts_val = _sigmoid(val_z @ expert_weight + expert_bias)
+    experts_int8 = None if int8_z is None else _sigmoid(int8_z @ expert_weight + expert_bias)
     gate_weight, gate_bias = np.zeros((every.shape[1], len(sources))), np.zeros(len(sources))
     gate_choice = {"C": None, "views": None, "worst_source_auc": None}
     if len(sources) > 1:
@@ -190,16 +207,43 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
                 weight, bias = _softmax_weights(gate, every.shape[1], len(sources))
                 mixed = (_softmax(val_z @ weight + bias) * experts_val).sum(axis=1)
                 worst = min(_auc(y_val[s_val == name], mixed[s_val == name]) for name in sources)
-                if best is None or worst > best[0] + 1e-9:
-                    best = (worst, c, n_views, weight, bias)
-        worst, c, n_views, gate_weight, gate_bias = best
+                agreement = None if int8_z is None else _agreement(
+                    y_val, s_val, mixed, (_softmax(int8_z @ weight + bias) * experts_int8).sum(axis=1))
+                key = _rank(worst, agreement)
+                if best is None or key > best[0]:
+                    best = (key, c, n_views, weight, bias, worst, agreement)
+        _, c, n_views, gate_weight, gate_bias, worst, agreement = best
         gate_choice = {"C": c, "views": n_views, "worst_source_auc": round(worst, 4)}
+        if agreement is not None:
+            gate_choice["int8_agreement"] = round(agreement, 4)
     gate_val = _softmax(val_z @ gate_weight + gate_bias)
     routed = gate_val.argmax(axis=1) == np.array([sources.index(name) for name in s_val])
     accuracy = {name: round(float(routed[s_val == name].mean()), 4) for name in sources if (s_val == name).any()}
     return {"mean": mean, "variance": std**2, "gate": (gate_weight, gate_bias), "experts": (expert_weight, expert_bias),
             "choices": choices, "gate_choice": gate_choice, "gate_val_accuracy": round(float(routed.mean()), 4),
             "gate_val_accuracy_by_source": accuracy, "sources": list(sources)}
+
+
+def _rank(auc: float, agreement: float | None) -> tuple:
+    """Sort key of a candidate: first whether int8 keeps its decisions, then AUC among those
+    that do, agreement among those that do not (ties keep the earlier, simpler candidate)."""
+    if agreement is None:
+        return (True, round(auc, 9))
+    passes = agreement >= INT8_AGREEMENT
+    return (passes, round(auc if passes else agreement, 9))
+
+
+def _agreement(y: np.ndarray, sources: np.ndarray, reference: np.ndarray, int8: np.ndarray) -> float:
+    """Share of decisions at the run's threshold rule (Youden on the worst source, of the float
+    scores) that the int8 scores keep."""
+    from device.core.metrics import choose_threshold_by_source
+
+    threshold = choose_threshold_by_source(y, reference, sources, "youden")
+    return float(np.mean((reference >= threshold) == (int8 >= threshold)))
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
 
 
 def _auc(y: np.ndarray, scores: np.ndarray) -> float:

@@ -232,14 +232,18 @@ def _fit_experts(config, recipe, sources, labels, positive_index, weights, weigh
         s_train.append(np.full(n, source.name))
     val_features = trunk_views(extractor, val_pixels, recipe, config.seed, 1, config.show_progress).astype(np.float64)
     train_views = [np.concatenate(parts) for parts in train_views]
+    val_int8 = None
     if recipe.int8_view:
         from train.experts import int8_features
 
         print("experts head: the int8 view (the extractor converted to full-integer int8, run on every train slice)", flush=True)
-        train_views.append(int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
-                                         np.concatenate([source.train.pixels for source in sources]), config.seed))
+        train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
+                                             [np.concatenate([source.train.pixels for source in sources]), val_pixels],
+                                             config.seed)
+        train_views.append(train_int8)
     fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
-                         np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources])
+                         np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
+                         val_int8=val_int8)
     model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
     model.save(checkpoint)
     choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
