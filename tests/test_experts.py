@@ -58,6 +58,34 @@ def test_each_expert_is_chosen_on_its_own_source_only():
     np.testing.assert_array_equal(first["experts"][0][:, 0], second["experts"][0][:, 0])
 
 
+def test_with_int8_features_choices_must_keep_their_decisions_under_them():
+    """Where the int8 model's features are noisy in a cue the experts could lean on, the fit
+    picks a mixture that keeps more val decisions under them than the fit that ignores them."""
+    from device.core.metrics import choose_threshold_by_source
+    from train.experts import INT8_AGREEMENT, fit_mixture, predict_mixture
+
+    x, y, source = _opposite_cues(200, 11)
+    x[:, 4] += 0.8 * (2 * y - 1)  # a weak cue in a feature 8-bit rounding scrambles
+    xv, yv, sv = _opposite_cues(100, 12)
+    xv[:, 4] += 0.8 * (2 * yv - 1)
+    noisy = xv.copy()
+    noisy[:, 4] += np.random.default_rng(13).normal(0, 3.0, len(xv))
+
+    def agreement(fitted):
+        reference, int8 = predict_mixture(fitted, xv), predict_mixture(fitted, noisy)
+        threshold = choose_threshold_by_source(yv, reference, sv, "youden")
+        return float(np.mean((reference >= threshold) == (int8 >= threshold)))
+
+    plain = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"])
+    same = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], val_int8=xv)  # int8 exact: nothing to avoid
+    assert {k: c["C"] for k, c in same["choices"].items()} == {k: c["C"] for k, c in plain["choices"].items()}
+    assert same["gate_choice"]["int8_agreement"] == 1.0
+    careful = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], val_int8=noisy)
+    assert careful["gate_choice"]["int8_agreement"] == pytest.approx(agreement(careful), abs=1e-4)
+    assert agreement(careful) > agreement(plain)
+    assert agreement(careful) >= INT8_AGREEMENT or all(c["int8_agreement"] < INT8_AGREEMENT for c in careful["choices"].values())
+
+
 @pytest.mark.parametrize("positive_index", [0, 1])
 def test_the_keras_model_computes_the_fitted_mixture_in_built_in_layers(positive_index, tmp_path):
     keras = pytest.importorskip("keras")
