@@ -35,7 +35,7 @@ DEFAULT_LAYERS = {
     "mobilenetv2": ("block_6_expand_relu", "block_13_expand_relu", "block_16_project_BN", "out_relu"),
 }
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
-GATE_GRID = (0.001, 0.01, 0.1, 1.0)
+GATE_GRID = (0.0001, 0.001, 0.01, 0.1, 1.0)
 # With the int8 features of val at hand, a choice (an expert's or the gate's C and views) must
 # keep this share of val decisions when its features are the int8 model's: the conversion's
 # gate asks 98 %, and what is fitted here is one step short of the converted model.
