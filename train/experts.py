@@ -22,6 +22,12 @@ optimistic; held-back slices judge).
 Measured on the two shared sources (docs/models.md): the gate is the weak part. Each expert
 alone ranks its own source's val better than the mixture does, because the gate sends about
 one COVID-CT val slice in eight to the São Paulo expert.
+
+int8: the frozen ImageNet backbone's pooled features move by a fifth to two fifths of their
+spread under 8-bit activations, enough to flip decisions near the threshold. A backbone
+fine-tuned on CT (``--weights RUN``) moves by a tenth; ``--int8-view`` then fits on the int8
+model's own features too and keeps only choices whose val decisions survive them
+(:data:`INT8_AGREEMENT`). That is how the shipped MobileNetV2 passes the int8 gate.
 """
 
 from __future__ import annotations
