@@ -325,8 +325,8 @@ def test_deployed_units_really_run_the_release(pi, release_a):
         assert environment["CTPI_CONFIG"] == str(pi.config_dir / "ctpi.toml")  # /etc/ctpi, moved by CTPI_CONFIG_DIR
         command = exec_start(pi.units / unit)
         arguments = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
-        if unit == "ctpi-ui.service":  # `ctpi ui` execs streamlit in place (same PID) on the release's page
-            assert arguments[1:4] == ["-m", "streamlit", "run"] and arguments[4] == str(pi.prefix / "releases" / version / "streamlit_app.py")
+        if unit == "ctpi-ui.service":  # `ctpi ui` execs streamlit (device.web.serve) in place (same PID) on the release's page
+            assert arguments[1:4] == ["-m", "device.web.serve", "run"] and arguments[4] == str(pi.prefix / "releases" / version / "streamlit_app.py")
         else:  # bin/ctpi execs `python -m device.cli` with the unit's own arguments
             assert arguments[1:] == ["-m", "device.cli", *command[1:]], (arguments, command)
             assert f"--model {pi.prefix}/current/models/{pi.model.name} " in " ".join(command)

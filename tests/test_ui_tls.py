@@ -5,10 +5,12 @@ HTTP, and serves the login to headless Chromium that trusts exactly that certifi
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import os
 import re
+import signal
 import socket
 import ssl
 import stat
@@ -34,12 +36,11 @@ def tls_context(cert: Path) -> ssl.SSLContext:
     return context
 
 
-@pytest.fixture(scope="module")
-def lan_page(tmp_path_factory, tiny_bundle):
-    """``ctpi ui`` bound to every address (0.0.0.0: the LAN), as the Pi's unit runs it: started
-    once for the module (the tests only read from it), so its first start is what they see."""
+@contextlib.contextmanager
+def started_lan_page(tmp_path: Path, bundle: Path):
+    """``ctpi ui`` bound to every address (0.0.0.0: the LAN), as the Pi's unit runs it, once it
+    answers its health check over TLS; terminated (killed after 15 s) on leaving."""
     pytest.importorskip("streamlit")
-    tmp_path = tmp_path_factory.mktemp("lan-page")
     password_file, state = tmp_path / "ui-password", tmp_path / "state"
     env = dict(os.environ, HOME=str(tmp_path / "home"))
     subprocess.run(ctpi("passwd", "--password-file", str(password_file), "--stdin"), input=PASSWORD + "\n", text=True,
@@ -47,7 +48,7 @@ def lan_page(tmp_path_factory, tiny_bundle):
     port = free_port()
     log = open(tmp_path / "ui.log", "w+")
     server = subprocess.Popen(
-        ctpi("ui", "--host", "0.0.0.0", "--port", str(port), "--models", str(tiny_bundle.parent), "--model", str(tiny_bundle),
+        ctpi("ui", "--host", "0.0.0.0", "--port", str(port), "--models", str(bundle.parent), "--model", str(bundle),
              "--state", str(state), "--inbox", str(tmp_path / "inbox"), "--password-file", str(password_file)),
         stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path,
     )  # fmt: skip
@@ -63,7 +64,7 @@ def lan_page(tmp_path_factory, tiny_bundle):
                         if connection.getresponse().read().strip() == b"ok":
                             break
                     finally:
-                        connection.close()  # an open keep-alive connection held the server's exit 15 s
+                        connection.close()
                 except OSError:
                     pass
             if server.poll() is not None or time.monotonic() > deadline:
@@ -71,14 +72,44 @@ def lan_page(tmp_path_factory, tiny_bundle):
                 pytest.fail(f"ctpi ui did not come up over TLS (exit {server.poll()}):\n{log.read()}")
             time.sleep(0.3)
         log.seek(0)
-        yield {"port": port, "cert": cert, "state": state, "log": log.read(), "model": tiny_bundle}
+        yield {"server": server, "port": port, "cert": cert, "state": state, "log": log.read(), "model": bundle}
     finally:
         server.terminate()
         try:
             server.wait(timeout=15)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def lan_page(tmp_path_factory, tiny_bundle):
+    """The LAN page started once for the module (the tests only read from it), so its first
+    start is what they see."""
+    with started_lan_page(tmp_path_factory.mktemp("lan-page"), tiny_bundle) as page:
+        yield page
+
+
+def test_sigterm_stops_the_page_while_an_idle_https_connection_is_open(tmp_path, tiny_bundle):
+    """``systemctl stop ctpi-ui`` sends SIGTERM while browsers keep idle keep-alive connections
+    open. The page must exit promptly anyway, not wait out the TLS close handshake that an idle
+    client never answers (30 s in asyncio, beyond systemd's and the fixture's kill)."""
+    with started_lan_page(tmp_path, tiny_bundle) as page:
+        server = page["server"]
+        idle = http.client.HTTPSConnection("127.0.0.1", page["port"], timeout=10, context=tls_context(page["cert"]))
+        try:
+            idle.request("GET", "/_stcore/health")
+            answer = idle.getresponse()
+            assert answer.read().strip() == b"ok" and not answer.will_close  # kept alive, then left idle
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=8)  # a generous bound: the 15 s kill is what the bug fell back to
+            except subprocess.TimeoutExpired:
+                pytest.fail("ctpi ui still ran 8 s after SIGTERM with an idle HTTPS connection open")
+        finally:
+            idle.close()
+        assert server.returncode is not None
 
 
 def test_loopback_is_the_only_plain_http_address():

@@ -1,6 +1,7 @@
 """``ctpi ui`` and ``ctpi passwd``: serve the web page safely on a LAN, and set its password.
 
-``ctpi ui`` replaces itself (``exec``) with ``streamlit run streamlit_app.py`` and the
+``ctpi ui`` replaces itself (``exec``) with ``streamlit run streamlit_app.py`` (through
+:mod:`device.web.serve`, so that SIGTERM stops it promptly over TLS) and the
 settings that make Streamlit fit a hospital LAN: headless, bound to one address, XSRF
 protection on, usage statistics off (the appliance sends nothing out), uploads capped, no
 file watcher, no tracebacks shown to users. The page's own settings (the ``[ui]`` and
@@ -70,7 +71,7 @@ def streamlit_command(settings: UiConfig, app: Path = APP_PATH, tls: tuple[Path,
     with ``tls`` (certificate, key) Streamlit serves HTTPS only."""
     secure = [f"--server.sslCertFile={tls[0]}", f"--server.sslKeyFile={tls[1]}"] if tls else []
     return [
-        sys.executable, "-m", "streamlit", "run", str(app),
+        sys.executable, "-m", "device.web.serve", "run", str(app),
         f"--server.address={settings.host}",
         f"--server.port={settings.port}",
         "--server.headless=true",
