@@ -105,19 +105,36 @@ def header_verdict(decoded: DecodedSlice) -> Verdict | None:
     return None
 
 
+_ENTROPY, _COLOUR, _NOISE, _LUNG_CORE = (
+    FEATURE_NAMES.index(name) for name in ("histogram_entropy", "colour_fraction", "noise_ratio", "lung_core")
+)
+FLAT_RANGE = 1e-3  # intensity range under which an image is flat
+_RANGE_SAMPLE = 16  # the flat rule first looks at every 16th pixel of every 16th row
+
+
+def is_flat(pixels: np.ndarray) -> bool:
+    """Whether the image's intensity range (max - min) is under FLAT_RANGE.
+
+    A sparse sample decides for any image with structure: its range can only be smaller than
+    the whole image's (and a rounded difference no larger), so a sample already spread by
+    FLAT_RANGE settles it without the two passes over every pixel that cost 5 % of the guard."""
+    sample = pixels[::_RANGE_SAMPLE, ::_RANGE_SAMPLE]
+    if float(sample.max() - sample.min()) >= FLAT_RANGE:
+        return False
+    return float(pixels.max() - pixels.min()) < FLAT_RANGE
+
+
 def rule_verdict(values: np.ndarray, decoded: DecodedSlice) -> Verdict | None:
     """A refusal for the obvious cases, or None when the rules see nothing wrong."""
-    f = dict(zip(FEATURE_NAMES, values, strict=True))
-    pixels = decoded.pixels
-    if float(pixels.max() - pixels.min()) < 1e-3 or f["histogram_entropy"] < 0.5:
+    if values[_ENTROPY] < 0.5 or is_flat(decoded.pixels):
         return Verdict(False, "flat", "is a flat image with no structure, not a CT slice")
-    if f["colour_fraction"] > COLOUR_LIMIT:
+    if values[_COLOUR] > COLOUR_LIMIT:
         return Verdict(
             False, "colour", "looks like a colour photograph or illustration, not a CT slice (CT slices are grey)"
         )
-    if f["noise_ratio"] > NOISE_LIMIT:
+    if values[_NOISE] > NOISE_LIMIT:
         return Verdict(False, "noise", "looks like random noise or a fine pattern, not a CT slice")
-    if f["lung_core"] < LUNG_CORE_MIN:
+    if values[_LUNG_CORE] < LUNG_CORE_MIN:
         return Verdict(
             False,
             "no-lungs",

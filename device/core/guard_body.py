@@ -18,8 +18,15 @@ block reduction of the full image, everything else on thumbnails of a few thousa
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from PIL import Image
+
+# the reductions ndarray.sum/any/max/min run, called directly: the methods add a Python layer
+# (numpy's _methods) to each of the ~40 reductions of a slice, all on small arrays, where that
+# layer is a good part of the cost. axis=None where the method would reduce everything.
+_sum, _any, _max, _min = np.add.reduce, np.logical_or.reduce, np.maximum.reduce, np.minimum.reduce
 
 LOCATE_SIDE = 128  # the body is found on a thumbnail at most this size: a table line is 1-2 pixels thick
 WORK_SIDE = 64  # features are computed on a view of the body's box this size (its longer side)
@@ -54,29 +61,32 @@ def otsu_split(counts: np.ndarray) -> float:
     if bins < 2:
         return 0.5
     centres = _OTSU_CENTRES if bins == OTSU_BINS else (np.arange(bins) + 0.5) / bins
-    weights = counts / max(1, int(counts.sum()))
-    below = np.cumsum(weights)[:-1]
-    mean_below = np.cumsum(weights * centres)
+    weights = counts / max(1, int(_sum(counts, axis=None)))
+    below = weights.cumsum()[:-1]  # ndarray methods, not numpy's Python wrappers: this runs 3 times a slice
+    mean_below = (weights * centres).cumsum()
     spread = below * (1.0 - below)
-    between = (mean_below[-1] * below - mean_below[:-1]) ** 2 / np.where(spread > 0, spread, np.inf)
-    return float(centres[int(np.argmax(between))] + 0.5 / bins)
+    spread[spread <= 0] = np.inf
+    between = (mean_below[-1] * below - mean_below[:-1]) ** 2 / spread
+    return float(centres[int(between.argmax())] + 0.5 / bins)
 
 
 def _air_threshold(sample: np.ndarray) -> float:
     """The intensity above which a thumbnail pixel is not air, from one histogram of ``sample``:
     the 1st and 99th percentile (to a bin) stretch it to 0..1, and the air level of that is the
     features' own (:func:`air_level` of its Otsu split)."""
-    least, most = float(sample.min()), float(sample.max())
+    least, most = float(_min(sample, axis=None)), float(_max(sample, axis=None))
     if most - least < 1e-6:
         return most
     step = (most - least) / LEVEL_BINS
-    counts = np.bincount(
-        np.minimum(((sample - least) * (1.0 / step)).astype(np.intp).ravel(), LEVEL_BINS - 1), minlength=LEVEL_BINS
-    )
-    cumulative = np.cumsum(counts)
+    scaled = sample - least
+    scaled *= 1.0 / step
+    index = scaled.astype(np.intp)
+    np.minimum(index, LEVEL_BINS - 1, out=index)
+    counts = np.bincount(index.ravel(), minlength=LEVEL_BINS)
+    cumulative = counts.cumsum()
     total = int(cumulative[-1])
-    first = int(np.searchsorted(cumulative, total // 100, side="right"))
-    last = max(first, int(np.searchsorted(cumulative, total - total // 100, side="left")))
+    first = int(cumulative.searchsorted(total // 100, side="right"))
+    last = max(first, int(cumulative.searchsorted(total - total // 100, side="left")))
     window = counts[first : last + 1].copy()  # what is outside the percentiles clips to their bins
     window[0] += int(cumulative[first - 1]) if first else 0
     window[-1] += total - int(cumulative[last])
@@ -91,15 +101,15 @@ def air_level(otsu: float) -> float:
 
 
 def _block_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
-    """Means of ``factor`` x ``factor`` blocks (a last partial block row or column is left out),
-    by strided sums: no copy of the full image, no resampling."""
+    """Means of ``factor`` (>= 2) x ``factor`` blocks (a last partial block row or column is left
+    out), by a reduction and strided sums: no resampling, and no copy of the full image unless
+    a partial block is cut off."""
     rows, columns = pixels.shape[0] // factor, pixels.shape[1] // factor
     image = pixels[: rows * factor, : columns * factor]
-    strip = image[0::factor].astype(np.float32)
-    for offset in range(1, factor):
-        strip += image[offset::factor]
-    block = strip[:, 0::factor].copy()
-    for offset in range(1, factor):
+    # one reduction over each block's rows (added in order, as row-by-row adds would be)
+    strip = np.add.reduce(image.reshape(rows, factor, columns * factor), axis=1, dtype=np.float32)
+    block = strip[:, 0::factor] + strip[:, 1::factor]
+    for offset in range(2, factor):
         block += strip[:, offset::factor]
     block *= 1.0 / (factor * factor)
     return block
@@ -109,14 +119,14 @@ def _heaviest_run(profile: np.ndarray) -> tuple[int, int]:
     """[start, stop) of the run of non-zero entries of ``profile`` with the largest sum; runs
     parted by fewer than GAP zeros count as one (a tight crop through a lung can leave a column
     with nothing brighter than air between the body and the edge)."""
-    filled = np.flatnonzero(profile)
+    filled = profile.nonzero()[0]
     if filled.size == 0:
         return 0, profile.size
     if filled[-1] - filled[0] - filled.size < GAP:  # few zeros between the first and last: maybe one run
-        if filled.size == 1 or int(np.diff(filled).max()) <= GAP:
+        if filled.size == 1 or int(_max(filled[1:] - filled[:-1], axis=None)) <= GAP:
             return int(filled[0]), int(filled[-1]) + 1
     on = np.concatenate(([0], (profile > 0).view(np.int8), [0]))
-    edges = np.flatnonzero(np.diff(on))
+    edges = (on[1:] != on[:-1]).nonzero()[0]
     starts, stops = edges[::2], edges[1::2]
     if starts.size > 1:
         parted = starts[1:] - stops[:-1] >= GAP
@@ -129,7 +139,7 @@ def _heaviest_run(profile: np.ndarray) -> tuple[int, int]:
 
 def _open_vertically(mask: np.ndarray) -> np.ndarray:
     """The pixels of ``mask`` in a vertical run of 3 or more (an opening by a vertical line)."""
-    out = np.zeros_like(mask)
+    out = np.zeros(mask.shape, dtype=bool)
     core = mask[:-2] & mask[1:-1] & mask[2:]
     out[:-2] |= core
     out[1:-1] |= core
@@ -146,19 +156,19 @@ def body_box(above_air: np.ndarray) -> tuple[int, int, int, int]:
     can be as thin as a table line, and it is what joins the body's sides to the mediastinum."""
     height, width = above_air.shape
     opened = _open_vertically(above_air) if height >= 3 else above_air
-    if not opened.any():
+    if not _any(opened, axis=None):
         return 0, height, 0, width
     counts = above_air.view(np.uint8)  # sums of uint8 with an int32 accumulator: the fastest count
-    top, bottom = _heaviest_run(opened.view(np.uint8).sum(axis=1, dtype=np.int32))
-    left, right = _heaviest_run(counts[top:bottom].sum(axis=0, dtype=np.int32))
+    top, bottom = _heaviest_run(_sum(opened.view(np.uint8), axis=1, dtype=np.int32))
+    left, right = _heaviest_run(_sum(counts[top:bottom], axis=0, dtype=np.int32))
     # a table that touches the body runs on past its sides in the bottom rows: the sides are
     # where there is something above those rows
-    upper = above_air[top : bottom - max(3, (bottom - top) // 6), left:right].any(axis=0)
-    if upper.any():
+    upper = _any(above_air[top : bottom - max(3, (bottom - top) // 6), left:right], axis=0)
+    if _any(upper, axis=None):
         left, right = left + int(upper.argmax()), right - int(upper[::-1].argmax())
-    top, bottom = _heaviest_run(counts[:, left:right].sum(axis=1, dtype=np.int32))
+    top, bottom = _heaviest_run(_sum(counts[:, left:right], axis=1, dtype=np.int32))
     if 2 <= left and right <= width - 2:
-        beyond = above_air[:, left - 2 : left].any(axis=1) | above_air[:, right : right + 2].any(axis=1)
+        beyond = _any(above_air[:, left - 2 : left], axis=1) | _any(above_air[:, right : right + 2], axis=1)
         for _ in range(max(1, height // 16)):
             if bottom - top <= 3 or not beyond[bottom - 1]:
                 break
@@ -171,36 +181,43 @@ def _edge_cut(filled: np.ndarray) -> int:
     inwards, holds anything brighter than air: everything up to the innermost one that holds
     nothing. What a line of air parts from the body is not the body (a table, a label, the
     box's rounding)."""
-    empty = np.flatnonzero(~filled)
+    empty = (~filled).nonzero()[0]
     return int(empty[-1]) + 1 if empty.size else 0
 
 
-def _trim(pixels: np.ndarray, box: tuple[int, int, int, int], band: int, level: float) -> tuple[int, int, int, int]:
+def _trim(
+    pixels: np.ndarray, box: tuple[int, int, int, int], band: int, level: float, above: np.ndarray | None = None
+) -> tuple[int, int, int, int]:
     """The box (in ``pixels``, the full image or the thumbnail; ``band``: its pixels to one of
     the thumbnail's) less what lies at its edges, within a few thumbnail pixels, beyond a row or
     column of air (brighter than ``level`` is not air): the thumbnail's box is rounded outwards,
     and a table or a label closer than GAP thumbnail pixels is in it.
     At the bottom, the top edge of what runs on past a side of the box goes too, with all under
-    it: a table line that touches the body (curved, so it may pass one side first)."""
+    it: a table line that touches the body (curved, so it may pass one side first).
+    ``above``: ``pixels > level`` where the caller has it already (the thumbnail's mask)."""
     top, bottom, left, right = box
     width = pixels.shape[1]
     if bottom - top <= 8 * band or right - left <= 4 * band:
         return box
+
+    def brighter(rows: slice, columns: slice) -> np.ndarray:
+        return above[rows, columns] if above is not None else pixels[rows, columns] > level
+
     depth = 3 * band
-    last_rows = pixels[bottom - depth : bottom]
+    last_rows = slice(bottom - depth, bottom)
     past = np.zeros(depth, dtype=bool)
     if left >= 2 * band:
-        past |= (last_rows[:, left - 2 * band : left] > level).any(axis=1)
+        past |= _any(brighter(last_rows, slice(left - 2 * band, left)), axis=1)
     if right + 2 * band <= width:
-        past |= (last_rows[:, right : right + 2 * band] > level).any(axis=1)
-    if past.any():
+        past |= _any(brighter(last_rows, slice(right, right + 2 * band)), axis=1)
+    if _any(past, axis=None):
         bottom -= depth - int(past.argmax())
     reach = min(6 * band, (bottom - top) // 5)
-    top += _edge_cut((pixels[top : top + reach, left:right] > level).any(axis=1))
-    bottom -= _edge_cut((pixels[bottom - reach : bottom, left:right] > level).any(axis=1)[::-1])
+    top += _edge_cut(_any(brighter(slice(top, top + reach), slice(left, right)), axis=1))
+    bottom -= _edge_cut(_any(brighter(slice(bottom - reach, bottom), slice(left, right)), axis=1)[::-1])
     reach = min(6 * band, (right - left) // 5)
-    left += _edge_cut((pixels[top:bottom, left : left + reach] > level).any(axis=0))
-    right -= _edge_cut((pixels[top:bottom, right - reach : right] > level).any(axis=0)[::-1])
+    left += _edge_cut(_any(brighter(slice(top, bottom), slice(left, left + reach)), axis=0))
+    right -= _edge_cut(_any(brighter(slice(top, bottom), slice(right - reach, right)), axis=0)[::-1])
     return top, bottom, left, right
 
 
@@ -213,12 +230,13 @@ def body_view(pixels: np.ndarray) -> tuple[np.ndarray, float]:
     factor = max(1, min(-(-max(height, width) // LOCATE_SIDE), min(height, width) // 8))
     coarse = _block_mean(pixels, factor) if factor > 1 else pixels
     air = _air_threshold(coarse[::2, ::2] if coarse.size > 8192 else coarse)  # a quarter of it is enough
-    box = body_box(coarse > air)
+    above_air = coarse > air
+    box = body_box(above_air)
     if factor == 1 or max(box[1] - box[0], box[3] - box[2]) >= COARSE_VIEW * WORK_SIDE:
         # a body that fills most of the frame: the thumbnail has pixels enough for the view
         source = coarse
         if box != (0, coarse.shape[0], 0, coarse.shape[1]):
-            box = _trim(coarse, box, 1, air)
+            box = _trim(coarse, box, 1, air, above_air)
     else:  # a small body in a wide frame has few thumbnail pixels: the view is made from the full image
         source = pixels
         top, bottom, left, right = box
@@ -235,6 +253,9 @@ def body_view(pixels: np.ndarray) -> tuple[np.ndarray, float]:
     if size == (box_w, box_h):
         view = source[top:bottom, left:right]
     else:
-        image = Image.fromarray(np.ascontiguousarray(source), mode="F")
-        view = np.asarray(image.resize(size, Image.Resampling.BOX, box=(left, top, right, bottom)), dtype=np.float32)
-    return stretch(view), float(np.log(box_w / box_h))
+        image = Image.frombuffer(
+            "F", (source.shape[1], source.shape[0]), np.ascontiguousarray(source), "raw", "F", 0, 1
+        )
+        resized = image.resize(size, Image.Resampling.BOX, box=(left, top, right, bottom))
+        view = np.frombuffer(resized.tobytes(), dtype=np.float32).reshape(size[1], size[0])
+    return stretch(view), math.log(box_w / box_h)

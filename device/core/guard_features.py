@@ -8,9 +8,11 @@ every slice: written to make few numpy calls.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
-from device.core.guard_body import OTSU_BINS, air_level, body_view, otsu_split
+from device.core.guard_body import OTSU_BINS, _any, _max, _min, _sum, air_level, body_view, otsu_split
 from device.core.preprocess import DecodedSlice
 
 FEATURE_VERSION = 3  # 3: features of the body's bounding box; 2: of the whole frame
@@ -48,28 +50,32 @@ FEATURE_NAMES = (
 )
 
 
-def _span_mask(foreground: np.ndarray, rim: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def _span_mask(foreground: np.ndarray, rim: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Pixels between the first and last foreground pixel of their row AND of their column:
     the body outline with its holes (lungs) filled, without a connected-component pass; and
-    those of them at least ``rim`` pixels in from those ends (the body less its rim)."""
+    those of them at least ``rim`` pixels in from those ends (the body less its rim); and which
+    rows and columns hold any of it (those that hold foreground: a foreground pixel is inside
+    its own row's and column's span, and a row's span holds foreground)."""
     height, width = foreground.shape
-    rows, columns = foreground.any(axis=1), foreground.any(axis=0)
-    row_first = np.where(rows, foreground.argmax(axis=1), width)[:, None]
-    row_last = np.where(rows, width - 1 - foreground[:, ::-1].argmax(axis=1), -1)[:, None]
-    column_first = np.where(columns, foreground.argmax(axis=0), height)[None, :]
-    column_last = np.where(columns, height - 1 - foreground[::-1].argmax(axis=0), -1)[None, :]
-    across, down = np.arange(width)[None, :], np.arange(height)[:, None]
+    rows, columns = _any(foreground, axis=1), _any(foreground, axis=0)
+    # int16 (the view is at most WORK_SIDE a side), minimums in place: fewer, smaller temporaries
+    row_first = np.where(rows, foreground.argmax(axis=1), width).astype(np.int16)[:, None]
+    row_last = np.where(rows, width - 1 - foreground[:, ::-1].argmax(axis=1), -1).astype(np.int16)[:, None]
+    column_first = np.where(columns, foreground.argmax(axis=0), height).astype(np.int16)[None, :]
+    column_last = np.where(columns, height - 1 - foreground[::-1].argmax(axis=0), -1).astype(np.int16)[None, :]
+    across, down = np.arange(width, dtype=np.int16)[None, :], np.arange(height, dtype=np.int16)[:, None]
     # how far in from the nearest end of its row or column span a pixel is (< 0: outside)
-    depth = np.minimum(
-        np.minimum(across - row_first, row_last - across), np.minimum(down - column_first, column_last - down)
-    )
-    return depth >= 0, depth >= rim
+    depth = across - row_first
+    np.minimum(depth, row_last - across, out=depth)
+    np.minimum(depth, down - column_first, out=depth)
+    np.minimum(depth, column_last - down, out=depth)
+    return depth >= 0, depth >= rim, rows, columns
 
 
 def _erode(mask: np.ndarray, steps: int) -> np.ndarray:
     """Binary erosion by a 3x3 cross, ``steps`` times (edges count as outside)."""
     for _ in range(steps):
-        inner = np.zeros_like(mask)
+        inner = np.zeros(mask.shape, dtype=bool)
         inner[1:-1, 1:-1] = mask[1:-1, 1:-1] & mask[:-2, 1:-1] & mask[2:, 1:-1] & mask[1:-1, :-2] & mask[1:-1, 2:]
         mask = inner
     return mask
@@ -100,18 +106,18 @@ def features(decoded: DecodedSlice) -> np.ndarray:
     """The :data:`FEATURE_NAMES` vector of one decoded image (float64)."""
     grey, aspect = body_view(decoded.pixels)
     height, width = grey.shape
-    levels = np.minimum((grey * OTSU_BINS).astype(np.intp), OTSU_BINS - 1)  # each pixel's histogram bin
+    levels = (grey * OTSU_BINS).astype(np.intp)  # each pixel's histogram bin
+    np.minimum(levels, OTSU_BINS - 1, out=levels)
     fine = np.bincount(levels.ravel(), minlength=OTSU_BINS)
-    histogram = fine.reshape(16, OTSU_BINS // 16).sum(axis=1) / grey.size  # bin edges are shared
+    histogram = _sum(fine.reshape(16, OTSU_BINS // 16), axis=1) / grey.size  # bin edges are shared
     nonzero = histogram[histogram > 0]
     threshold = otsu_split(fine)
     foreground = grey > threshold
     # the outline from anything above air: in a soft-tissue window the chest wall is grey fat
-    body, body_inner = _span_mask(grey > air_level(threshold))
+    body, body_inner, body_rows, body_columns = _span_mask(grey > air_level(threshold))
     body_area = int(np.count_nonzero(body))
     found = body_area > 0
     body_area = max(1, body_area)
-    body_rows, body_columns = body.any(axis=1), body.any(axis=0)
     if found:
         top, bottom = int(body_rows.argmax()), height - int(body_rows[::-1].argmax())
         left, right = int(body_columns.argmax()), width - int(body_columns[::-1].argmax())
@@ -122,20 +128,21 @@ def features(decoded: DecodedSlice) -> np.ndarray:
     inside = np.bincount(levels[body], minlength=OTSU_BINS)
     lung_split = otsu_split(inside) if body_area > 16 and np.count_nonzero(inside) > 1 else threshold
     lungs = body & (grey <= lung_split)
-    lung_columns = lungs.sum(axis=0)
-    lung_rows = lungs.sum(axis=1)
-    lung_area = int(lung_rows.sum())
+    lung_columns = _sum(lungs, axis=0)
+    lung_rows = _sum(lungs, axis=1)
+    lung_area = int(_sum(lung_rows, axis=None))
     middle = left + box_w / 2.0
     column_centre = np.arange(width) + 0.5
-    left_lung = int(lung_columns[column_centre < middle].sum())
+    # the columns whose centre is left of the middle (a half-integer or integer) are a prefix
+    left_lung = int(_sum(lung_columns[: min(width, max(0, math.ceil(middle - 0.5)))], axis=None))
     right_lung = lung_area - left_lung
-    central = int(lung_columns[np.abs(column_centre - middle) < box_w / 6.0].sum())
+    central = int(_sum(lung_columns[np.abs(column_centre - middle) < box_w / 6.0], axis=None))
     row_position = (np.arange(height) + 0.5 - top) / box_h
     if lung_area:
         lung_centre_row = float(lung_rows @ row_position) / lung_area
         lung_height = np.count_nonzero(lung_rows) / box_h
-        lung_bottom = float(lung_rows[row_position > 2.0 / 3.0].sum()) / lung_area
-        lung_darkness = float(grey[lungs].sum()) / lung_area
+        lung_bottom = float(_sum(lung_rows[row_position > 2.0 / 3.0], axis=None)) / lung_area
+        lung_darkness = float(_sum(grey[lungs], axis=None)) / lung_area
     else:
         lung_centre_row, lung_height, lung_bottom, lung_darkness = 0.5, 0.0, 0.0, 1.0
     solid_mask = body & foreground
@@ -148,7 +155,7 @@ def features(decoded: DecodedSlice) -> np.ndarray:
     corners = np.count_nonzero(dark[:corner, :corner]) + np.count_nonzero(dark[:corner, -corner:])
     corners += np.count_nonzero(dark[-corner:, :corner]) + np.count_nonzero(dark[-corner:, -corner:])
     crop = grey[top:bottom, left:right]
-    crop_centred = crop - float(crop.sum()) / crop.size
+    crop_centred = crop - float(_sum(crop, axis=None)) / crop.size
     spread = float(np.vdot(crop_centred, crop_centred))
     symmetry = float(np.vdot(crop_centred, crop_centred[:, ::-1])) / spread if spread > 1e-9 else 1.0
     symmetry_vertical = float(np.vdot(crop_centred, crop_centred[::-1])) / spread if spread > 1e-9 else 1.0
@@ -161,16 +168,16 @@ def features(decoded: DecodedSlice) -> np.ndarray:
     gy = grey[1:, :-1] - grey[:-1, :-1]
     ax, ay = np.abs(gx), np.abs(gy)
     magnitude = ax + ay
-    edge = float(magnitude.sum()) / magnitude.size if magnitude.size else 0.0
+    edge = float(_sum(magnitude, axis=None)) / magnitude.size if magnitude.size else 0.0
     solid = solid_mask[:-1, :-1]
     bins = _orientation_bins(gx, gy, ax, ay)
     orientation = np.bincount(bins.ravel(), weights=magnitude.ravel(), minlength=8)
-    orientation = orientation[orientation > 0] / max(float(orientation.sum()), 1e-12)
+    orientation = orientation[orientation > 0] / max(float(_sum(orientation, axis=None)), 1e-12)
     laplacian = np.abs(grey[1:-1, :-2] + grey[1:-1, 2:] + grey[:-2, 1:-1] + grey[2:, 1:-1] - 4 * grey[1:-1, 1:-1])
     colour = 0.0
     if decoded.colour is not None and decoded.colour.size:
         rgb = decoded.colour.astype(np.int16)
-        chroma = rgb.max(axis=2) - rgb.min(axis=2)
+        chroma = _max(rgb, axis=2) - _min(rgb, axis=2)
         colour = _share(chroma > 40)
     solid_count = int(np.count_nonzero(solid))
     values = [
@@ -178,7 +185,7 @@ def features(decoded: DecodedSlice) -> np.ndarray:
         _share(dark),
         _share(grey > 0.8),
         _share((grey > 0.3) & (grey < 0.7)),
-        float(-(nonzero * np.log2(nonzero)).sum()),
+        float(-_sum(nonzero * np.log2(nonzero), axis=None)),
         threshold,
         body_area / grey.size if found else 0.0,
         lung_mirror,
@@ -191,7 +198,7 @@ def features(decoded: DecodedSlice) -> np.ndarray:
         lung_height,
         lung_bottom,
         lung_darkness,
-        float(grey[solid_mask].sum()) / solid_area if solid_area else 0.0,
+        float(_sum(grey[solid_mask], axis=None)) / solid_area if solid_area else 0.0,
         np.count_nonzero(dark & outside) / outside_area if outside_area else 0.0,
         corners / (4 * corner * corner),
         (_share(dark[:band]) + _share(dark[-band:])) / 2,
@@ -199,9 +206,9 @@ def features(decoded: DecodedSlice) -> np.ndarray:
         symmetry,
         symmetry_vertical,
         edge,
-        float(magnitude[solid].sum()) / solid_count if solid_count else 0.0,
-        float(-(orientation * np.log2(orientation)).sum()),
-        float(laplacian.sum()) / max(laplacian.size, 1) / max(edge, 1e-6),
+        float(_sum(magnitude[solid], axis=None)) / solid_count if solid_count else 0.0,
+        float(-_sum(orientation * np.log2(orientation), axis=None)),
+        float(_sum(laplacian, axis=None)) / max(laplacian.size, 1) / max(edge, 1e-6),
         colour,
     ]
     return np.asarray(values, dtype=np.float64)
