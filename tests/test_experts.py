@@ -86,18 +86,27 @@ def test_with_int8_features_choices_must_keep_their_decisions_under_them():
     assert agreement(careful) >= INT8_AGREEMENT or all(c["int8_agreement"] < INT8_AGREEMENT for c in careful["choices"].values())
 
 
-@pytest.mark.parametrize("positive_index", [0, 1])
-def test_the_keras_model_computes_the_fitted_mixture_in_built_in_layers(positive_index, tmp_path):
+def _random_backbone_features(seed: int, pixel_seed: int, n: int):
+    """A random 32-pixel MobileNetV2 (``keras.utils.set_random_seed(seed)``: set it again to
+    build the same one) and its pooled features of ``n`` random slices."""
     keras = pytest.importorskip("keras")
-    from train.experts import DEFAULT_LAYERS, build_experts_model, build_extractor, fit_mixture, predict_mixture
+    from train.experts import DEFAULT_LAYERS, build_extractor
     from train.model import resolve_weights
 
     weights, path = resolve_weights("none")
     layers = DEFAULT_LAYERS["mobilenetv2"]
-    keras.utils.set_random_seed(0)
+    keras.utils.set_random_seed(seed)
     extractor = build_extractor("mobilenetv2", 32, weights, path, layers)
-    pixels = np.random.default_rng(7).integers(0, 256, (24, 32, 32, 1)).astype(np.float32)
-    features = np.asarray(extractor(pixels), dtype=np.float64)
+    pixels = np.random.default_rng(pixel_seed).integers(0, 256, (n, 32, 32, 1)).astype(np.float32)
+    return weights, path, layers, pixels, np.asarray(extractor(pixels), dtype=np.float64)
+
+
+@pytest.mark.parametrize("positive_index", [0, 1])
+def test_the_keras_model_computes_the_fitted_mixture_in_built_in_layers(positive_index, tmp_path):
+    keras = pytest.importorskip("keras")
+    from train.experts import build_experts_model, fit_mixture, predict_mixture
+
+    weights, path, layers, pixels, features = _random_backbone_features(0, 7, 24)
     y = np.tile([0, 1], 12)
     source = np.repeat(np.array(["a", "b"]), 12)
     fitted = fit_mixture([features], y, source, features, y, source, ["a", "b"])
@@ -181,15 +190,10 @@ def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
 
 def test_the_int8_view_is_the_features_a_full_int8_model_computes(tmp_path):
     keras = pytest.importorskip("keras")
-    from train.experts import DEFAULT_LAYERS, build_extractor, int8_features
-    from train.model import resolve_weights
+    from train.experts import int8_features
 
-    weights, path = resolve_weights("none")
-    layers = DEFAULT_LAYERS["mobilenetv2"]
-    keras.utils.set_random_seed(3)
-    extractor = build_extractor("mobilenetv2", 32, weights, path, layers)
-    pixels = np.random.default_rng(9).integers(0, 256, (16, 32, 32, 1)).astype(np.uint8)
-    features = np.asarray(extractor(pixels.astype(np.float32)), dtype=np.float64)
+    weights, path, layers, pixels, features = _random_backbone_features(3, 9, 16)
+    pixels = pixels.astype(np.uint8)
     keras.utils.set_random_seed(3)  # the same random backbone
     int8, again = int8_features("mobilenetv2", 32, weights, path, layers, [features], [pixels, pixels[:4]], seed=0, samples=8)
     np.testing.assert_array_equal(again, int8[:4])  # one converted model serves every set
