@@ -280,5 +280,57 @@ def predict_mixture(fitted: dict, features: np.ndarray) -> np.ndarray:
     computes, for checking it and for scoring cached features."""
     z = (features - fitted["mean"]) / np.sqrt(fitted["variance"])
     gate = _softmax(z @ fitted["gate"][0] + fitted["gate"][1])
-    experts = 1.0 / (1.0 + np.exp(-(z @ fitted["experts"][0] + fitted["experts"][1])))
-    return (gate * experts).sum(axis=1)
+    return (gate * _sigmoid(z @ fitted["experts"][0] + fitted["experts"][1])).sum(axis=1)
+
+
+def fit_head(config, recipe, sources, labels, positive_index, weights, weights_path, val_pixels, y_val, val_sources,
+             checkpoint) -> tuple[list[str], dict]:
+    """A run's experts head: cache pooled features of the train views and of val (and their
+    int8 version with ``recipe.int8_view``), fit gate and experts, save the model to
+    ``checkpoint``. Returns the report's notes and what ``metrics.json`` records of the head."""
+    from train.data import trunk_views
+
+    layers = feature_layers(config.arch, recipe.expert_layers)
+    extractor = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers)
+    views = max(1, recipe.trunk_views)
+    print(f"experts head: pooling {', '.join(layers)} for {views} view(s) of each train slice", flush=True)
+    train_views, y_train, s_train = [[] for _ in range(views)], [], []
+    for source in sources:
+        cached = trunk_views(extractor, source.train.pixels, recipe, config.seed, views, config.show_progress)
+        n = len(source.train.targets)
+        for view in range(views):
+            train_views[view].append(cached[view * n:(view + 1) * n].astype(np.float64))
+        y_train.append(source.train.targets == positive_index)
+        s_train.append(np.full(n, source.name))
+    val_features = trunk_views(extractor, val_pixels, recipe, config.seed, 1, config.show_progress).astype(np.float64)
+    train_views = [np.concatenate(parts) for parts in train_views]
+    val_int8 = None
+    if recipe.int8_view:
+        print("experts head: the int8 view (the extractor converted to full-integer int8, run on every train slice)", flush=True)
+        train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
+                                             [np.concatenate([source.train.pixels for source in sources]), val_pixels],
+                                             config.seed)
+        train_views.append(train_int8)
+    fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
+                         np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
+                         val_int8=val_int8)
+    model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
+    model.save(checkpoint)
+    choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
+                        for name, c in fitted["choices"].items())
+    routed = ", ".join(f"{name} {share:.1%}" for name, share in fitted["gate_val_accuracy_by_source"].items())
+    gate = fitted["gate_choice"]
+    print(f"experts fitted ({choices}); gate C {gate['C']}, {gate['views']} view(s): routes val slices to their own "
+          f"source's expert ({routed})", flush=True)
+    notes = [f"Head: a source gate and one linear expert per source on the frozen backbone's maps pooled at {', '.join(layers)} "
+             f"(logistic regression; each expert's C and views chosen on its own source's val AUC: {choices}). "
+             f"The gate (C {gate['C']}, {gate['views']} view(s), chosen on the mixture's worst-source val AUC) routes val "
+             f"slices to their own source's expert: {routed}. A slice the gate sends to the other source's expert gets that "
+             "source's rule, which is where the mixture loses to each expert alone."
+             + (f" With the int8 view, only choices that keep {INT8_AGREEMENT:.1%} of val decisions under the int8 "
+                "model's features competed on AUC (the most agreeing where none did)." if recipe.int8_view else ""), ""]
+    extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
+                         "gate_val_accuracy": fitted["gate_val_accuracy"],
+                         "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
+                         "int8_view": bool(recipe.int8_view)}}
+    return notes, extra

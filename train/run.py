@@ -125,8 +125,8 @@ def train_run(config: RunConfig) -> dict:
             raise DataError(f"--head experts keeps the backbone frozen and fits no epochs: {', '.join(ignored)} would do nothing")
         return _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val,
                        val_pixels, val_sources, val_paths, val_targets,
-                       *_fit_experts(config, recipe, sources, labels, positive_index, weights, weights_path,
-                                     val_pixels, y_val, val_sources, out / "model.keras"))
+                       [], _experts_selection(config, recipe, sources, labels, positive_index, weights, weights_path,
+                                              val_pixels, y_val, val_sources, out / "model.keras"))
     if recipe.int8_view:
         raise DataError("--int8-view is a view for the experts head's fit; with --head dense it would do nothing")
     model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
@@ -212,56 +212,15 @@ class Selection:
     extra: dict = field(default_factory=dict)
 
 
-def _fit_experts(config, recipe, sources, labels, positive_index, weights, weights_path, val_pixels, y_val, val_sources,
-                 checkpoint: Path) -> tuple[list[dict], Selection]:
-    """The experts head (:mod:`train.experts`): cache pooled features of the train views and
-    of val, fit gate and experts, save the model. No epochs, so no training curves."""
-    from train.experts import build_experts_model, build_extractor, feature_layers, fit_mixture
+def _experts_selection(config, recipe, sources, labels, positive_index, weights, weights_path, val_pixels, y_val,
+                       val_sources, checkpoint: Path) -> Selection:
+    """The experts head fitted and saved in one step (:func:`train.experts.fit_head`): no epochs,
+    so no history and no training curves."""
+    from train.experts import fit_head
 
-    layers = feature_layers(config.arch, recipe.expert_layers)
-    extractor = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers)
-    views = max(1, recipe.trunk_views)
-    print(f"experts head: pooling {', '.join(layers)} for {views} view(s) of each train slice", flush=True)
-    train_views, y_train, s_train = [[] for _ in range(views)], [], []
-    for source in sources:
-        cached = trunk_views(extractor, source.train.pixels, recipe, config.seed, views, config.show_progress)
-        n = len(source.train.targets)
-        for view in range(views):
-            train_views[view].append(cached[view * n:(view + 1) * n].astype(np.float64))
-        y_train.append(source.train.targets == positive_index)
-        s_train.append(np.full(n, source.name))
-    val_features = trunk_views(extractor, val_pixels, recipe, config.seed, 1, config.show_progress).astype(np.float64)
-    train_views = [np.concatenate(parts) for parts in train_views]
-    val_int8 = None
-    if recipe.int8_view:
-        from train.experts import int8_features
-
-        print("experts head: the int8 view (the extractor converted to full-integer int8, run on every train slice)", flush=True)
-        train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
-                                             [np.concatenate([source.train.pixels for source in sources]), val_pixels],
-                                             config.seed)
-        train_views.append(train_int8)
-    fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
-                         np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
-                         val_int8=val_int8)
-    model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
-    model.save(checkpoint)
-    choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
-                        for name, c in fitted["choices"].items())
-    routed = ", ".join(f"{name} {share:.1%}" for name, share in fitted["gate_val_accuracy_by_source"].items())
-    gate = fitted["gate_choice"]
-    print(f"experts fitted ({choices}); gate C {gate['C']}, {gate['views']} view(s): routes val slices to their own "
-          f"source's expert ({routed})", flush=True)
-    notes = [f"Head: a source gate and one linear expert per source on the frozen backbone's maps pooled at {', '.join(layers)} "
-             f"(logistic regression; each expert's C and views chosen on its own source's val AUC: {choices}). "
-             f"The gate (C {gate['C']}, {gate['views']} view(s), chosen on the mixture's worst-source val AUC) routes val "
-             f"slices to their own source's expert: {routed}. A slice the gate sends to the other source's expert gets that "
-             "source's rule, which is where the mixture loses to each expert alone.", ""]
-    extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
-                         "gate_val_accuracy": fitted["gate_val_accuracy"],
-                         "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
-                         "int8_view": bool(recipe.int8_view)}}
-    return [], Selection(None, "experts", False, notes, extra)
+    notes, extra = fit_head(config, recipe, sources, labels, positive_index, weights, weights_path, val_pixels, y_val,
+                            val_sources, checkpoint)
+    return Selection(None, "experts", False, notes, extra)
 
 
 def _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val, val_pixels,
