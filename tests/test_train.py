@@ -39,7 +39,7 @@ def finished_run(split_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cache = tmp_path_factory.mktemp("cache")
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", "none", "--out", str(out),
-            *COMMON, "--fine-epochs", "1", "--unfreeze-from", "block_16_expand"]
+            *COMMON, "--fine-epochs", "2", "--unfreeze-from", "block_16_expand"]  # two: the weight-average test's control
     args[args.index("--cache") + 1] = str(cache)
     assert _train(args) == 0
     return out
@@ -68,10 +68,10 @@ def test_training_run_writes_every_output(finished_run):
                                       "description": "none: trained from scratch (random initialisation)"}
     assert run["training_data"]["counts"] == {"train": {"COVID": 10, "NonCOVID": 10}, "val": {"COVID": 6, "NonCOVID": 6}}
     assert len(run["training_data"]["fingerprint"]) == 64
-    assert run["recipe"]["head_epochs"] == 1 and run["recipe"]["fine_epochs"] == 1
+    assert run["recipe"]["head_epochs"] == 1 and run["recipe"]["fine_epochs"] == 2
     with open(finished_run / "history.csv", newline="") as handle:
         history = list(csv.DictReader(handle))
-    assert [row["stage"] for row in history] == ["head", "fine"]
+    assert [row["stage"] for row in history] == ["head", "fine", "fine"]
     assert all(0.0 <= float(row["val_auc"]) <= 1.0 for row in history)
     report = (finished_run / "report.md").read_text()
     for picture in ("training_curves.png", "roc.png", "confusion_matrix.png", "reliability.png", "gradcam.png"):
@@ -289,30 +289,30 @@ def test_quality_degradation_recompresses_and_blurs_train_slices_of_every_class(
     assert set(labels) == {0, 1}
 
 
-def test_with_a_weight_average_val_is_scored_and_saved_on_the_averaged_weights(tiny_weights_file, split_data, tmp_path):
+def test_with_a_weight_average_val_is_scored_and_saved_on_the_averaged_weights(tiny_weights_file, split_data, finished_run, tmp_path):
     """With ``--ema`` each epoch's val score and checkpoint come from the averaged weights, not
     from the last step's. Keras starts the average at the first step's weights; momentum 1.0
     then freezes it there, so two epochs of training (five steps each) must score val
-    identically, while without the average the second epoch scores differently."""
+    identically, while without the average (the module's finished run, two fine epochs) the
+    second epoch scores differently."""
     import csv as csv_module
 
     path, _ = tiny_weights_file
 
-    def fine_rows(name: str, momentum: str) -> list[dict]:
-        out = tmp_path / name
-        args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out),
-                *COMMON, "--head-epochs", "0", "--fine-epochs", "2", "--batch-size", "4", "--fine-lr", "0.01",
-                "--unfreeze-from", "block_16_expand", "--ema", momentum]  # the top block: a third of the tracing
-        assert _train(args) == 0
-        with open(out / "history.csv", newline="") as handle:
+    def fine_rows(run: Path) -> list[dict]:
+        with open(run / "history.csv", newline="") as handle:
             return [row for row in csv_module.DictReader(handle) if row["stage"] == "fine"]
 
-    averaged = fine_rows("ema", "1.0")
+    out = tmp_path / "ema"
+    assert _train(["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out),
+                   *COMMON, "--head-epochs", "0", "--fine-epochs", "2", "--batch-size", "4", "--fine-lr", "0.01",
+                   "--unfreeze-from", "block_16_expand", "--ema", "1.0"]) == 0  # the top block: a third of the tracing
+    averaged = fine_rows(out)
     assert len(averaged) == 2
     assert averaged[0]["loss"] != averaged[1]["loss"]  # training went on in epoch 2
     assert averaged[0]["val_loss"] == averaged[1]["val_loss"]  # but val saw the frozen average
-    plain = fine_rows("plain", "0")
-    assert plain[0]["val_loss"] != plain[1]["val_loss"]
+    plain = fine_rows(finished_run)
+    assert len(plain) == 2 and plain[0]["val_loss"] != plain[1]["val_loss"]
 
 
 def test_contrastive_loss_is_zero_for_identical_distinct_pairs_and_high_for_mixed_ones():
@@ -327,19 +327,32 @@ def test_contrastive_loss_is_zero_for_identical_distinct_pairs_and_high_for_mixe
     assert float(loss) > 10 and float(found) < 0.5
 
 
-def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(tiny_weights_file, split_data, tmp_path):
-    from train.pretrain import main as pretrain_main
+@pytest.fixture(scope="module")
+def pretraining(tiny_weights_file, split_data, tmp_path_factory) -> tuple[Path, list[str]]:
+    """One self-supervised pretraining in a fresh process, as a user runs it (op determinism on;
+    in this process it would stay on for the other tests), with extra unlabelled images beside
+    train: a copy of a val slice, which must never be learnt from, and a broken file. Returns
+    its folder and its command line, which the determinism test runs again."""
+    import subprocess
+    import sys
 
-    path, initial = tiny_weights_file
-    extra = write_image_folder(tmp_path / "unlabelled" / "scans", per_class=2, seed=21)  # 4 slices
+    path, _ = tiny_weights_file
+    base = tmp_path_factory.mktemp("pretraining")
+    extra = write_image_folder(base / "unlabelled" / "scans", per_class=2, seed=21)  # 4 slices
     val_image = next((split_data / "val" / "COVID").iterdir())
-    (extra / "copy-of-val.png").write_bytes(val_image.read_bytes())  # must never be learnt from
+    (extra / "copy-of-val.png").write_bytes(val_image.read_bytes())
     (extra / "broken.png").write_bytes(b"not an image")
-    ssl = tmp_path / "ssl"
-    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(ssl),
-            "--img-size", str(IMG), "--epochs", "2", "--batch-size", "4", "--cache", "", "-q", "--seed", "5",
-            "--no-determinism", "--extra-images", str(tmp_path / "unlabelled")]
-    assert pretrain_main(args) == 0
+    command = [sys.executable, "-m", "train.pretrain", "--arch", "mobilenetv2", "--data", str(split_data),
+               "--weights", str(path), "--img-size", str(IMG), "--epochs", "1", "--batch-size", "4", "--cache", "",
+               "-q", "--seed", "9", "--extra-images", str(base / "unlabelled")]
+    out = base / "a"
+    subprocess.run([*command, "--out", str(out)], check=True, capture_output=True, timeout=600)
+    return out, command
+
+
+def test_self_supervised_pretraining_writes_weights_that_a_run_starts_from(pretraining, tiny_weights_file, split_data, tmp_path):
+    ssl, _ = pretraining
+    path, initial = tiny_weights_file
     for name in ("backbone.weights.h5", "pretrain.json", "history.csv", "pretrain_curves.png"):
         assert (ssl / name).is_file() and (ssl / name).stat().st_size > 0, name
     record = json.loads((ssl / "pretrain.json").read_text())
@@ -374,19 +387,13 @@ def test_pretraining_refuses_extra_images_that_contain_val(split_data, capsys, t
         assert not (tmp_path / "ssl" / "backbone.weights.h5").exists()
 
 
-def test_pretraining_with_the_same_seed_gives_the_same_weights(tiny_weights_file, split_data, tmp_path):
-    """In fresh processes, as a user runs it: op determinism would stay on in this one."""
+def test_pretraining_with_the_same_seed_gives_the_same_weights(pretraining, tmp_path):
+    """The same command again in a fresh process gives the same backbone, to the byte."""
     import subprocess
-    import sys
 
-    path, _ = tiny_weights_file
-    digests = []
-    for name in ("a", "b"):
-        out = tmp_path / name
-        subprocess.run([sys.executable, "-m", "train.pretrain", "--arch", "mobilenetv2", "--data", str(split_data),
-                        "--weights", str(path), "--out", str(out), "--img-size", str(IMG), "--epochs", "1",
-                        "--batch-size", "4", "--cache", "", "-q", "--seed", "9"], check=True, capture_output=True, timeout=600)
-        digests.append(json.loads((out / "pretrain.json").read_text())["backbone_sha256"])
+    first, command = pretraining
+    subprocess.run([*command, "--out", str(tmp_path / "b")], check=True, capture_output=True, timeout=600)
+    digests = [json.loads((folder / "pretrain.json").read_text())["backbone_sha256"] for folder in (first, tmp_path / "b")]
     assert digests[0] == digests[1]
 
 
