@@ -89,6 +89,11 @@ class WatchConfig:
     slices; folders starting with a dot are skipped too."""
     log_format: LogFormat = LogFormat.TEXT
     """``text`` for people, ``json`` (one object per line) for log collectors."""
+    study_heatmaps: bool = True
+    """When idle, make the occlusion heatmap of each study's top slice (``[ui] heatmap_grid``
+    patches a side) and keep it in the journal, for the DICOM node's Secondary Capture: the
+    daemon that scored the slice already holds the model, so the node needs none. Off: the
+    node sends its Secondary Capture without a heatmap."""
 
 
 @dataclass(frozen=True)
@@ -113,7 +118,9 @@ class UiConfig:
     max_upload_mb: int = 32
     """Largest file the page accepts, in MB."""
     heatmap_grid: int = 7
-    """Occlusion heatmap resolution: grid x grid patches, grid**2 extra invokes per slice."""
+    """Occlusion heatmap resolution: grid x grid patches, grid**2 extra invokes per slice; the
+    watch daemon's study heatmaps (``[watch] study_heatmaps``) use it too (0, which turns the
+    page's heatmap off, leaves them at 7)."""
     login_attempts: int = 5
     """Wrong passwords from one client before it has to wait."""
     lockout_seconds: float = 30.0
@@ -148,8 +155,13 @@ class DicomConfig:
     retry_seconds: float = 30.0
     """A result the destination did not take is sent again after this long."""
     heatmap: bool = True
-    """Burn the occlusion heatmap of the top slice into the Secondary Capture (loads the model
-    into the node: about 49 invokes per study)."""
+    """Burn the occlusion heatmap of the top slice into the Secondary Capture. The watch daemon
+    makes it (``[watch] study_heatmaps``) and the node only draws it: the node loads no model."""
+    heatmap_wait_seconds: float = 30.0
+    """With ``heatmap``, a complete and triaged study waits this long for its top slice's
+    heatmap (the watch daemon makes it when idle, so a busy one may be late); past it, or at
+    once when the watch daemon's heartbeat says it makes none, the Secondary Capture goes out
+    without it and the log says why."""
 
 
 @dataclass(frozen=True)

@@ -152,11 +152,11 @@ def test_sr_carries_every_verdict_field_including_new_ones(tmp_path):
         assert result.returncode == 0 and "Uncertain slices" in result.stdout, result.stdout + result.stderr
 
 
-def test_secondary_capture_shows_the_occlusion_heatmap_of_the_shipped_model(tmp_path):
+def test_secondary_capture_draws_the_journals_heatmap_as_the_page_computes_it(tmp_path):
     """The Secondary Capture's image is the occlusion map of the bundle's own TFLite model over
-    the top slice, exactly as the page computes it, although the node now decodes before it
-    loads the model, occludes one copy at a time and drops the interpreter after each study
-    (#19, memory); with the heatmap off it is the plain slice."""
+    the top slice, exactly as the page computes it (``occlusion_map``), drawn by the node from
+    the coarse grid the watch daemon keeps in the journal (#19: the node loads no model); with
+    no map in the journal, or the heatmap off, it is the plain slice."""
     import numpy as np
 
     from device.config import DicomConfig
@@ -172,19 +172,21 @@ def test_secondary_capture_shows_the_occlusion_heatmap_of_the_shipped_model(tmp_
     journal = Journal.open(state)
     scored = SliceResult("study-x/a.dcm", None, None, "ok", time.time(), label="COVID", positive=True, positive_probability=0.9, threshold=0.5)
     (recorded,) = journal.record([scored], "COVID", "NonCOVID")
-    journal.close()
     (state / recorded.stored_as).parent.mkdir(parents=True)
     shutil.copy(source, state / recorded.stored_as)
     verdict = {"top_slice_id": recorded.id}
-
     node = Node(DicomConfig(heatmap=True), inbox, state, MODEL)
-    shown = node.top_slice_rgb(verdict)
-    again = node.top_slice_rgb(verdict)  # a second study loads the model afresh: same image
+    grey = node.top_slice_rgb(verdict)  # no map made yet
+    assert (grey[..., 0] == grey[..., 2]).all() and (grey[..., 1] == grey[..., 2]).all()
 
     classifier = Classifier(MODEL, None, 1)
     pixels = prepare(decode_slice(source, classifier.bundle.spec).pixels, classifier.bundle.spec)
-    expected = overlay(pixels, occlusion_map(classifier, pixels).sensitivity)
-    assert shown.shape == (224, 224, 3) and np.array_equal(shown, expected) and np.array_equal(again, expected)
+    heatmap = occlusion_map(classifier, pixels)
+    journal.record_heatmap(recorded.id, time.time(), grid=7, coarse=heatmap.coarse, base_probability=heatmap.base_probability)
+    journal.close()
+    shown = node.top_slice_rgb(verdict)
+    expected = overlay(pixels, heatmap.sensitivity)
+    assert shown.shape == (224, 224, 3) and np.array_equal(shown, expected)
     assert (shown[..., 0] != shown[..., 2]).any()  # coloured: the map is drawn, not only the grey slice
     plain = Node(DicomConfig(heatmap=False), inbox, state, MODEL).top_slice_rgb(verdict)
     assert (plain[..., 0] == plain[..., 2]).all() and (plain[..., 1] == plain[..., 2]).all()
@@ -415,6 +417,14 @@ def test_orthanc_pushes_a_study_and_gets_the_sr_and_secondary_capture_back(node_
         sc = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{modalities['OT']['Instances'][0]}/file")))
         assert sc.BurnedInAnnotation == "YES" and sc.SamplesPerPixel == 3
         assert node.ledger("SELECT state, calling_aet FROM studies") == [("sent", "ORTHANC")]
+        # the heatmap is the watch daemon's, and the node never mapped LiteRT (#19)
+        with sqlite3.connect(node.state / "journal.sqlite") as db:
+            assert db.execute("SELECT count(*) FROM heatmaps h JOIN studies s ON s.top_slice_id = h.slice_id"
+                              " WHERE h.coarse IS NOT NULL").fetchone() == (1,)
+        assert b"without heatmap" not in node.log.read_bytes()
+        maps = Path(f"/proc/{node.process.pid}/maps")
+        if maps.exists():
+            assert not re.search(r"litert|LiteRt|tflite|tensorflow", maps.read_text()), "the node loaded LiteRT"
         print(f"verdict and SR in Orthanc {latency:.1f} s after the push (stable_seconds 2)")
         for text in (node.log.read_bytes(), (tmp_path / "watch.log").read_bytes(), (node.state / "journal.sqlite").read_bytes()):
             assert not any(marker.encode() in text for marker in MARKERS)
@@ -426,7 +436,7 @@ def test_orthanc_pushes_a_study_and_gets_the_sr_and_secondary_capture_back(node_
 ARENAS = """
 import ctypes, os, tempfile, threading
 if {one}:
-    from device.node.outbox import one_malloc_arena
+    from device.core.memory import one_malloc_arena
     one_malloc_arena()
 def work():
     blocks = [bytearray(200_000) for _ in range(20)]

@@ -6,6 +6,7 @@ import pytest
 
 from device.core.studies import aggregate
 from device.watch.journal import Journal, JournalError, SliceResult, stored_name
+from device.watch.journal_schema import SCHEMA_VERSION
 
 
 def ok(path: str, probability: float, sha: str) -> SliceResult:
@@ -89,7 +90,7 @@ def test_a_journal_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path):
     with Journal.open_readonly(tmp_path) as reader:  # `ctpi status` before the daemon upgraded it
         assert reader.counts()["pruned"] == 0 and reader.query_slices()[0]["pruned_at"] is None
     with Journal.open(tmp_path) as journal:
-        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         journal.mark_moved([record.id])
         assert [r["id"] for r in journal.prunable(before=9e12)] == [record.id]
         journal.mark_pruned([record.id])
@@ -118,7 +119,7 @@ def test_a_schema_3_journal_gains_the_bundle_identity_column(tmp_path):
     db.executescript("ALTER TABLE slices RENAME COLUMN bundle_sha256 TO unused; PRAGMA user_version=3;")
     db.close()
     with Journal.open(tmp_path) as journal:
-        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert journal._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         later = ok("s/b.png", 0.2, "2" * 64)
         later.bundle_sha256 = "b" * 64
         journal.record([later], "COVID", "NonCOVID")

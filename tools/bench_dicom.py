@@ -8,11 +8,12 @@ instances with DCMTK's ``storescu`` (one association, over loopback) and prints:
 - result latency: from the last instance acknowledged to the SR and the Secondary Capture
   being in Orthanc under the study (target: ``stable_seconds`` + 5 s; the watch daemon's
   triage backlog is part of it);
-- the node's RSS after receiving and its peak (``VmHWM``: includes the heatmap's model), and
-  the watch daemon's peak (it decodes the study's DICOM files);
+- the node's RSS after receiving and its peak (``VmHWM``: includes drawing the heatmap, which
+  since #19 the watch daemon makes, so the node loads no model), and the watch daemon's peak (it
+  decodes the study's DICOM files and makes the top slice's occlusion map when idle);
 - with ``--studies N``, the same study size sent N times one after the other (each waited for):
-  the node's peak after the first study and over all of them. LiteRT's library stays mapped
-  after the first map, so later studies peak higher than the first one.
+  the node's peak after the first study and over all of them;
+- how many Secondary Captures went out without their heatmap (the node's log says why).
 
 Targets (#19, 2-core machine, int8 bundle): >= 100 instances/s, <= stable + 5 s, <= 80 MB.
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stable-seconds", type=float, default=5.0)
     parser.add_argument("--model", type=Path, default=REPO / "models" / "mobilenetv2")
     parser.add_argument("--studies", type=int, default=1, help="studies sent one after the other (default 1)")
-    parser.add_argument("--no-heatmap", action="store_true")
+    parser.add_argument("--no-heatmap", action="store_true", help="no heatmap: the node's --no-heatmap, [watch] study_heatmaps = false")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if ORTHANC is None:
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         inbox, state = tmp / "inbox", tmp / "state"
         inbox.mkdir()
         state.mkdir()
-        (tmp / "none.toml").write_text("")
+        # --no-heatmap: none anywhere (the node draws none, the watch daemon makes none)
+        (tmp / "none.toml").write_text("[watch]\nstudy_heatmaps = false\n" if args.no_heatmap else "")
         studies = [write_series(tmp / f"series{n}", args.slices, label="COVID", seed=n) for n in range(args.studies)]
         port = free_port()
         orthanc = Orthanc(tmp, port)
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             start, received = first
             rss, peak = memory_mb(node.pid)
             watch_peak = memory_mb(watch.pid)[1]
+            without_heatmap = node_log.read_bytes().count(b"without heatmap")
         finally:
             for process in processes:
                 process.send_signal(signal.SIGTERM)
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "node_peak_rss_mb": round(peak, 1),
         "watch_peak_rss_mb": round(watch_peak, 1),
         "heatmap": not args.no_heatmap,
+        "results_without_heatmap": without_heatmap,
     }
     if args.json:
         print(json.dumps(figures, indent=2))

@@ -84,15 +84,22 @@ def occlusion_map(classifier, pixels: np.ndarray, grid: int = DEFAULT_GRID) -> H
         scores.append(classifier.probabilities(copy)[positive])
     occluded = np.array(scores)
     coarse = (base - occluded).reshape(grid, grid).astype(np.float32)
-    height, width = pixels.shape[:2]
-    smooth = Image.fromarray(coarse, mode="F").resize((width, height), Image.Resampling.BILINEAR)
     return Heatmap(
-        sensitivity=np.asarray(smooth, dtype=np.float32),
+        sensitivity=sensitivity_map(coarse, pixels.shape[:2]),
         coarse=coarse,
         base_probability=base,
         invokes=grid * grid + 1,
         seconds=time.perf_counter() - start,
     )
+
+
+def sensitivity_map(coarse: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The full-size ``H x W`` float32 map of a ``grid x grid`` coarse map (bilinear). Apart
+    from :func:`occlusion_map` so that the DICOM node draws, from the coarse grid the watch
+    daemon stored in the journal, the very map the page computes, without a model (#19)."""
+    height, width = shape
+    smooth = Image.fromarray(np.asarray(coarse, dtype=np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(smooth, dtype=np.float32)
 
 
 def colour_scale(sensitivity: np.ndarray) -> float:

@@ -20,7 +20,9 @@ This module is the node's loop and command line; its parts are receiving
 - **Who may talk**: calling AE titles, optionally with a source address (``AET@HOST``), are
   allow-listed; anything else is rejected at association, logged with its reason.
 - **Study complete**: no instance of a study for ``stable_seconds``. Once the watch journal
-  holds a result for every instance of it, the verdict is final and the result is made.
+  holds a result for every instance of it (and the heatmap of its top slice, which the watch
+  daemon makes: a bounded wait, see :mod:`device.node.outbox`), the verdict is final and the
+  result is made.
 - **Send back**: a Structured Report and a Secondary Capture (:mod:`device.node.report`) are
   written to ``STATE/dicom/outbox/`` durably, queued in the ledger, and sent with C-STORE to
   ``send_to``, retried every ``retry_seconds`` until the destination answers success; a
@@ -41,8 +43,9 @@ import time
 from pathlib import Path
 
 from device.config import ConfigError, DicomConfig, LogFormat, load_config, override
+from device.core.memory import one_malloc_arena
 from device.node.ledger import NODE_FOLDER, Ledger
-from device.node.outbox import Outbox, one_malloc_arena
+from device.node.outbox import Outbox
 from device.node.scp import Peer, Receiver
 from device.node.sender import Destination, Sender
 from device.node.store import FolderSync
@@ -80,6 +83,7 @@ class Node(Receiver, Outbox, Sender):
         self._journal = None
         self._model_info: dict | None = None
         self._spec = None
+        self._heatmap_waits: dict[str, float] = {}
         self.folders = FolderSync(self.inbox)
         self.headers_kept: set[str] = set()
 
@@ -176,7 +180,7 @@ def register(subparsers) -> None:
     parser.add_argument("--state", type=Path, default=None, help="the watch daemon's state folder ([watch] state)")
     parser.add_argument("--model", type=Path, default=None, help="the bundle the watch daemon runs ([watch] model)")
     parser.add_argument("--bundle-sha256", default=None, help="refuse a bundle whose identity is not this (the deploy pins it)")
-    parser.add_argument("--no-heatmap", action="store_true", help="Secondary Capture without the heatmap (no model in the node)")
+    parser.add_argument("--no-heatmap", action="store_true", help="Secondary Capture without the heatmap (the watch daemon's; no wait for it)")
     parser.add_argument("--log-format", choices=[f.value for f in LogFormat], default=None, help="text (default) or json lines")
     parser.set_defaults(handler=run)
 

@@ -1,54 +1,30 @@
 """Results: a study is complete once no instance arrived for ``stable_seconds``; once the watch
-journal holds a result for every instance, its Structured Report and Secondary Capture
+journal holds a result for every instance (and, with ``heatmap``, the heatmap of its top slice,
+for at most ``heatmap_wait_seconds``), its Structured Report and Secondary Capture
 (:mod:`device.node.report`) are written durably to ``STATE/dicom/outbox/`` and queued in the
-ledger for :mod:`device.node.sender`."""
+ledger for :mod:`device.node.sender`.
+
+The heatmap is the watch daemon's (:mod:`device.watch.evidence`): it scored the slice with the
+model it holds and stores the coarse occlusion map in the journal; the node only smooths and
+draws it, so it never loads LiteRT (#19: a second interpreter was about 20 MB of the node's
+80 MB budget)."""
 
 from __future__ import annotations
 
 import logging
 import time
 
+from device.core.memory import release_memory
 from device.node.store import write_durably
 
 log = logging.getLogger(__name__)
 
 
-def release_memory() -> None:
-    """Hand freed heap back to the kernel (glibc's ``malloc_trim``): CPython and LiteRT free
-    into malloc's arenas, which otherwise keep the pages, so the RSS of a long-running node
-    would stay at its high-water mark after every study. A no-op where libc has no such call."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, libc's among them
-    except (OSError, AttributeError):
-        pass
-
-
-M_ARENA_MAX = -8  # glibc's malloc.h
-
-
-def one_malloc_arena() -> None:
-    """Make every thread allocate from glibc's main arena (``mallopt(M_ARENA_MAX, 1)``, what
-    ``MALLOC_ARENA_MAX=1`` does). pynetdicom runs each association in a new thread, and glibc
-    gives threads arenas of their own, whose freed pages :func:`release_memory` cannot all hand
-    back: the node's peak grew by about 4.5 MB over its first four studies (82 -> 87.5 MB,
-    ``tools/bench_dicom.py --studies 4``) and by 1.7 MB with one arena, at the same receive
-    rate (the node's threads mostly wait on sockets and disks). Call it before any thread
-    starts. A no-op where libc has no ``mallopt``."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
-    except (OSError, AttributeError):
-        pass
-
-
 class Outbox:
     """The results half of :class:`~device.node.daemon.Node` (a base class: it works on the node's
-    ``config``, ``state``, ``folder``, ``ledger``, ``model_path``, ``fmt`` and the caches
-    ``_journal``, ``_model_info`` and ``_spec`` that the node starts empty; the heatmap's model
-    is deliberately not cached, see :meth:`top_slice_rgb`)."""
+    ``config``, ``state``, ``folder``, ``ledger``, ``model_path``, ``fmt``, the caches
+    ``_journal``, ``_model_info`` and ``_spec`` that the node starts empty, and
+    ``_heatmap_waits``, when each study started waiting for its heatmap)."""
 
     def journal(self):
         from device.watch.journal import Journal, JournalError
@@ -93,6 +69,9 @@ class Outbox:
             verdict = journal.study(row["study"]) if journal is not None else None
             if verdict is None or verdict["slices"] + verdict["rejected"] < row["instances"]:
                 continue  # the watch daemon has not triaged every instance yet
+            if not self.heatmap_ready(row["study"], verdict, journal):
+                continue
+            self._heatmap_waits.pop(row["study"], None)
             try:
                 files = self.make_results(row["study"], verdict)
             except Exception as error:  # one study's report must not stop the node
@@ -103,13 +82,40 @@ class Outbox:
                 log.info("study %s: result queued (%s, P=%s)", row["study"], verdict.get("label"), verdict.get("probability"),
                          extra={"event": "result-queued", "study": row["study"]})
 
-    def top_slice_rgb(self, verdict: dict):
-        """The verdict's slice as the model saw it, with the heatmap when enabled (RGB uint8).
+    def heatmap_ready(self, study: str, verdict: dict, journal) -> bool:
+        """Whether a triaged study's result may be made: without ``heatmap``, at once; else once
+        the journal holds its top slice's heatmap (or why it could not be made), at once when
+        the watch daemon's heartbeat says it makes none, or ``heatmap_wait_seconds`` after the
+        node first found the study complete and triaged (a restart waits once more). Past the
+        wait the Secondary Capture goes out without the heatmap and the log says why."""
+        top = verdict.get("top_slice_id")
+        if not self.config.heatmap or top is None:
+            return True
+        stored = journal.heatmap(top)
+        if stored is not None:
+            if stored["coarse"] is None:
+                log.warning("study %s: Secondary Capture without heatmap: the watch daemon could not make it (%s)", study,
+                            stored["error"], extra={"event": "no-heatmap", "study": study})
+            return True
+        beat = journal.heartbeat()
+        if beat is not None and beat.get("study_heatmaps") is False:
+            reason = "the watch daemon makes no study heatmaps ([watch] study_heatmaps = false)"
+        else:
+            waited = time.monotonic() - self._heatmap_waits.setdefault(study, time.monotonic())
+            if waited < self.config.heatmap_wait_seconds:
+                return False
+            reason = f"none from the watch daemon {waited:.0f} s after the study was triaged (heatmap_wait_seconds)"
+        log.warning("study %s: Secondary Capture without heatmap: %s", study, reason, extra={"event": "no-heatmap", "study": study})
+        return True
 
-        Memory (#19: the node's budget is 80 MB): the slice is decoded before the model is
-        loaded, so the 512x512 float copies of the decode are gone before the interpreter
-        arrives; the interpreter lives for the occlusion map only and its memory is handed back
-        before the overlay and the Secondary Capture are built, and between studies."""
+    def top_slice_rgb(self, verdict: dict):
+        """The verdict's slice as the model saw it, with the heatmap when enabled and the watch
+        daemon made it (RGB uint8); the plain slice otherwise.
+
+        No model here (#19): the heatmap is the coarse map the watch daemon stored in the
+        journal (:mod:`device.watch.evidence`), smoothed to the model's input size as
+        :func:`~device.core.heatmap.occlusion_map` smooths it, so the picture is the one the
+        page would show for that slice."""
         import numpy as np
 
         journal = self.journal()
@@ -120,24 +126,17 @@ class Outbox:
             return np.zeros((256, 256, 3), dtype=np.uint8)
         from device.core.preprocess import decode_slice, prepare
 
-        if not self.config.heatmap or self.model_path is None:
-            decoded = decode_slice(path, self.spec())
+        spec = self.spec()
+        stored = journal.heatmap(top) if self.config.heatmap and spec is not None else None
+        decoded = decode_slice(path, spec)
+        if stored is None or stored["coarse"] is None:
             grey = np.clip(decoded.pixels, 0, 255).astype(np.uint8)
             return np.repeat(grey[..., None], 3, axis=2)
-        from device.core.bundle import load_bundle
-        from device.core.classifier import Classifier
-        from device.core.heatmap import occlusion_map, overlay
+        from device.core.heatmap import overlay, sensitivity_map
 
-        bundle = load_bundle(self.model_path)
-        pixels = prepare(decode_slice(path, bundle.spec).pixels, bundle.spec)
-        release_memory()
-        classifier = Classifier(bundle, self.fmt, 1, guard=False)  # the guard judged the slice in the watch daemon
-        try:
-            sensitivity = occlusion_map(classifier, pixels).sensitivity
-        finally:
-            del classifier
-            release_memory()
-        return overlay(pixels, sensitivity)
+        pixels = prepare(decoded.pixels, spec)
+        del decoded
+        return overlay(pixels, sensitivity_map(stored["coarse"], pixels.shape[:2]))
 
     def make_results(self, study: str, verdict: dict) -> list[tuple[str, str]]:
         import pydicom

@@ -12,6 +12,9 @@ Pipeline (one process, the model loaded once); this module is the loop, its part
   the files move to ``STATE/done/`` or ``STATE/rejected/``. The order (commit, move, fsync
   the folders, mark moved) is what makes it exactly-once; see :mod:`device.watch.journal`.
 
+Study heatmaps: when idle, the occlusion map of a study's top slice, one per idle pass, into
+the journal for the DICOM node (:mod:`~device.watch.evidence`; ``study_heatmaps``).
+
 Retention: with ``keep_done_days`` set, images in ``STATE/done/`` older than that are deleted
 (at start-up and hourly, a bounded batch per loop turn so triage never waits long); the
 records stay. See :mod:`device.watch.journal`.
@@ -35,6 +38,8 @@ from pathlib import Path
 from device import __version__
 from device.config import ConfigError, LogFormat, WatchConfig, load_config, override
 from device.core.bundle import load_bundle
+from device.core.heatmap import DEFAULT_GRID
+from device.watch.evidence import make_due_heatmap
 from device.watch.intake import Arrivals, watch_inbox
 from device.watch.journal import Journal, JournalError, SliceResult
 from device.watch.logs import configure_logging
@@ -109,11 +114,14 @@ def triage(item: Decoded, classifier, positive_label: str) -> SliceResult:
 class Daemon(Storage):
     """The watch loop. ``run()`` returns an exit status; see the module docstring."""
 
-    def __init__(self, config: WatchConfig, once: bool = False, notifier: Notifier | None = None):
+    def __init__(self, config: WatchConfig, once: bool = False, notifier: Notifier | None = None, heatmap_grid: int = DEFAULT_GRID):
+        """``heatmap_grid``: the study heatmaps' grid (``[ui] heatmap_grid``, see :func:`run`)."""
         from device.core.classifier import Classifier  # the slow import: after config errors are reported
 
         self.config = config
         self.once = once
+        self.heatmap_grid = heatmap_grid if heatmap_grid >= 1 else DEFAULT_GRID
+        self.heatmaps_checked_at: int | None = None  # slices processed when none was due: look again after more
         self.inbox = Path(config.inbox).absolute()
         self.state = Path(config.state).absolute()
         check_folders(self.inbox, self.state)
@@ -172,6 +180,8 @@ class Daemon(Storage):
             "rss_mb": rss,
             "peak_rss_mb": peak,
             "heartbeat_seconds": self.config.heartbeat_seconds,
+            "study_heatmaps": self.config.study_heatmaps,  # the DICOM node waits for them only if so
+            "heatmap_grid": self.heatmap_grid,
         }
 
     def beat(self, state: str) -> None:
@@ -212,6 +222,26 @@ class Daemon(Storage):
                 break
         if self.batch and (self.stop_requested or self.reader.idle() or self.batch_age() >= self.config.batch_seconds):
             self.flush()
+
+    def idle(self) -> bool:
+        """Nothing settling in the inbox, being read, scored or waiting to be committed."""
+        return not len(self.arrivals) and not self.in_flight and not self.batch and self.reader.idle()
+
+    def study_heatmap(self) -> bool:
+        """One due study heatmap (:mod:`~device.watch.evidence`), when idle; True if one was made
+        or recorded as impossible. Looks in the journal again only after more slices were
+        recorded, so an idle daemon does not query it every tick."""
+        done = sum(self.processed.values())
+        if not self.config.study_heatmaps or self.heatmaps_checked_at == done or not self.idle():
+            return False
+        try:
+            if make_due_heatmap(self.journal, self.classifier, self.state, self.heatmap_grid):
+                return True
+        except JournalError as error:
+            self.block(str(error))
+            return False
+        self.heatmaps_checked_at = done
+        return False
 
     def batch_age(self) -> float:
         return time.monotonic() - self.batch_started if self.batch else 0.0
@@ -292,7 +322,9 @@ class Daemon(Storage):
                     self.block(str(error))
                     continue
             self.step()
-            if self.once and not len(self.arrivals) and not self.in_flight and not self.batch and self.reader.idle():
+            if self.study_heatmap():
+                continue  # arrivals first: the loop looks at the inbox again before the next map
+            if self.once and self.idle():
                 break
             if not self.in_flight and not self.batch:
                 time.sleep(TICK_SECONDS / 2)
@@ -341,9 +373,13 @@ def config_from_args(args) -> WatchConfig:
 
 
 def run(args) -> int:
+    from device.core.memory import one_malloc_arena
+
     config = config_from_args(args)
     configure_logging(config.log_format, getattr(args, "verbose", False))
-    return Daemon(config, once=args.once).run()
+    grid = load_config(args.config).ui.heatmap_grid  # one resolution for every heatmap of the appliance
+    one_malloc_arena()  # before LiteRT's and the reader's threads: the study heatmaps' decode costs no peak
+    return Daemon(config, once=args.once, heatmap_grid=grid).run()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -285,6 +285,30 @@ class Journal(JournalView):
             now = time.time()
             self._write(lambda db: db.executemany("UPDATE slices SET pruned_at = ? WHERE id = ?", [(now, i) for i in record_ids]))
 
+    def heatmap_due(self) -> dict | None:
+        """The top slice (``id``, ``stored_as``, ``model_sha256``) of the most recently updated
+        study that has no heatmap record yet and whose file has left the inbox; None when every
+        study has one. Newest first, so a study that just arrived never waits behind old ones."""
+        row = self._db.execute(
+            "SELECT s.id, s.stored_as, s.model_sha256, s.pruned_at FROM studies AS st JOIN slices AS s ON s.id = st.top_slice_id"
+            " WHERE s.moved_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM heatmaps AS h WHERE h.slice_id = s.id)"
+            " ORDER BY st.updated_at DESC LIMIT 1"
+        ).fetchone()
+        return dict(row) if row is not None else None
+
+    def record_heatmap(self, slice_id: int, made_at: float, grid: int | None = None, coarse=None,
+                       base_probability: float | None = None, model_sha256: str | None = None, error: str | None = None,
+                       seconds: float | None = None) -> None:
+        """Store a slice's coarse occlusion map (``grid x grid`` float32), or why there is none."""
+        blob = None if coarse is None else coarse.astype("<f4").tobytes()
+        self._write(
+            lambda db: db.execute(
+                "INSERT OR REPLACE INTO heatmaps (slice_id, grid, coarse, base_probability, model_sha256, error, seconds, made_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (slice_id, grid, blob, base_probability, model_sha256, error, seconds, made_at),
+            )
+        )
+
     def beat(self, data: dict) -> None:
         """Replace the heartbeat row."""
         self._write(

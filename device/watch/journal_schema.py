@@ -6,8 +6,8 @@ from __future__ import annotations
 import sqlite3
 
 JOURNAL_NAME = "journal.sqlite"
-SCHEMA_VERSION = 4  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices;
-# 4: slices.bundle_sha256
+SCHEMA_VERSION = 5  # 2: slices.pruned_at (retention); 3: slices.uncertain_band, studies.uncertain_slices;
+# 4: slices.bundle_sha256; 5: the heatmaps table (a new table: SCHEMA's CREATE ... IF NOT EXISTS adds it)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS slices (
@@ -61,6 +61,16 @@ CREATE TABLE IF NOT EXISTS claims (
     signature TEXT NOT NULL,            -- size/mtime/inode: a changed file starts again at 1
     attempts INTEGER NOT NULL,
     claimed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS heatmaps (
+    slice_id INTEGER PRIMARY KEY,       -- slices.id of a study's top slice (device.watch.evidence)
+    grid INTEGER,                       -- the coarse map is grid x grid
+    coarse BLOB,                        -- grid*grid float32 little-endian, row by row; NULL: could not be made
+    base_probability REAL,              -- P(positive) of the intact slice
+    model_sha256 TEXT,                  -- the model file that made it (the one that scored the slice)
+    error TEXT,                         -- why there is no map (file pruned, unreadable, another model)
+    seconds REAL,                       -- how long it took
+    made_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS heartbeat (
     id INTEGER PRIMARY KEY CHECK (id = 1),

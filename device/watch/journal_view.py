@@ -116,6 +116,25 @@ class JournalView:
         }
         return counts
 
+    def heatmap(self, slice_id: int) -> dict | None:
+        """The watch daemon's occlusion map of a study's top slice (:mod:`device.watch.evidence`):
+        ``grid``, ``coarse`` (``grid x grid`` float32, None when it could not be made),
+        ``base_probability``, ``model_sha256``, ``error`` (why there is none), ``made_at``; None
+        while it has not been made (or the daemon has not migrated this journal yet)."""
+        try:
+            row = self._db.execute("SELECT * FROM heatmaps WHERE slice_id = ?", (slice_id,)).fetchone()
+        except sqlite3.OperationalError:  # no such table: a journal of schema 4 or older
+            return None
+        if row is None:
+            return None
+        record = dict(row)
+        if record["coarse"] is not None:
+            import numpy as np
+
+            record["coarse"] = np.frombuffer(record["coarse"], dtype="<f4").reshape(record["grid"], record["grid"]).astype(np.float32)
+        record["made_at"] = iso(record["made_at"])
+        return record
+
     def heartbeat(self) -> dict | None:
         """The daemon's last heartbeat (its JSON fields plus ``beat_at`` and ``age_seconds``)."""
         row = self._db.execute("SELECT beat_at, data FROM heartbeat WHERE id = 1").fetchone()
