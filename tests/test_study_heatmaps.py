@@ -108,6 +108,22 @@ def test_a_map_that_cannot_be_made_is_recorded_once_and_off_means_none(tmp_path,
         assert journal._db.execute("SELECT count(*) FROM heatmaps").fetchone()[0] == 2
 
 
+def test_only_studies_updated_within_the_horizon_get_a_map(tmp_path, tiny_bundle):
+    """A journal with old studies (as after an upgrade) does not keep the Pi drawing their maps:
+    a study last updated two days ago gets none (the horizon is a day)."""
+    config = watch_config(tmp_path, tiny_bundle, study_heatmaps=False)
+    drop(config.inbox, "old/a.png", slice_png(POSITIVE, 4))
+    drop(config.inbox, "new/a.png", slice_png(POSITIVE, 5))
+    triage_once(config)
+    from device.watch.journal_schema import JOURNAL_NAME
+
+    with sqlite3.connect(config.state / JOURNAL_NAME) as db:
+        db.execute("UPDATE studies SET updated_at = updated_at - 2 * 86400 WHERE name = 'old'")
+    triage_once(dataclasses.replace(config, study_heatmaps=True))
+    assert stored_map(config.state, top_slice(config.state, "new")[0])["coarse"].shape == (GRID, GRID)
+    assert stored_map(config.state, top_slice(config.state, "old")[0]) is None
+
+
 def test_ctpi_watch_takes_the_grid_from_the_config(tmp_path, tiny_bundle):
     config = watch_config(tmp_path, tiny_bundle)
     drop(config.inbox, "study/a.png", slice_png(POSITIVE, 3))

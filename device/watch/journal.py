@@ -52,6 +52,9 @@ from device.core.studies import RULE, aggregate
 from device.watch.journal_schema import INDEXES, JOURNAL_NAME, SCHEMA, SCHEMA_VERSION, migrate
 from device.watch.journal_view import JournalView
 
+HEATMAP_HORIZON_SECONDS = 24 * 3600.0
+"""Study heatmaps are made for studies updated within this time (:meth:`Journal.heatmap_due`)."""
+
 
 def immediate(db: sqlite3.Connection, work):
     """``work(db)`` in one IMMEDIATE transaction (the write lock taken up front, so two
@@ -285,14 +288,18 @@ class Journal(JournalView):
             now = time.time()
             self._write(lambda db: db.executemany("UPDATE slices SET pruned_at = ? WHERE id = ?", [(now, i) for i in record_ids]))
 
-    def heatmap_due(self) -> dict | None:
+    def heatmap_due(self, horizon_seconds: float = HEATMAP_HORIZON_SECONDS) -> dict | None:
         """The top slice (``id``, ``stored_as``, ``model_sha256``) of the most recently updated
         study that has no heatmap record yet and whose file has left the inbox; None when every
-        study has one. Newest first, so a study that just arrived never waits behind old ones."""
+        study has one. Newest first, so a study that just arrived never waits behind old ones.
+        Only studies updated within ``horizon_seconds``: the map is for the result a DICOM node
+        sends soon after a study completes, and a journal upgraded with years of studies must
+        not keep a Pi busy drawing maps nobody will send."""
         row = self._db.execute(
             "SELECT s.id, s.stored_as, s.model_sha256, s.pruned_at FROM studies AS st JOIN slices AS s ON s.id = st.top_slice_id"
-            " WHERE s.moved_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM heatmaps AS h WHERE h.slice_id = s.id)"
-            " ORDER BY st.updated_at DESC LIMIT 1"
+            " WHERE st.updated_at >= ? AND s.moved_at IS NOT NULL AND NOT EXISTS (SELECT 1 FROM heatmaps AS h WHERE h.slice_id = s.id)"
+            " ORDER BY st.updated_at DESC LIMIT 1",
+            (time.time() - horizon_seconds,),
         ).fetchone()
         return dict(row) if row is not None else None
 
