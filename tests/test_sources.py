@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -432,20 +433,26 @@ def test_a_resnet50_run_on_cached_trunk_views_saves_the_whole_trained_classifier
 
 
 @pytest.mark.slow
-def test_leave_one_source_out_trains_on_each_source_and_scores_every_val(two_sources, tmp_path, capsys):
+def test_leave_one_source_out_trains_on_each_source_and_scores_every_val(two_sources, tiny_weights_file, tmp_path, capsys):
+    """Each source's run starts from its own weights (``{source}`` in --weights: the shipped
+    MobileNetV2 starts from a backbone fine-tuned on the same sources)."""
     pytest.importorskip("tensorflow")
     from train.evaluate import score_run
     from train.loso import main
 
+    (tmp_path / "w").mkdir()
+    for name in ("hospital-a", "hospital-b"):
+        shutil.copy(tiny_weights_file[0], tmp_path / "w" / f"{name}.weights.h5")
     report = tmp_path / "docs" / "loso.md"
     train_args = f"--img-size {IMG} --head-epochs 1 --fine-epochs 0 --no-determinism --seed 3"  # one stage is enough here
-    assert main(["--data", str(two_sources[0]), "--data", str(two_sources[1]), "--weights", "none",
+    assert main(["--data", str(two_sources[0]), "--data", str(two_sources[1]), "--weights", str(tmp_path / "w" / "{source}.weights.h5"),
                  "--out", str(tmp_path / "runs"), "--report", str(report), "--train-args", train_args, "--cache", ""]) == 0
     text = report.read_text()
     assert (tmp_path / "docs" / "loso.png").stat().st_size > 0
     for trained in ("hospital-a", "hospital-b"):
         run = json.loads((tmp_path / "runs" / trained / "run.json").read_text())
         assert [s["name"] for s in run["training_data"]["sources"]] == [trained]  # one source only
+        assert run["initial_weights"]["file"] == f"{trained}.weights.h5"  # from its own source's weights
         unseen = "hospital-b" if trained == "hospital-a" else "hospital-a"
         folder = two_sources[0] if unseen == "hospital-a" else two_sources[1]
         figures, _, _ = score_run(tmp_path / "runs" / trained, [str(folder / "val")])

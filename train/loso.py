@@ -2,7 +2,10 @@
 
 For every source given with ``--data``, a run is trained on that source alone (its own val
 selects the epoch and the threshold, as a single-source run does) and then scored on the val
-split of every source. The off-diagonal cells are what a hospital whose scanner was never
+split of every source. ``--weights`` may name a file or run per source with ``{source}`` (the
+folder name): the shipped MobileNetV2's head sits on a backbone fine-tuned in a run of its own
+(``make train``'s two runs), so its leave-one-source-out figures need a backbone run on each
+source alone first, each head then starting from its own source's backbone. The off-diagonal cells are what a hospital whose scanner was never
 seen in training should expect; the report (Markdown + one ROC picture) goes to ``--report``
 next to the two-source model's figures.
 
@@ -77,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.loso", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", choices=ARCHITECTURES, default="mobilenetv2")
     parser.add_argument("--data", type=Path, action="append", required=True, help="a source ImageFolder (repeat; at least two)")
-    parser.add_argument("--weights", required=True, help="as for python -m train")
+    parser.add_argument("--weights", required=True,
+                        help="as for python -m train; {source} in it is replaced by each source's folder name")
     parser.add_argument("--out", type=Path, default=Path("runs/loso"), help="folder for the runs (one per source)")
     parser.add_argument("--report", type=Path, default=Path("docs/leave-one-source-out.md"))
     parser.add_argument("--train-args", default="", help="extra python -m train flags, e.g. '--fine-epochs 12'")
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         default_recipe(args.arch, args.weights != "none")
         for name, folder in zip(names, args.data, strict=True):
             run = args.out / name
-            train_argv = ["--arch", args.arch, "--data", str(folder), "--weights", args.weights, "--out", str(run),
+            weights = args.weights.replace("{source}", name)
+            train_argv = ["--arch", args.arch, "--data", str(folder), "--weights", weights, "--out", str(run),
                           "--cache", args.cache, "-q", *shlex.split(args.train_args)]
             commands.append("python -m train " + shlex.join(train_argv))
             print(f"== trained on {name} only -> {run}", flush=True)
