@@ -286,8 +286,11 @@ def watch_check(pi: EmulatedPi) -> list[dict]:
     for seed, ground_glass in ((11, False), (12, False), (13, True)):
         (inbox / "study-png" / f"slice-{seed}.png").write_bytes(chest_png(seed=seed, ground_glass=ground_glass))
     write_series(inbox / "study-dicom", 1)
+    # No study heatmaps here: --once would make one per study before exiting, 50 invokes each,
+    # which under QEMU (1.3-4.9 s an invoke) is minutes and checks nothing the triage does not.
+    (ROOT / "tmp/pi-emu-watch/ctpi.toml").write_text("[watch]\nstudy_heatmaps = false\n")
     ctpi = "/opt/ctpi/current/bin/ctpi"
-    folders = "--inbox /tmp/pi-emu-watch/inbox --state /tmp/pi-emu-watch/state"
+    folders = "--inbox /tmp/pi-emu-watch/inbox --state /tmp/pi-emu-watch/state --config /tmp/pi-emu-watch/ctpi.toml"
     watched = pi.ssh(f"{ctpi} watch --once --model /opt/ctpi/current/models/{MODEL.name} {folders} --settle-seconds 0")
     print(watched.stdout[-3000:] + watched.stderr[-3000:], flush=True)
     results = json.loads(pi.ssh(f"{ctpi} results --state /tmp/pi-emu-watch/state --json").stdout)
