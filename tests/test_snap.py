@@ -116,7 +116,8 @@ def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_fil
     path, _ = tiny_weights_file
     out = tmp_path / "snapped"
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out), *COMMON,
-            "--fine-epochs", "1", "--unfreeze-from", "block_16_expand", "--fine-lr", "0.01", "--snap-weights"]
+            "--head-epochs", "0", "--fine-epochs", "1", "--unfreeze-from", "block_16_expand", "--fine-lr", "0.01",
+            "--snap-weights"]  # the fine-tune stage alone: it is what snaps
     assert _train(args) == 0
     assert json.loads((out / "run.json").read_text())["recipe"]["snap_weights"] is True
     model = keras.models.load_model(out / "model.keras")
