@@ -292,6 +292,8 @@ def test_deploy_installs_a_versioned_release_and_switches_current(pi, release_a)
     venv = (release / "venv").resolve()
     assert venv.parent == (pi.prefix / "venvs").resolve() and (venv / ".complete").exists()
     assert "include-system-site-packages = true" in (venv / "pyvenv.cfg").read_text()
+    # byte-compiled at install (the units cannot write into it): a module nothing here imports
+    assert list(venv.glob("lib/python3*/site-packages/numpy/f2py/__pycache__/__main__.cpython-3*.pyc"))
     for unit in (release / "systemd").glob("*.service"):
         installed = (pi.units / unit.name).read_text()
         assert "/opt/ctpi" not in installed or str(pi.prefix) in installed
