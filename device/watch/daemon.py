@@ -39,7 +39,7 @@ from device import __version__
 from device.config import ConfigError, LogFormat, WatchConfig, load_config, override
 from device.core.bundle import load_bundle
 from device.core.heatmap import DEFAULT_GRID
-from device.watch.evidence import make_due_heatmap
+from device.watch.evidence import StudyHeatmaps
 from device.watch.intake import Arrivals, watch_inbox
 from device.watch.journal import Journal, JournalError, SliceResult
 from device.watch.logs import configure_logging
@@ -111,6 +111,22 @@ def triage(item: Decoded, classifier, positive_label: str) -> SliceResult:
     return result
 
 
+def model_status(classifier, site_error: str | None) -> dict:
+    """The heartbeat's model: what `ctpi status` and the page show of the bundle in use."""
+    return {
+        "name": classifier.bundle.name,
+        "path": str(classifier.bundle.path),
+        "format": classifier.format,
+        "sha256": classifier.sha256,
+        "threshold": classifier.threshold,
+        "uncertain_band": classifier.band.to_manifest() if classifier.band is not None else None,
+        "site_profile": classifier.site.describe() if classifier.site is not None else None,
+        "site_profile_error": site_error,
+        "backend": classifier.backend.name,
+        "threads": classifier.threads,
+    }
+
+
 class Daemon(Storage):
     """The watch loop. ``run()`` returns an exit status; see the module docstring."""
 
@@ -120,8 +136,7 @@ class Daemon(Storage):
 
         self.config = config
         self.once = once
-        self.heatmap_grid = heatmap_grid if heatmap_grid >= 1 else DEFAULT_GRID
-        self.heatmaps_checked_at: int | None = None  # slices processed when none was due: look again after more
+        self.heatmaps = StudyHeatmaps(config.study_heatmaps, heatmap_grid if heatmap_grid >= 1 else DEFAULT_GRID)
         self.inbox = Path(config.inbox).absolute()
         self.state = Path(config.state).absolute()
         check_folders(self.inbox, self.state)
@@ -162,18 +177,7 @@ class Daemon(Storage):
             "version": __version__,
             "started_at": self.started_at,
             "inbox": str(self.inbox),
-            "model": {
-                "name": self.classifier.bundle.name,
-                "path": str(self.classifier.bundle.path),
-                "format": self.classifier.format,
-                "sha256": self.classifier.sha256,
-                "threshold": self.classifier.threshold,
-                "uncertain_band": self.classifier.band.to_manifest() if self.classifier.band is not None else None,
-                "site_profile": self.classifier.site.describe() if self.classifier.site is not None else None,
-                "site_profile_error": self.site_error,
-                "backend": self.classifier.backend.name,
-                "threads": self.classifier.threads,
-            },
+            "model": model_status(self.classifier, self.site_error),
             "queue": self.reader.todo.qsize() + self.reader.done.qsize() + len(self.batch),
             "waiting": len(self.arrivals),
             "processed": dict(self.processed),
@@ -181,7 +185,7 @@ class Daemon(Storage):
             "peak_rss_mb": peak,
             "heartbeat_seconds": self.config.heartbeat_seconds,
             "study_heatmaps": self.config.study_heatmaps,  # the DICOM node waits for them only if so
-            "heatmap_grid": self.heatmap_grid,
+            "heatmap_grid": self.heatmaps.grid,
         }
 
     def beat(self, state: str) -> None:
@@ -228,20 +232,12 @@ class Daemon(Storage):
         return not len(self.arrivals) and not self.in_flight and not self.batch and self.reader.idle()
 
     def study_heatmap(self) -> bool:
-        """One due study heatmap (:mod:`~device.watch.evidence`), when idle; True if one was made
-        or recorded as impossible. Looks in the journal again only after more slices were
-        recorded, so an idle daemon does not query it every tick."""
-        done = sum(self.processed.values())
-        if not self.config.study_heatmaps or self.heatmaps_checked_at == done or not self.idle():
-            return False
+        """One due study heatmap when idle (:class:`~device.watch.evidence.StudyHeatmaps`)."""
         try:
-            if make_due_heatmap(self.journal, self.classifier, self.state, self.heatmap_grid):
-                return True
+            return self.heatmaps.make_one(self.journal, self.classifier, self.state, self.idle(), sum(self.processed.values()))
         except JournalError as error:
             self.block(str(error))
             return False
-        self.heatmaps_checked_at = done
-        return False
 
     def batch_age(self) -> float:
         return time.monotonic() - self.batch_started if self.batch else 0.0

@@ -65,3 +65,21 @@ def make_due_heatmap(journal, classifier, state: Path, grid: int) -> bool:
     else:
         log.warning("no heatmap of top slice %d: %s", slice_id, error, extra={"event": "study-heatmap-failed", "record": slice_id})
     return True
+
+
+class StudyHeatmaps:
+    """When the daemon makes one (``make_one``): heatmaps on, the daemon idle, and more slices
+    recorded since the journal last had none due, so an idle daemon does not query it every tick."""
+
+    def __init__(self, enabled: bool, grid: int):
+        self.enabled, self.grid = enabled, grid
+        self.checked_at: int | None = None  # slices processed when none was due
+
+    def make_one(self, journal, classifier, state: Path, idle: bool, processed: int) -> bool:
+        """True if a map was made or recorded as impossible."""
+        if not self.enabled or not idle or self.checked_at == processed:
+            return False
+        if make_due_heatmap(journal, classifier, state, self.grid):
+            return True
+        self.checked_at = processed
+        return False
