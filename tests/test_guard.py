@@ -301,6 +301,16 @@ def test_every_shipped_guard_accepts_a_slice_framed_as_a_scanner_exports_it(ship
     assert verdict.accepted, (verdict.check, verdict.distance)
 
 
+def test_every_shipped_guard_accepts_the_slices_ctpi_bench_times(shipped_guard, tmp_path):
+    """`ctpi bench` times the guard on its own synthetic slices: refused ones took the guard's
+    short path and understated its share of the end-to-end time (#13's budget)."""
+    from device.tools.bench import write_synthetic_slices
+
+    for path in write_synthetic_slices(tmp_path):
+        verdict = shipped_guard.check(decode_slice(path))
+        assert verdict.accepted, (path.name, verdict.check, verdict.distance)
+
+
 @pytest.mark.parametrize("window", [LUNG_WINDOW, SOFT_TISSUE_WINDOW], ids=["lung", "soft-tissue"])
 def test_every_shipped_guard_accepts_a_thin_chest_wall_cropped_or_framed(shipped_guard, window):
     """A cachectic patient's chest wall is as thin as a table line; finding the body must not
