@@ -108,8 +108,15 @@ else
 	$(PY) -m train.ensemble $(DATA_ARGS) --out $(RUN) --runs $(foreach seed,$(SEEDS),$(RUN)-seed$(seed))
 endif
 
-loso: $(VENV)/.stamp-train ## leave-one-source-out: ARCH trained on each DATA source alone, scored on every source's val (docs/leave-one-source-out.md)
-	$(PY) -m train.loso --arch $(ARCH) $(DATA_ARGS) --weights $(WEIGHTS) --train-args "$(RECIPE) $(TRAIN_ARGS)"
+# make loso: the shipped recipe on each source alone. With a BACKBONE_RECIPE (MobileNetV2) each
+# source first gets its own backbone run (LOSO/<source>-backbone), and its head starts from it.
+LOSO ?= runs/loso-$(ARCH)
+LOSO_REPORT_mobilenetv2 := docs/leave-one-source-out-shipped.md
+LOSO_REPORT_resnet50    := docs/leave-one-source-out-experts.md
+LOSO_REPORT ?= $(LOSO_REPORT_$(ARCH))
+loso: $(VENV)/.stamp-train ## leave-one-source-out: ARCH's recipe trained on each DATA source alone, scored on every source's val (LOSO_REPORT)
+	$(if $(strip $(BACKBONE_RECIPE)),for folder in $(DATA); do $(PY) -m train --arch $(ARCH) --data $$folder --weights $(WEIGHTS) --out $(LOSO)/$$(basename $$folder)-backbone $(BACKBONE_RECIPE) -q || exit 1; done)
+	$(PY) -m train.loso --arch $(ARCH) $(DATA_ARGS) --weights $(if $(strip $(BACKBONE_RECIPE)),'$(LOSO)/{source}-backbone',$(WEIGHTS)) --out $(LOSO) --report $(LOSO_REPORT) --train-args "$(RECIPE) $(TRAIN_ARGS)"
 
 pretrain: $(VENV)/.stamp-train ## self-supervised (SimCLR) pre-training of ARCH on the first DATA source's train/ from WEIGHTS into SSL (then: make train WEIGHTS=$(SSL)/backbone.weights.h5)
 	$(PY) -m train.pretrain --arch $(ARCH) --data $(firstword $(DATA)) --weights $(WEIGHTS) --out $(SSL)
