@@ -352,8 +352,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--once", action="store_true", help="process what is in the inbox, then exit")
 
 
-def config_from_args(args) -> WatchConfig:
-    config = load_config(args.config).watch
+def config_from_args(args, watch: WatchConfig | None = None) -> WatchConfig:
+    """``watch`` (the config file's ``[watch]``, read from ``--config`` when not given) with the
+    command line's settings on top."""
+    config = watch if watch is not None else load_config(args.config).watch
     return override(
         config,
         inbox=args.inbox,
@@ -371,11 +373,12 @@ def config_from_args(args) -> WatchConfig:
 def run(args) -> int:
     from device.core.memory import one_malloc_arena
 
-    config = config_from_args(args)
+    settings = load_config(args.config)
+    config = config_from_args(args, settings.watch)
     configure_logging(config.log_format, getattr(args, "verbose", False))
-    grid = load_config(args.config).ui.heatmap_grid  # one resolution for every heatmap of the appliance
     one_malloc_arena()  # before LiteRT's and the reader's threads: the study heatmaps' decode costs no peak
-    return Daemon(config, once=args.once, heatmap_grid=grid).run()
+    # one resolution for every heatmap of the appliance: the page's
+    return Daemon(config, once=args.once, heatmap_grid=settings.ui.heatmap_grid).run()
 
 
 def main(argv: list[str] | None = None) -> int:
