@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,3 +69,45 @@ def test_dicom_patient_fields_never_reach_logs_or_the_journal(tmp_path, tiny_bun
     assert record["status"] == "ok" and record["format"] == "DICOM" and record["study"] == "study"
     journal = (state / "journal.sqlite").read_bytes() + b"".join(p.read_bytes() for p in state.glob("journal.sqlite-*"))
     assert b"SECRET" not in journal
+
+
+def test_daemons_import_pydicom_lean_and_still_read_every_slice(tmp_path):
+    """The daemons' pydicom (#19's 80 MB budget) has neither the test-data downloader's extras
+    nor the vendors' private-tag table, and reads a slice with a vendor's private element,
+    sent in implicit VR (where only that table knows its VR), to the same pixels and header."""
+    import json
+    import subprocess
+    import sys
+
+    dataset = pydicom.dcmread(io.BytesIO(ct_small()))
+    block = dataset.private_block(0x0019, "GEMS_ACQU_01", create=True)  # a vendor pydicom's table names
+    block.add_new(0x23, "DS", "1.5")
+    dataset.BodyPartExamined = "CHEST"
+    path = tmp_path / "private.dcm"
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.ImplicitVRLittleEndian
+    dataset.save_as(path, enforce_file_format=True)
+    pixels, mode, header = dicom.decode_with_header(path.read_bytes(), dicom.LUNG_WINDOW)
+    assert pydicom.datadict.private_dictionary_VR(0x00190023, "GEMS_ACQU_01") == "DS"  # this process: the whole table
+
+    script = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from device.core import dicom\n"
+        "pydicom = dicom.import_pydicom_lean()\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "pixels, mode, header = dicom.decode_with_header(data, dicom.LUNG_WINDOW)\n"
+        "element = pydicom.dcmread(sys.argv[1])[0x00191023]\n"
+        "loaded = sorted(name for name in ('requests', 'tqdm') if name in sys.modules)\n"
+        "import requests\n"  # blocked only while pydicom was imported
+        "np.save(sys.argv[2], pixels)\n"
+        "print(json.dumps({'mode': mode, 'header': header, 'loaded': loaded, 'vr': element.VR,\n"
+        "                  'value': bytes(element.value).decode(), 'table': len(pydicom.datadict.private_dictionaries)}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path), str(tmp_path / "lean.npy")], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    lean = json.loads(done.stdout.splitlines()[-1])
+    assert lean["loaded"] == [] and lean["table"] == 0
+    assert (lean["vr"], lean["value"].strip()) == ("UN", "1.5")  # still read: bytes, as for a vendor pydicom does not know
+    assert lean["mode"] == mode and lean["header"] == json.loads(json.dumps(header))
+    assert np.array_equal(np.load(tmp_path / "lean.npy"), pixels)

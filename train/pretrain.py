@@ -179,6 +179,9 @@ def pretrain(arch: str, data: Path, weights_option: str, out: Path, recipe: Pret
     steps = len(images) // recipe.batch_size
     schedule = keras.optimizers.schedules.CosineDecay(recipe.learning_rate, decay_steps=recipe.epochs * steps)
     optimizer = keras.optimizers.AdamW(learning_rate=schedule, weight_decay=recipe.weight_decay)
+    # its slot variables now, not in the first step: a tf.function that creates variables is
+    # traced twice, and a trace of this step costs seconds
+    optimizer.build(network.trainable_variables)
 
     @tf.function
     def step(view_a, view_b):
