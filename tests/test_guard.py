@@ -339,14 +339,44 @@ def test_reframe_pastes_a_slice_into_a_square_frame_of_air():
     from convert.reframe import FRAME_SIDE, SCALE, reframe
 
     pixels = slice_array(POSITIVE, np.random.default_rng(0), 96, 128).astype(np.float32)
-    image = reframe(pixels, np.random.default_rng(4), table=False, rewindow=False)
+    image = reframe(pixels, np.random.default_rng(4), table=False, rewindow=False, tilt=False)
     assert image.shape == (FRAME_SIDE, FRAME_SIDE) and image.dtype == np.uint8
     rows, columns = np.nonzero(image > 20)  # the frame goes on in the slice's own air (10)
     longer = max(rows.max() - rows.min(), columns.max() - columns.min()) + 1
     assert SCALE[0] * FRAME_SIDE - 2 <= longer <= SCALE[1] * FRAME_SIDE + 2
-    assert np.array_equal(image, reframe(pixels, np.random.default_rng(4), table=False, rewindow=False))
-    tabled = reframe(pixels, np.random.default_rng(4), table=True, rewindow=False)
+    assert np.array_equal(image, reframe(pixels, np.random.default_rng(4), table=False, rewindow=False, tilt=False))
+    tabled = reframe(pixels, np.random.default_rng(4), table=True, rewindow=False, tilt=False)
     assert (tabled > image).any(axis=1)[rows.max() + 1 :].any()  # a bright line under the slice
+
+
+def _axis_degrees(image: np.ndarray) -> float:
+    """The direction of the bright region's long axis, from its second moments."""
+    rows, columns = np.nonzero(image > 20)
+    y, x = rows - rows.mean(), columns - columns.mean()
+    return float(np.degrees(0.5 * np.arctan2(-2 * (x * y).mean(), (x * x).mean() - (y * y).mean())))
+
+
+def test_reframe_turns_some_slices_by_a_few_degrees_like_a_patient_on_the_table():
+    from convert.reframe import TILT_DEGREES, reframe
+
+    pixels = np.full((96, 160), 10.0, np.float32)
+    pixels[28:68, 20:140] = 200.0  # a body twice as wide as tall: its long axis is horizontal
+    assert abs(_axis_degrees(reframe(pixels, np.random.default_rng(0), table=False, rewindow=False, tilt=False))) < 0.5
+    angles = [_axis_degrees(reframe(pixels, np.random.default_rng(seed), table=False, rewindow=False, tilt=True)) for seed in range(12)]
+    assert all(abs(angle) <= TILT_DEGREES + 0.5 for angle in angles)
+    assert min(angles) < -2 and max(angles) > 2  # either way, by more than rounding
+    drawn = [reframe(pixels, np.random.default_rng(seed), table=False, rewindow=False) for seed in range(40)]
+    assert 5 <= sum(abs(_axis_degrees(image)) > 0.5 for image in drawn) <= 35  # by default some are turned, not all
+
+
+def test_val_slices_are_measured_turned_each_way_in_their_own_air():
+    from convert.reframe import png, turned_files
+
+    pixels = np.full((96, 160), 10, np.uint8)
+    pixels[28:68, 20:140] = 200
+    first, second = (np.asarray(Image.open(io.BytesIO(data))) for data in turned_files([png(pixels)] * 2, 10.0))
+    assert _axis_degrees(first) == pytest.approx(10.0, abs=1.0) and _axis_degrees(second) == pytest.approx(-10.0, abs=1.0)
+    assert first[0, 0] == 10 and first.shape[0] > 96  # the grown corners are the slice's air
 
 
 def test_guard_components_split_two_clusters_and_fall_back_to_one_when_rows_are_few():
