@@ -403,7 +403,7 @@ def test_failed_health_check_rolls_back_automatically(pi, a_is_current, tmp_path
 BROKEN_UNITS = {
     "exits": ("ctpi-watch.service", lambda text: text.replace("/models/@BUNDLE@ ", "/models/mobilenetv2 "),
               ["code=exited, status=2", "READY=1 not received", "mobilenetv2"]),
-    "never-ready": ("ctpi-ui.service", lambda text: text.replace("Type=simple", "Type=notify\nTimeoutStartSec=5"),
+    "never-ready": ("ctpi-ui.service", lambda text: text.replace("Type=simple", "Type=notify\nTimeoutStartSec=2"),
                     ["start operation timed out (no READY=1)", "READY=1 not received", "Result: timeout"]),
 }
 

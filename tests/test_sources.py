@@ -240,7 +240,7 @@ def two_sources(tmp_path_factory) -> list[Path]:
 
 
 COMMON = ["--img-size", str(IMG), "--head-epochs", "1", "--fine-epochs", "1", "--cache", "", "--no-determinism", "-q",
-          "--seed", "3"]
+          "--seed", "3", "--eager"]  # tests/tiny_runs.py says why --eager
 
 
 @pytest.fixture(scope="module")
@@ -444,7 +444,7 @@ def test_leave_one_source_out_trains_on_each_source_and_scores_every_val(two_sou
     for name in ("hospital-a", "hospital-b"):
         shutil.copy(tiny_weights_file[0], tmp_path / "w" / f"{name}.weights.h5")
     report = tmp_path / "docs" / "loso.md"
-    train_args = f"--img-size {IMG} --head-epochs 1 --fine-epochs 0 --no-determinism --seed 3"  # one stage is enough here
+    train_args = f"--img-size {IMG} --head-epochs 1 --fine-epochs 0 --no-determinism --seed 3 --eager"  # one stage is enough here
     assert main(["--data", str(two_sources[0]), "--data", str(two_sources[1]), "--weights", str(tmp_path / "w" / "{source}.weights.h5"),
                  "--out", str(tmp_path / "runs"), "--report", str(report), "--train-args", train_args, "--cache", ""]) == 0
     text = report.read_text()

@@ -38,11 +38,34 @@ OUTPUTS = [
 def finished_run(split_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "tiny"
     cache = tmp_path_factory.mktemp("cache")
+    assert _train(finished_run_args(split_data, out, cache)) == 0
+    return out
+
+
+def finished_run_args(split_data: Path, out: Path, cache: Path) -> list[str]:
+    """The one tiny run in graphs, as every real run trains (the others are --eager)."""
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", "none", "--out", str(out),
             *COMMON, "--fine-epochs", "2", "--unfreeze-from", "block_16_expand"]  # two: the weight-average test's control
     args[args.index("--cache") + 1] = str(cache)
-    assert _train(args) == 0
-    return out
+    args.remove("--eager")
+    return args
+
+
+def test_an_eager_run_trains_the_same_weights_as_one_in_graphs(finished_run, split_data, tmp_path):
+    import keras
+
+    eager = tmp_path / "eager"
+    assert _train([*finished_run_args(split_data, eager, tmp_path / "cache"), "--eager"]) == 0
+    graph_weights = keras.models.load_model(finished_run / "model.keras").get_weights()
+    eager_weights = keras.models.load_model(eager / "model.keras").get_weights()
+    assert max(float(np.abs(a - b).max()) for a, b in zip(graph_weights, eager_weights, strict=True)) < 1e-5
+    losses = []
+    for run in (finished_run, eager):
+        with open(run / "history.csv", newline="") as handle:
+            losses.append([float(row["loss"]) for row in csv.DictReader(handle)])
+    assert len(losses[0]) == 3 and losses[0][-1] != losses[0][0]  # the weights moved
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert np.allclose(_scores(eager)[2], _scores(finished_run)[2], atol=1e-6)
 
 
 def _scores(run: Path) -> tuple[list[str], list[str], np.ndarray]:

@@ -24,8 +24,11 @@ from tests.synthetic import write_image_folder
 
 IMG = 32
 # Tests do not enable TensorFlow's global op determinism: it would stay on for every later test
-# in the same process. The seeded path is the same otherwise.
-COMMON = ["--img-size", str(IMG), "--head-epochs", "1", "--cache", "", "--no-determinism", "-q", "--seed", "3"]
+# in the same process. The seeded path is the same otherwise. --eager: a tiny run's few steps
+# cost less than tracing the backbone's graphs (9 s a run against 22); test_train's
+# finished_run trains in graphs, as every real run does, and an eager copy of it must give the
+# same weights.
+COMMON = ["--img-size", str(IMG), "--head-epochs", "1", "--cache", "", "--no-determinism", "-q", "--seed", "3", "--eager"]
 
 
 def shared_folder(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:

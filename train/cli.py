@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=int, default=2, help="TensorFlow intra-op threads")
     parser.add_argument("--no-determinism", action="store_true", help="skip tf op determinism (faster on some ops)")
+    parser.add_argument("--eager", action="store_true",
+                        help="run training and scoring steps eagerly, tracing no graph: for smoke runs on a handful of "
+                             "slices, where tracing a backbone's graphs costs more than the steps (slower per step)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     knobs = parser.add_argument_group("recipe (defaults depend on --arch and on pretrained vs from scratch)")
     knobs.add_argument("--img-size", type=int, help="square input side (default 224; 128 for ResNet50 from scratch)")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RunConfig(
             arch=args.arch, data=args.data, weights=args.weights, out=args.out, recipe=recipe, seed=args.seed,
             positive_label=args.positive_label, cache_dir=args.cache, threads=args.threads,
-            deterministic=not args.no_determinism, show_progress=not args.quiet, command=command,
+            deterministic=not args.no_determinism, show_progress=not args.quiet, command=command, eager=args.eager,
         )
         run = train_run(config)
     except (DataError, WeightsError) as error:

@@ -49,6 +49,7 @@ class RunConfig:
     threads: int = 2
     deterministic: bool = True
     show_progress: bool = True
+    eager: bool = False  # steps run eagerly, no graph traced (--eager: smoke runs on a few slices)
     command: str = field(default_factory=lambda: " ".join(shlex.quote(a) for a in ["python", "-m", "train", *sys.argv[1:]]))
 
 
@@ -77,7 +78,10 @@ def pick_positive(labels: list[str], requested: str | None) -> str:
     raise DataError(f"no {DEFAULT_POSITIVE!r} folder; say which of {labels} is positive with --positive-label")
 
 
-def _compile(model, learning_rate, recipe: Recipe, ema: bool = False) -> None:
+def _compile(model, learning_rate, recipe: Recipe, ema: bool = False, eager: bool = False) -> None:
+    """``eager``: no graph is traced for fit, evaluate and predict. Tracing a backbone's train
+    step takes seconds per stage, so a run of a few steps (a smoke run, the test suite's tiny
+    runs) spends most of its time there; every real run keeps graphs."""
     import keras
 
     averaging = {"use_ema": True, "ema_momentum": recipe.ema_momentum} if ema and recipe.ema_momentum > 0 else {}
@@ -85,6 +89,7 @@ def _compile(model, learning_rate, recipe: Recipe, ema: bool = False) -> None:
         optimizer=keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay, **averaging),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
         metrics=["accuracy"],
+        run_eagerly=eager,
     )
 
 
@@ -175,7 +180,7 @@ def train_run(config: RunConfig) -> dict:
             rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps)
         # The weight average only in stage 2: in stage 1 the head starts from random weights.
         averaged = stage == "fine" and recipe.ema_momentum > 0
-        _compile(fitted_model, rate, recipe, ema=averaged)
+        _compile(fitted_model, rate, recipe, ema=averaged, eager=config.eager)
         log.info("stage %s: %d epochs, learning rate %g, %d trainable backbone layers", stage, epochs, learning_rate, trainable)
         print(f"stage {stage}: up to {epochs} epochs at learning rate {learning_rate:g}, {trainable} backbone layers trainable", flush=True)
         selector.start_stage(stage, len(history), recipe.patience if stage == "fine" else 0, recipe.min_epochs)
