@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.reframe import TILT_DEGREES, reframed_files, turned_files
+from convert.reframe import TILT_DEGREES, reframed_files, soft_tissue_files, turned_files
 from device.core.bundle import Bundle, load_bundle, write_manifest
 from device.core.dataset import is_candidate
 from device.core.guard import FEATURE_NAMES, FEATURE_VERSION, GUARD_FILE, Guard, SourceModel, features
@@ -46,6 +46,8 @@ FIT_FRAMING_SEEDS, MEASURE_FRAMING_SEED = (2, 3), 1  # re-framings of train (fit
 REFRAMED = "val re-framed"  # the split name of the re-framed val slices in the figures
 TURN_DEGREES = 10.0  # val slices measured turned by this much, either way, as they are
 TURNED = f"val turned {TURN_DEGREES:g}°"
+SOFT = "val soft-tissue window"
+SOFT_SUFFIX = " (soft-tissue window)"  # the fitted group of a source's train slices in that window
 GUARD_START, GUARD_END = "<!-- section:guard -->", "<!-- /section:guard -->"
 
 
@@ -166,6 +168,7 @@ def measure(guard: Guard, data: list[Path], negative_seed: int = 1, spec=None) -
         splits = {split: acceptance(guard, slice_files(root, split), spec) for split in ("train", "val")}
         splits[REFRAMED] = acceptance(guard, reframed_files(slice_files(root, "val"), MEASURE_FRAMING_SEED, spec))
         splits[TURNED] = acceptance(guard, turned_files(slice_files(root, "val"), TURN_DEGREES, spec))
+        splits[SOFT] = acceptance(guard, soft_tissue_files(slice_files(root, "val"), spec))
         figures["sources"][Path(root).name] = splits
     for category, files in negatives(negative_seed, part=None).items():  # both parts: nothing is fitted on them
         result = acceptance(guard, files, spec)
@@ -207,7 +210,8 @@ def guard_section(figures: dict, command: str) -> str:
         f"(`device/core/guard_body.py`, features v{FEATURE_VERSION}). Rules refuse colour images, flat images, noise and "
         f"images without dark lungs inside a body; then {DEFAULT_COMPONENTS} Gaussians per training source over "
         f"{len(FEATURE_NAMES)} features of a 64-pixel view of the body (`{GUARD_FILE}`, hashed in the manifest), fitted on "
-        "its train slices as they are and re-framed, refuse what is unlike all of them.",
+        "its train slices as they are and re-framed, and as many apart on the same slices in a soft-tissue window, refuse "
+        "what is unlike all of them.",
         "",
         "| real CT source | split | slices | accepted |",
         "|---|---|---|---|",
@@ -228,7 +232,8 @@ def guard_section(figures: dict, command: str) -> str:
         f"half of them turned by up to {TILT_DEGREES:g} degrees either way (a patient lies a little turned), half with a scanner table (a bright curved line or two) under the body, half re-windowed (level, "
         "width, gamma), as a scanner or PACS exports a slice (`convert/reframe.py`, other framings than the fitted "
         f"train ones). *{TURNED}*: each val slice as it is, turned by {TURN_DEGREES:g} degrees (every second one the "
-        "other way), its corners filled with its own air. The negatives are built "
+        f"other way), its corners filled with its own air. *{SOFT}*: each val slice as it is, its grey levels read as "
+        "the lung window (level -600, width 1500 HU) and shown in a soft-tissue window (level 40, width 400). The negatives are built "
         "from package sample images and synthetic renderings (`convert/guard_negatives.py`, both parts) and were never "
         "used for fitting; the synthetic X-ray, coronal, head and abdominal CT images are simple phantoms, so real "
         "images of those kinds given as PNG or JPEG may pass more often (as DICOM their header refuses them). "
@@ -263,6 +268,12 @@ def fit_bundle(
             log.warning("%s: %d train files could not be read", root, failed)
         framed = [feature_matrix(reframed_files(files, seed, bundle.spec), bundle.spec)[0] for seed in FIT_FRAMING_SEEDS[:FRAMED_COPIES]]
         train[Path(root).name], as_is[Path(root).name] = np.concatenate([values, *framed]), len(values)
+        # "lung or soft-tissue window" (#13): the same slices in a soft-tissue window get
+        # Gaussians of their own; mixed into the source's, they widened it to abdominal CT
+        soft = feature_matrix(soft_tissue_files(files, bundle.spec), bundle.spec)[0]
+        if len(soft) >= len(FEATURE_NAMES) + 2:  # a Gaussian needs that many (fit_source)
+            train[f"{Path(root).name}{SOFT_SUFFIX}"] = soft
+            as_is[f"{Path(root).name}{SOFT_SUFFIX}"] = len(soft)
     guard = fit_guard(train, quantile, margin, count=count, as_is=as_is)
     figures = measure(guard, data, spec=bundle.spec) if report else {}
     document = guard.to_dict()

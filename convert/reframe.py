@@ -20,7 +20,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from device.core.preprocess import BadSliceError, decode_slice
+from device.core.preprocess import LUNG_WINDOW, BadSliceError, decode_slice
 
 FRAME_SIDE = 512
 SCALE = (0.4, 0.7)  # the slice's longer side, as a share of the frame's side
@@ -51,6 +51,15 @@ def _table(canvas: np.ndarray, rng: np.random.Generator, top: int, left: int, he
                 canvas[max(0, first) : min(side, last), column] = np.maximum(
                     canvas[max(0, first) : min(side, last), column], value
                 )
+
+
+def soft_tissue(pixels: np.ndarray, level: float = 40.0, width: float = 400.0) -> np.ndarray:
+    """A slice in the lung window (``device.core.preprocess.LUNG_WINDOW``, as the training
+    sources look) shown in a soft-tissue window of ``level`` and ``width`` HU instead: the
+    lungs go black, the chest wall and mediastinum grey, what was above +150 HU stays white."""
+    lung_level, lung_width = LUNG_WINDOW
+    hounsfield = lung_level - lung_width / 2 + np.asarray(pixels, np.float32) * (lung_width / 255.0)
+    return (255.0 * np.clip((hounsfield - (level - width / 2)) / width, 0.0, 1.0)).astype(np.float32)
 
 
 def _rewindow(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -111,6 +120,17 @@ def png(image: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
+
+
+def soft_tissue_files(sources, spec=None):
+    """PNG bytes of every source shown in a soft-tissue window (W400 L40), not re-framed."""
+    for source in sources:
+        try:
+            pixels = decode_slice(source, spec).pixels
+        except BadSliceError:
+            yield source
+            continue
+        yield png(np.rint(soft_tissue(pixels)).astype(np.uint8))
 
 
 def turned_files(sources, degrees: float, spec=None):

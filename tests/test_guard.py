@@ -369,6 +369,30 @@ def test_reframe_turns_some_slices_by_a_few_degrees_like_a_patient_on_the_table(
     assert 5 <= sum(abs(_axis_degrees(image)) > 0.5 for image in drawn) <= 35  # by default some are turned, not all
 
 
+def test_soft_tissue_window_blacks_out_the_lungs_and_greys_the_body():
+    from convert.reframe import soft_tissue
+
+    def lung_window_grey(hounsfield: float) -> float:  # level -600, width 1500: -1350 HU black, +150 HU white
+        return (hounsfield + 1350.0) * 255.0 / 1500.0
+
+    lung, muscle, rib = (lung_window_grey(hu) for hu in (-850.0, 40.0, 140.0))
+    shown = soft_tissue(np.array([[lung, muscle, rib]], np.float32))  # level 40, width 400: -160 black, 240 white
+    assert shown[0, 0] == 0.0
+    assert shown[0, 1] == pytest.approx(127.5, abs=0.01) and shown[0, 2] == pytest.approx(191.25, abs=0.01)
+
+
+def test_guard_fits_each_source_in_a_soft_tissue_window_apart(guarded_bundle):
+    """The issue's "lung or soft-tissue window": every source's train slices are fitted a second
+    time, shown in a soft-tissue window, as Gaussians of their own (mixed into the source's own
+    they widened it to abdominal CT). What that accepts on real slices is measured on val
+    (`val soft-tissue window` in each shipped card); these synthetic slices are too dark for it."""
+    guard = json.loads((guarded_bundle / GUARD_FILE).read_text())
+    assert guard["train_rows"]["synthetic-ct (soft-tissue window)"] == guard["train_slices"]["synthetic-ct"] == 80
+    names = [source["name"] for source in guard["sources"]]
+    assert any(name.startswith("synthetic-ct (soft-tissue window)") for name in names)
+    assert any(name.startswith("synthetic-ct") and "soft-tissue" not in name for name in names)
+
+
 def test_val_slices_are_measured_turned_each_way_in_their_own_air():
     from convert.reframe import png, turned_files
 
