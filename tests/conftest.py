@@ -78,8 +78,10 @@ def pytest_addoption(parser):
 # sixth). A long file handed out last leaves the other worker idle until it ends, so the files
 # measured longest (pytest --durations, docs/testing.md) go first, longest first; the rest keep
 # their order. Only the order changes, never what runs.
+# The emulated Pi (CTPI_PI_EMU=1, as .ci/run sets it) goes first of all: minutes of QEMU on one
+# worker, mostly waiting on the emulated Pi, while the other worker runs the rest beside it.
 LONGEST_FIRST = (  # pytest --junitxml of a full run, 2026-12-06 evening: the files over ~6 s, longest first
-    "test_train.py", "test_deploy.py", "test_sources.py", "test_experts.py", "test_convert.py", "test_dicom_node.py",
+    "test_pi_emu.py", "test_train.py", "test_deploy.py", "test_sources.py", "test_experts.py", "test_convert.py", "test_dicom_node.py",
     "test_watch.py", "test_ui.py", "test_snap.py", "test_browser.py", "test_watch_soak.py", "test_guard.py",
     "test_ui_tls.py", "test_ui_run.py", "test_sitecheck.py", "test_release_units.py", "test_ui_dicom.py",
     "test_study_heatmaps.py", "test_ui_trust.py", "test_guard_features.py",
