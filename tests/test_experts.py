@@ -84,6 +84,30 @@ def test_with_int8_features_choices_must_keep_their_decisions_under_them():
     assert careful["gate_choice"]["int8_agreement"] == pytest.approx(agreement(careful), abs=1e-4)
     assert agreement(careful) > agreement(plain)
     assert agreement(careful) >= INT8_AGREEMENT or all(c["int8_agreement"] < INT8_AGREEMENT for c in careful["choices"].values())
+    # chosen together, the mixture itself must keep its decisions, and the part-by-part choice is one candidate
+    together = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], val_int8=noisy, joint=True)
+    assert together["gate_choice"]["int8_agreement"] == pytest.approx(agreement(together), abs=1e-4)
+    assert agreement(together) >= INT8_AGREEMENT or agreement(together) >= agreement(careful)
+    if agreement(careful) >= INT8_AGREEMENT:
+        assert together["gate_choice"]["worst_source_auc"] >= careful["gate_choice"]["worst_source_auc"]
+
+
+def test_chosen_together_the_mixture_is_the_best_worst_source_combination():
+    """--experts-choice joint: experts and gate are chosen on the mixture's worst-source val AUC,
+    which is at least what choosing part by part reaches (its choice is one combination)."""
+    from train.experts import fit_mixture, predict_mixture
+
+    x, y, source = _opposite_cues(160, 21)
+    xv, yv, sv = _opposite_cues(80, 22)
+    parts = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], c_grid=(0.001, 0.1, 10.0), gate_grid=(0.001, 1.0))
+    joint = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], c_grid=(0.001, 0.1, 10.0), gate_grid=(0.001, 1.0), joint=True)
+
+    def worst(fitted):
+        return min(roc_auc(yv[sv == name], predict_mixture(fitted, xv)[sv == name]) for name in ("a", "b"))
+
+    assert joint["gate_choice"]["worst_source_auc"] == pytest.approx(worst(joint), abs=1e-4)
+    assert worst(joint) >= worst(parts) - 1e-9
+    assert "int8_agreement" not in joint["gate_choice"]  # no int8 view, no int8 rule
 
 
 def _random_backbone_features(seed: int, pixel_seed: int, n: int):
@@ -186,6 +210,9 @@ def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
     dense[dense.index("--head")] = "--int8-view"
     assert main(dense) == 2
     assert "--int8-view is a view for the experts head's fit" in capsys.readouterr().err
+    dense[dense.index("--int8-view")] = "--experts-choice=joint"
+    assert main(dense) == 2
+    assert "--experts-choice is how the experts head's parts are chosen" in capsys.readouterr().err
 
 
 def test_the_int8_view_is_the_features_a_full_int8_model_computes(tmp_path):

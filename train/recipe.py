@@ -111,6 +111,12 @@ class Recipe:
     and run), so the experts and the gate are fitted on both and learn to lean on what survives
     8-bit activations. A frozen backbone's pooled features move by a fifth to a half of their
     spread between slices under int8 (MobileNetV2), which flips decisions near the threshold."""
+    experts_choice: str = "parts"
+    """With ``head = experts``: ``parts`` chooses each expert's C and views on its own source's
+    val AUC, then the gate's on the mixture's worst-source AUC (with ``int8_view``, each part
+    among the candidates whose own decisions survive int8); ``joint`` chooses every part
+    together on the mixture's worst-source AUC (with ``int8_view``, among the combinations whose
+    mixture keeps its decisions under int8): :func:`train.experts.fit_mixture`."""
     expert_layers: str = ""
     """Backbone layers (comma-separated) whose pooled maps feed the experts head; empty for
     the architecture's default (the end of each stage, :data:`train.experts.DEFAULT_LAYERS`)."""

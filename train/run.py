@@ -134,6 +134,8 @@ def train_run(config: RunConfig) -> dict:
                                               val_pixels, y_val, val_sources, out / "model.keras"))
     if recipe.int8_view:
         raise DataError("--int8-view is a view for the experts head's fit; with --head dense it would do nothing")
+    if recipe.experts_choice != "parts":
+        raise DataError("--experts-choice is how the experts head's parts are chosen; with --head dense it would do nothing")
     model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
     if recipe.snap_weights:
         if recipe.ema_momentum > 0 or recipe.batchnorm_training:
