@@ -246,10 +246,9 @@ def _mixtures(candidates, picked, gates, sources, z):
 
 
 def _best_gate(candidates, picked, gates, sources, y_val, s_val, val_z, int8_z) -> tuple:
-    """(gate index or None, worst-source AUC, int8 agreement or None) of the best gate for the
-    ``picked`` experts (the first of equals: the simplest)."""
-    if not gates:
-        return None, None, None
+    """(gate index, worst-source AUC, int8 agreement or None) of the best gate for the ``picked``
+    experts (the first of equals: the simplest). Without gates (one source) the index is None
+    and the figures are the lone expert's."""
     floats = _mixtures(candidates, picked, gates, sources, val_z)
     int8s = None if int8_z is None else _mixtures(candidates, picked, gates, sources, int8_z)
     best = None
@@ -259,7 +258,7 @@ def _best_gate(candidates, picked, gates, sources, y_val, s_val, val_z, int8_z) 
         key = _rank(worst, agreement)
         if best is None or key > best[0]:
             best = (key, index, worst, agreement)
-    return best[1], best[2], best[3]
+    return (best[1] if gates else None), best[2], best[3]
 
 
 def _joint_choice(candidates, gates, sources, y_val, s_val, val_z, int8_z) -> tuple:
@@ -271,11 +270,6 @@ def _joint_choice(candidates, gates, sources, y_val, s_val, val_z, int8_z) -> tu
     best = None
     for picked in itertools.product(*(range(len(candidates[s])) for s in sources)):
         gate_index, worst, agreement = _best_gate(candidates, picked, gates, sources, y_val, s_val, val_z, int8_z)
-        if gate_index is None:  # one source: its expert alone
-            mixed = _mixtures(candidates, picked, gates, sources, val_z)[0]
-            worst = _auc(y_val, mixed)
-            agreement = None if int8_z is None else _agreement(
-                y_val, s_val, mixed, _mixtures(candidates, picked, gates, sources, int8_z)[0])
         key = _rank(worst, agreement)
         if best is None or key > best[0]:
             best = (key, list(picked), gate_index, worst, agreement)
@@ -375,7 +369,9 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
     print(f"experts fitted ({choices}); gate C {gate['C']}, {gate['views']} view(s): routes val slices to their own "
           f"source's expert ({routed})", flush=True)
     notes = [f"Head: a source gate and one linear expert per source on the frozen backbone's maps pooled at {', '.join(layers)} "
-             f"(logistic regression; each expert's C and views chosen on its own source's val AUC: {choices}). "
+             "(logistic regression; each expert's C and views chosen on "
+             + ("the mixture, below" if recipe.experts_choice == "joint" else "its own source's val AUC")
+             + f": {choices}). "
              f"The gate (C {gate['C']}, {gate['views']} view(s), chosen on the mixture's worst-source val AUC) routes val "
              f"slices to their own source's expert: {routed}. A slice the gate sends to the other source's expert gets that "
              "source's rule, which is where the mixture loses to each expert alone."
