@@ -187,6 +187,56 @@ def test_every_epoch_draws_each_source_and_label_equally():
     assert (pixels[:, 0, 0, 0] == 10).sum() == epoch // 2 > 3
 
 
+@pytest.mark.slow
+def test_with_one_head_per_source_each_target_sits_in_its_own_sources_row():
+    pytest.importorskip("tensorflow")
+    from train.data import balanced_dataset, balanced_epoch_size
+
+    sources = [_source("small", (3, 9), 10), _source("large", (20, 5), 20)]
+    recipe = _recipe(batch_size=8, label_smoothing=0.1)
+    epoch = balanced_epoch_size(sources, 2, recipe.batch_size)
+    for x, y in balanced_dataset(sources, 2, recipe, seed=1, epoch_size=epoch, source_rows=True).take(epoch // 8):
+        markers, y = np.asarray(x)[:, 0, 0, 0].astype(int), np.asarray(y)
+        assert y.shape == (8, 2, 2)
+        own = markers // 10 - 1  # 10s: source 0 ("small"), 20s: source 1
+        label = markers % 10
+        np.testing.assert_allclose(y[np.arange(8), 1 - own], 0.0)  # the other source's head learns nothing here
+        expected = np.where(np.arange(2)[None, :] == label[:, None], 0.95, 0.05)  # smoothed in the row itself
+        np.testing.assert_allclose(y[np.arange(8), own], expected, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_head_per_source_is_scored_by_each_slices_own_head(tmp_path):
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from train.callbacks import ValAUCCheckpoint, predict_positive
+
+    x, y, names = _two_feature_data(np.random.default_rng(4))
+    inputs = keras.Input((2,))
+    rows = keras.layers.Softmax(axis=-1)(keras.layers.Reshape((2, 2))(keras.layers.Dense(4)(inputs)))
+    model = keras.Model(inputs, rows)
+    # head 0 (hospital a) reads feature 0, head 1 (hospital b) feature 1: [a COVID, a Non, b COVID, b Non]
+    model.set_weights([np.array([[4.0, 0, 0, 0], [0, 0, 4.0, 0]], np.float32), np.zeros(4, np.float32)])
+    heads = (names == "b").astype(int)
+    rows_out = np.asarray(model(x))
+    own = rows_out[np.arange(len(x)), heads, 0]
+    averaged = rows_out.mean(axis=1)[:, 0]
+    # the premise: averaging the heads lets b's head blur a's slices
+    assert worst_source_auc(y, own, names) > worst_source_auc(y, averaged, names)
+    np.testing.assert_allclose(predict_positive(model, x, 0, batch_size=7, heads=heads), own, rtol=1e-6)
+    with pytest.raises(ValueError, match="head"):
+        predict_positive(model, x, 0)
+
+    selector = ValAUCCheckpoint(x, y, 0, tmp_path / "best.keras", sources=names, heads=heads)
+    selector.set_model(model)
+    selector.start_stage("fine", 0, patience=5)
+    logs = {}
+    selector.on_epoch_end(0, logs)
+    assert logs["val_auc"] == pytest.approx(worst_source_auc(y, own, names))
+    assert logs["val_auc_a"] == pytest.approx(roc_auc(y[names == "a"], own[names == "a"]))
+
+
 def _two_feature_data(rng):
     """Hospital a separates on feature 0, hospital b on feature 1."""
     ya, yb = np.repeat([1, 0], 20), np.repeat([1, 0], 5)
@@ -313,6 +363,41 @@ def test_train_evaluate_scores_a_run_per_source_like_training_did(two_source_run
     for name in ("hospital-a", "hospital-b"):
         for key in ("n", "threshold") + (() if tied else ("accuracy", "sensitivity", "specificity", "auc", "confusion")):
             assert printed["sources"][name][key] == pytest.approx(stored["sources"][name][key], abs=1e-6), (name, key)
+
+
+@pytest.mark.slow
+def test_a_run_with_one_head_per_source_saves_their_average(two_sources, tmp_path):
+    pytest.importorskip("tensorflow")
+    import keras
+
+    from train.cli import main
+
+    out = tmp_path / "heads"
+    args = ["--arch", "mobilenetv2", "--weights", "none", "--out", str(out), *COMMON, "--fine-epochs", "0",
+            "--head", "sources"]
+    for folder in two_sources:
+        args += ["--data", str(folder)]
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["recipe"]["head"] == "sources" and set(run["metrics"]["val"]["sources"]) == {"hospital-a", "hospital-b"}
+    saved = keras.models.load_model(out / "model.keras")
+    heads = keras.Model(saved.input, saved.get_layer("source_probabilities").output)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, IMG, IMG, 1)).astype(np.float32)
+    rows = np.asarray(heads(pixels))
+    assert rows.shape == (3, 2, 2)
+    np.testing.assert_allclose(np.asarray(saved(pixels)), rows.mean(axis=1), rtol=1e-5, atol=1e-7)
+    assert "One head per source" in (out / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_one_head_per_source_needs_two_sources(two_sources, tmp_path, capsys):
+    pytest.importorskip("tensorflow")
+    from train.cli import main
+
+    code = main(["--arch", "mobilenetv2", "--weights", "none", "--out", str(tmp_path / "run"), *COMMON,
+                 "--head", "sources", "--data", str(two_sources[0])])
+    assert code == 2
+    assert "two or more --data sources" in capsys.readouterr().err
 
 
 @pytest.mark.slow

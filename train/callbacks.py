@@ -24,12 +24,21 @@ from device.core.metrics import roc_auc, worst_source_auc
 log = logging.getLogger(__name__)
 
 
-def predict_positive(model, pixels: np.ndarray, positive_index: int, batch_size: int = 64) -> np.ndarray:
-    """Positive-class probabilities of uint8 pixels (float32 cast per batch to bound memory)."""
+def predict_positive(model, pixels: np.ndarray, positive_index: int, batch_size: int = 64,
+                     heads: np.ndarray | None = None) -> np.ndarray:
+    """Positive-class probabilities of uint8 pixels (float32 cast per batch to bound memory).
+
+    A model with one head per source (``--head sources``: output ``(sources, labels)``) is read
+    at ``heads[i]``, the head of slice ``i``'s own source."""
     out = []
     for start in range(0, len(pixels), batch_size):
         batch = pixels[start : start + batch_size].astype(np.float32)
-        out.append(np.asarray(model(batch, training=False))[:, positive_index])
+        probabilities = np.asarray(model(batch, training=False))
+        if probabilities.ndim == 3:
+            if heads is None:
+                raise ValueError("a model with one head per source needs each slice's head to be scored")
+            probabilities = probabilities[np.arange(len(batch)), heads[start : start + batch_size]]
+        out.append(probabilities[:, positive_index])
     return np.concatenate(out).astype(np.float64)
 
 
@@ -46,8 +55,10 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
     before each ``fit``), so stage 2 only replaces the stage 1 checkpoint when it beats it."""
 
     def __init__(self, pixels: np.ndarray, y_true: np.ndarray, positive_index: int, checkpoint: Path,
-                 deadline: float | None = None, sources: np.ndarray | None = None, saved_model=None):
+                 deadline: float | None = None, sources: np.ndarray | None = None, saved_model=None,
+                 heads: np.ndarray | None = None):
         super().__init__()
+        self.heads = heads  # each val slice's own head, for a model with one head per source
         self.saved_model = saved_model  # the whole classifier when the fitted model is its tail
         self.sources = None if sources is None or len(np.unique(sources)) < 2 else np.asarray(sources)
         self.deadline = deadline  # time.monotonic() after which no new epoch starts
@@ -70,7 +81,7 @@ class ValAUCCheckpoint(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        scores = predict_positive(self.model, self.pixels, self.positive_index)
+        scores = predict_positive(self.model, self.pixels, self.positive_index, heads=self.heads)
         loss = cross_entropy(self.y_true, scores)
         if self.sources is None:
             auc = roc_auc(self.y_true, scores)

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--snap-weights", action="store_true", default=None,
                        help="keep convolution kernels on the int8 grid: rounded at the start and after every epoch")
     knobs.add_argument("--head", choices=HEADS,
-                       help="dense (fine-tuned softmax head) or experts (frozen backbone, per-source experts and a source gate)")
+                       help="dense (fine-tuned softmax head), experts (frozen backbone, per-source experts and a source gate) "
+                            "or sources (fine-tuned, one softmax head per source: a backbone for experts)")
     knobs.add_argument("--int8-view", action="store_true", default=None,
                        help="--head experts: also fit on every train slice's features as the full-int8 model computes them")
     knobs.add_argument("--experts-choice", choices=("parts", "joint"),

@@ -161,7 +161,7 @@ def balanced_epoch_size(sources: list[Source], n_labels: int, batch_size: int) -
 
 
 def balanced_dataset(sources: list[Source], n_labels: int, recipe, seed: int, epoch_size: int,
-                     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None):
+                     features: dict[str, tuple[np.ndarray, np.ndarray]] | None = None, source_rows: bool = False):
     """Batches drawn round-robin from every (source, label) cell, each cell reshuffled and
     repeated on its own: an epoch of ``epoch_size`` slices holds exactly ``epoch_size / cells``
     of each, so a large source cannot drown a small one nor a common label a rare one (the
@@ -170,7 +170,11 @@ def balanced_dataset(sources: list[Source], n_labels: int, recipe, seed: int, ep
 
     ``features`` (source name -> (inputs, label indices)) replaces each source's train pixels
     with cached trunk features of augmented views (:func:`train.model.split_model`): they
-    are batched as they are, without augmentation."""
+    are batched as they are, without augmentation.
+
+    ``source_rows`` (``--head sources``): each target is a ``(sources, labels)`` matrix whose
+    only non-zero row is the slice's own source, holding its label smoothed by
+    ``recipe.label_smoothing`` (the loss then smooths nothing: the empty rows must stay empty)."""
     import tensorflow as tf
 
     cells = []
@@ -182,6 +186,10 @@ def balanced_dataset(sources: list[Source], n_labels: int, recipe, seed: int, ep
                 raise DataError(f"source {source.name} has no training slices of label index {label}")
             onehot = np.zeros((members.size, n_labels), dtype=np.float32)
             onehot[:, label] = 1.0
+            if source_rows:
+                rows = np.zeros((members.size, len(sources), n_labels), dtype=np.float32)
+                rows[:, source_index] = onehot * (1.0 - recipe.label_smoothing) + recipe.label_smoothing / n_labels
+                onehot = rows
             cell = tf.data.Dataset.from_tensor_slices((inputs[members], onehot))
             cell_seed = seed + 101 * (source_index * n_labels + label + 1)
             cells.append(cell.shuffle(members.size, seed=cell_seed, reshuffle_each_iteration=True).repeat())
@@ -306,7 +314,7 @@ def mixup(pixels, targets, alpha: float, key):
     partner = tf.random.experimental.stateless_shuffle(tf.range(n), seed=seeds[2])
     x_weight = tf.reshape(weight, [-1, 1, 1, 1])
     mixed = x_weight * pixels + (1.0 - x_weight) * tf.gather(pixels, partner)
-    y_weight = tf.reshape(weight, [-1, 1])
+    y_weight = tf.reshape(weight, [-1] + [1] * (len(targets.shape) - 1))  # one-hot or (sources, labels) rows
     return mixed, y_weight * targets + (1.0 - y_weight) * tf.gather(targets, partner)
 
 

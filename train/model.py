@@ -217,6 +217,25 @@ def build_model(arch: str, img_size: int, labels: list[str], weights: InitialWei
     return keras.Model(pixels, outputs, name=f"ctpi_{arch}")
 
 
+def build_source_heads_model(arch: str, img_size: int, labels: list[str], n_sources: int, weights: InitialWeights,
+                             weights_path: Path | None = None, dropout: float = 0.3, batchnorm_training: bool = False):
+    """``(trained, saved)`` for ``--head sources``: one backbone, one softmax head per source.
+
+    ``trained`` maps pixels to ``(n_sources, n_labels)`` probabilities (row ``s``: source
+    ``s``'s head), what the loss sees with each slice's target in its own source's row only.
+    ``saved`` shares every layer and averages the rows into the ``(n_labels,)`` output every
+    run has, so ``model.keras`` loads, converts and is scored like any classifier."""
+    import keras
+
+    pixels, x = build_features(arch, img_size, weights, weights_path, batchnorm_training)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    x = keras.layers.Dense(n_sources * len(labels), name="source_logits")(x)
+    x = keras.layers.Reshape((n_sources, len(labels)), name="per_source")(x)
+    rows = keras.layers.Softmax(axis=-1, name="source_probabilities")(x)
+    averaged = keras.layers.GlobalAveragePooling1D(name="probabilities")(rows)
+    return keras.Model(pixels, rows, name=f"ctpi_{arch}_heads"), keras.Model(pixels, averaged, name=f"ctpi_{arch}")
+
+
 def backbone(model):
     return model.get_layer(BACKBONE_NAME)
 

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 
 ARCHITECTURES = ("mobilenetv2", "resnet50")
 THRESHOLD_RULES = ("youden", "sensitivity95")
-HEADS = ("dense", "experts")
+HEADS = ("dense", "experts", "sources")
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,12 @@ class Recipe:
     """``dense``: a softmax layer on the pooled last feature map, trained with the network
     (stages 1 and 2). ``experts``: the backbone stays frozen and a mixture of one linear
     expert per source, weighted by a source gate, is fitted on features pooled at several
-    depths (:mod:`train.experts`); ``trunk_views`` views of each train slice are cached."""
+    depths (:mod:`train.experts`); ``trunk_views`` views of each train slice are cached.
+    ``sources``: one softmax head per source, trained with the network like ``dense``, each
+    slice's loss on its own source's head only, so the backbone is not pushed to draw one
+    boundary for sources whose every cue but the disease disagrees; checkpoints are chosen on
+    each source's val scored by its own head, and the saved model averages the heads. Meant
+    as the fine-tuned backbone an experts head (``--weights RUN``) then sits on."""
     int8_view: bool = False
     """With ``head = experts``: one more view of every train slice, its features as the full-int8
     model will compute them (the extractor up to the standardised features converted to int8

@@ -26,7 +26,7 @@ from device.core.preprocess import PreprocessSpec
 from train import report
 from train.data import DataError, balanced_dataset, balanced_epoch_size, load_sources, stack_splits, trunk_views
 from train.gradcam import gradcam, sample_figures, summary_note
-from train.model import InitialWeights, build_model, resolve_weights, set_stage, split_model
+from train.model import InitialWeights, build_model, build_source_heads_model, resolve_weights, set_stage, split_model
 from train.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -87,8 +87,10 @@ def _compile(model, learning_rate, recipe: Recipe, ema: bool = False, eager: boo
     averaging = {"use_ema": True, "ema_momentum": recipe.ema_momentum} if ema and recipe.ema_momentum > 0 else {}
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=recipe.weight_decay, **averaging),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing),
-        metrics=["accuracy"],
+        # --head sources: the targets carry their own smoothing (train.data.balanced_dataset),
+        # and the empty rows of other sources' heads must add nothing to the loss.
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=0.0 if recipe.head == "sources" else recipe.label_smoothing),
+        metrics=[] if recipe.head == "sources" else ["accuracy"],
         run_eagerly=eager,
     )
 
@@ -136,7 +138,17 @@ def train_run(config: RunConfig) -> dict:
         raise DataError("--int8-view is a view for the experts head's fit; with --head dense it would do nothing")
     if recipe.experts_choice != "parts":
         raise DataError("--experts-choice is how the experts head's parts are chosen; with --head dense it would do nothing")
-    model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
+    heads = None  # --head sources: each val slice's own head
+    if recipe.head == "sources":
+        if len(sources) < 2:
+            raise DataError("--head sources trains one head per source: give two or more --data sources (one is --head dense)")
+        names = [source.name for source in sources]
+        heads = np.array([names.index(name) for name in val_sources])
+        trained, model = build_source_heads_model(config.arch, recipe.img_size, labels, len(sources), weights, weights_path,
+                                                  recipe.dropout, recipe.batchnorm_training)
+    else:
+        model = build_model(config.arch, recipe.img_size, labels, weights, weights_path, recipe.dropout, recipe.batchnorm_training)
+        trained = model
     if recipe.snap_weights:
         if recipe.ema_momentum > 0 or recipe.batchnorm_training:
             raise DataError("--snap-weights needs BatchNorm in inference mode and no --ema (it rounds the weights the model runs)")
@@ -148,24 +160,26 @@ def train_run(config: RunConfig) -> dict:
     # Every batch holds each (source, label) cell equally often, so the loss needs no class
     # weights: the sampler already balances labels, and sources too.
     epoch_size = balanced_epoch_size(sources, len(labels), recipe.batch_size)
-    fitted_model, val_inputs, features = model, val_pixels, None
+    fitted_model, val_inputs, features = trained, val_pixels, None
     if recipe.trunk_views > 0:
         if recipe.batchnorm_training or recipe.unfreeze_from == "all":
             raise DataError("--trunk-views needs a frozen trunk: a pretrained start and --unfreeze-from a layer")
-        trunk, fitted_model = split_model(model, recipe.unfreeze_from)
+        trunk, fitted_model = split_model(trained, recipe.unfreeze_from)
         print(f"caching the frozen trunk (up to {recipe.unfreeze_from}) for {recipe.trunk_views} views of each train slice", flush=True)
         features = {}
         for source in sources:
             cached = trunk_views(trunk, source.train.pixels, recipe, config.seed, recipe.trunk_views, config.show_progress)
             features[source.name] = (cached, np.tile(source.train.targets, recipe.trunk_views))
         val_inputs = trunk_views(trunk, val_pixels, recipe, config.seed, 1, config.show_progress)
-    dataset = balanced_dataset(sources, len(labels), recipe, config.seed, epoch_size, features)
+    dataset = balanced_dataset(sources, len(labels), recipe, config.seed, epoch_size, features,
+                               source_rows=recipe.head == "sources")
     checkpoint = out / "model.keras"
     # The budget keeps a margin for loading the checkpoint, Grad-CAM, plots and the report.
     deadline = None
     if recipe.max_minutes:
         deadline = time.monotonic() - (time.perf_counter() - started) + recipe.max_minutes * 60 * 0.95 - 60
-    selector = ValAUCCheckpoint(val_inputs, y_val, positive_index, checkpoint, deadline, val_sources, saved_model=model)
+    selector = ValAUCCheckpoint(val_inputs, y_val, positive_index, checkpoint, deadline, val_sources, saved_model=model,
+                                heads=heads)
     verbose = 1 if sys.stdout.isatty() else 2
     history: list[dict] = []
     steps = epoch_size // recipe.batch_size
@@ -356,6 +370,11 @@ def _notes(selector, recipe: Recipe, weights: InitialWeights) -> list[str]:
                   "another machine may stop at another epoch.", ""]
     if not weights.pretrained:
         notes += ["The backbone was **trained from scratch** (no pretrained weights); this is not a fine-tuned model.", ""]
+    if recipe.head == "sources":
+        notes += ["**One head per source** (`--head sources`): the checkpoint was chosen on each source's val scored by "
+                  "its own head (the worst source's AUC in the training curves); the figures below are the saved model's, "
+                  "which averages the heads because a new slice's source is unknown. The run is meant as a fine-tuned "
+                  "backbone for an experts head (`--weights` this run `--head experts`).", ""]
     return notes
 
 
