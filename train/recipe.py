@@ -109,7 +109,8 @@ class Recipe:
     slice's loss on its own source's head only, so the backbone is not pushed to draw one
     boundary for sources whose every cue but the disease disagrees; checkpoints are chosen on
     each source's val scored by its own head, and the saved model averages the heads. Meant
-    as the fine-tuned backbone an experts head (``--weights RUN``) then sits on."""
+    as the fine-tuned backbone an experts head (``--weights RUN``) then sits on. With one
+    source it is ``dense`` (what ``make loso``'s one-source backbones get)."""
     int8_view: bool = False
     """With ``head = experts``: one more view of every train slice, its features as the full-int8
     model will compute them (the extractor up to the standardised features converted to int8

@@ -140,8 +140,6 @@ def train_run(config: RunConfig) -> dict:
         raise DataError("--experts-choice is how the experts head's parts are chosen; with --head dense it would do nothing")
     heads = None  # --head sources: each val slice's own head
     if recipe.head == "sources":
-        if len(sources) < 2:
-            raise DataError("--head sources trains one head per source: give two or more --data sources (one is --head dense)")
         names = [source.name for source in sources]
         heads = np.array([names.index(name) for name in val_sources])
         trained, model = build_source_heads_model(config.arch, recipe.img_size, labels, len(sources), weights, weights_path,
