@@ -257,38 +257,3 @@ def test_a_fine_tuned_runs_backbone_starts_the_experts_head(tmp_path):
     (run / "run.json").unlink()
     with pytest.raises(WeightsError, match="inside a run folder"):
         resolve_weights(str(run / "model.keras"))
-
-
-def test_aligned_experts_put_each_sources_best_threshold_at_one_half():
-    """Source b's val sits shifted along its cue (another scanner's calibration), so its
-    expert's best threshold is far from source a's; aligned, both are 0.5 and one threshold
-    serves both sources, while each expert ranks its source exactly as before."""
-    from device.core.metrics import choose_threshold, choose_threshold_by_source
-    from train.experts import _sigmoid, fit_mixture, predict_mixture
-
-    x, y, source = _opposite_cues(200, 7)
-    xv, yv, sv = _opposite_cues(100, 8)
-    xv[sv == "b", 0] -= 1.5  # b's expert reads "COVID" from low feature 0: its val scores all rise
-    grids = {"c_grid": (1.0,), "gate_grid": (1.0,)}  # sharp experts: a shift of the cue moves their scores far
-    plain = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], **grids)
-    aligned = fit_mixture([x], y, source, xv, yv, sv, ["a", "b"], align=True, **grids)
-
-    def alone(fitted, index):
-        z = (xv - fitted["mean"]) / np.sqrt(fitted["variance"])
-        return _sigmoid(z @ fitted["experts"][0][:, index] + fitted["experts"][1][index])
-
-    for index, name in enumerate(("a", "b")):
-        own = sv == name
-        assert aligned["choices"][name] == plain["choices"][name]  # same C, views and AUC
-        np.testing.assert_allclose(aligned["experts"][0][:, index], plain["experts"][0][:, index])
-        logits = np.log(alone(aligned, index)[own]) - np.log1p(-alone(aligned, index)[own])
-        assert choose_threshold(yv[own], logits) == pytest.approx(0.0, abs=1e-6)  # P = 0.5
-    assert abs(choose_threshold(yv[sv == "b"], alone(plain, 1)[sv == "b"]) - 0.5) > 0.1  # the premise
-
-    def worst_balanced_accuracy(fitted):
-        scores = predict_mixture(fitted, xv)
-        threshold = choose_threshold_by_source(yv, scores, sv, "youden")
-        return min(np.mean([np.mean(scores[(sv == n) & (yv == 1)] >= threshold), np.mean(scores[(sv == n) & (yv == 0)] < threshold)])
-                   for n in ("a", "b"))
-
-    assert worst_balanced_accuracy(aligned) >= worst_balanced_accuracy(plain)

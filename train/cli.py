@@ -77,8 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--head experts: also fit on every train slice's features as the full-int8 model computes them")
     knobs.add_argument("--experts-choice", choices=("parts", "joint"),
                        help="--head experts: choose each expert and then the gate (parts), or all together on the mixture (joint)")
-    knobs.add_argument("--align-experts", action="store_true", default=None,
-                       help="--head experts: shift each expert so its own source's best threshold is 0.5 (one threshold for all)")
     knobs.add_argument("--expert-layers", help="comma-separated backbone layers pooled for --head experts (default: end of each stage)")
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
@@ -88,7 +86,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
-    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view", "experts_choice", "align_experts",
+    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view", "experts_choice",
 )
 
 

@@ -158,7 +158,7 @@ def sample_weights(groups: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.ndarray, val: np.ndarray,
                 y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID,
-                val_int8: np.ndarray | None = None, joint: bool = False, align: bool = False) -> dict:
+                val_int8: np.ndarray | None = None, joint: bool = False) -> dict:
     """Fit the standardisation, one expert per source and the gate. Each expert's C and views
     are picked on its own source's val AUC; then the gate's C and views on the mixture's
     worst-source val AUC (the run's selection rule). ``train_views[v]`` is view ``v`` of every
@@ -175,19 +175,8 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
     matter only on slices the gate sends it, a sharp gate's only where the experts disagree);
     part by part, each on its own agreement, the shipped MobileNetV2 settled on the smoothest
     gate. It searches ~2,000 combinations where part by part tries 24 candidates, so its val
-    figures are the more optimistic.
-
-    ``align``: each expert's intercept is shifted so that its own source's best threshold
-    (Youden's J of the expert alone on that source's val) falls at P = 0.5. Why: each expert's
-    scale is its own (a sharp São Paulo expert, a cautious COVID-CT one), so the mixture's one
-    threshold, chosen for the worst source, can sit far from the other source's best (the
-    MobileNetV2 experts on a per-source backbone: one threshold 0.86, São Paulo's sensitivity
-    0.58 at 0.995 specificity). Aligned, every expert answers "COVID" above 0.5 at its own
-    operating point; an expert's ranking, AUC and int8 agreement do not change, the mixture's
-    do a little (the gate mixes probabilities)."""
+    figures are the more optimistic."""
     from sklearn.linear_model import LogisticRegression
-
-    from device.core.metrics import choose_threshold
 
     every = np.concatenate(train_views)
     mean, std = every.mean(axis=0), every.std(axis=0)
@@ -206,8 +195,6 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
             for c in c_grid:
                 expert = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=sample_weights(np.zeros(len(y)), y))
                 coef, intercept = expert.coef_[0].copy(), float(expert.intercept_[0])
-                if align:  # on the logit scale: the threshold halfway between two slices' logits goes to 0
-                    intercept -= choose_threshold(y_val[own], val_z[own] @ coef + intercept, "youden")
                 auc = _auc(y_val[own], val_z[own] @ coef + intercept)
                 agreement = None if int8_z is None else _agreement(
                     y_val[own], s_val[own], _sigmoid(val_z[own] @ coef + intercept), _sigmoid(int8_z[own] @ coef + intercept))
@@ -372,7 +359,7 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
         train_views.append(train_int8)
     fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
                          np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
-                         val_int8=val_int8, joint=recipe.experts_choice == "joint", align=recipe.align_experts)
+                         val_int8=val_int8, joint=recipe.experts_choice == "joint")
     model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
     model.save(checkpoint)
     choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
@@ -393,12 +380,9 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
              + (" Experts and gate were chosen together (--experts-choice joint): every combination of their candidates "
                 "competed on the mixture's worst-source val AUC"
                 + (" among those whose mixture keeps its val decisions under int8" if recipe.int8_view else "")
-                + ", so each expert's C is the mixture's best, not its own." if recipe.experts_choice == "joint" else "")
-             + (" Each expert's intercept was shifted so its own source's best threshold (Youden's J on that source's "
-                "val) falls at 0.5 (--align-experts), so one threshold suits both." if recipe.align_experts else ""), ""]
+                + ", so each expert's C is the mixture's best, not its own." if recipe.experts_choice == "joint" else ""), ""]
     extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
                          "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
-                         "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice,
-                         "aligned": bool(recipe.align_experts)}}
+                         "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice}}
     return notes, extra

@@ -123,10 +123,6 @@ class Recipe:
     among the candidates whose own decisions survive int8); ``joint`` chooses every part
     together on the mixture's worst-source AUC (with ``int8_view``, among the combinations whose
     mixture keeps its decisions under int8): :func:`train.experts.fit_mixture`."""
-    align_experts: bool = False
-    """With ``head = experts``: shift each expert so its own source's best threshold (Youden's J
-    on that source's val) is P = 0.5, so the mixture's one threshold suits every source
-    (:func:`train.experts.fit_mixture`)."""
     expert_layers: str = ""
     """Backbone layers (comma-separated) whose pooled maps feed the experts head; empty for
     the architecture's default (the end of each stage, :data:`train.experts.DEFAULT_LAYERS`)."""

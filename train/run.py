@@ -135,11 +135,9 @@ def train_run(config: RunConfig) -> dict:
                        [], _experts_selection(config, recipe, sources, labels, positive_index, weights, weights_path,
                                               val_pixels, y_val, val_sources, out / "model.keras"))
     if recipe.int8_view:
-        raise DataError(f"--int8-view is a view for the experts head's fit; with --head {recipe.head} it would do nothing")
+        raise DataError("--int8-view is a view for the experts head's fit; with --head dense it would do nothing")
     if recipe.experts_choice != "parts":
-        raise DataError(f"--experts-choice is how the experts head's parts are chosen; with --head {recipe.head} it would do nothing")
-    if recipe.align_experts:
-        raise DataError(f"--align-experts shifts the experts head's experts; with --head {recipe.head} it would do nothing")
+        raise DataError("--experts-choice is how the experts head's parts are chosen; with --head dense it would do nothing")
     heads = None  # --head sources: each val slice's own head
     if recipe.head == "sources":
         names = [source.name for source in sources]
@@ -371,8 +369,8 @@ def _notes(selector, recipe: Recipe, weights: InitialWeights) -> list[str]:
     if not weights.pretrained:
         notes += ["The backbone was **trained from scratch** (no pretrained weights); this is not a fine-tuned model.", ""]
     if recipe.head == "sources":
-        notes += [f"**One head per source** (`--head sources`): the checkpoint was chosen on each source's val scored by "
-                  f"its own head (worst source {selector.best[0]:.3f}, the training curves' val AUC); the figures above are the saved model's, "
+        notes += ["**One head per source** (`--head sources`): the checkpoint was chosen on each source's val scored by "
+                  "its own head (the worst source's AUC in the training curves); the figures below are the saved model's, "
                   "which averages the heads because a new slice's source is unknown. The run is meant as a fine-tuned "
                   "backbone for an experts head (`--weights` this run `--head experts`).", ""]
     return notes
