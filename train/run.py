@@ -135,9 +135,9 @@ def train_run(config: RunConfig) -> dict:
                        [], _experts_selection(config, recipe, sources, labels, positive_index, weights, weights_path,
                                               val_pixels, y_val, val_sources, out / "model.keras"))
     if recipe.int8_view:
-        raise DataError("--int8-view is a view for the experts head's fit; with --head dense it would do nothing")
+        raise DataError(f"--int8-view is a view for the experts head's fit; with --head {recipe.head} it would do nothing")
     if recipe.experts_choice != "parts":
-        raise DataError("--experts-choice is how the experts head's parts are chosen; with --head dense it would do nothing")
+        raise DataError(f"--experts-choice is how the experts head's parts are chosen; with --head {recipe.head} it would do nothing")
     heads = None  # --head sources: each val slice's own head
     if recipe.head == "sources":
         names = [source.name for source in sources]
