@@ -18,10 +18,11 @@ SEEDS   ?=
 TRAIN_ARGS ?=
 # The recipe each shipped bundle was trained with (docs/models.md); RECIPE= gives python -m
 # train's defaults (what WEIGHTS=none needs). MobileNetV2 in two runs: BACKBONE_RECIPE fine-tunes
-# the network with its kernels on the int8 grid into RUN-backbone, then RECIPE fits a source gate
-# and one linear expert per source on that backbone's features (and on their int8 version);
-# ResNet50: the same head on the frozen ImageNet backbone. BACKBONE_RECIPE= skips the first run.
-BACKBONE_RECIPE_mobilenetv2 := --snap-weights --head-epochs 3 --fine-epochs 24 --patience 7 --max-minutes 45
+# the network with one softmax head per source and its kernels on the int8 grid into
+# RUN-backbone, then RECIPE fits a source gate and one linear expert per source on that
+# backbone's features (and on their int8 version); ResNet50:
+# the experts head on the frozen ImageNet backbone. BACKBONE_RECIPE= skips the first run.
+BACKBONE_RECIPE_mobilenetv2 := --head sources --snap-weights --head-epochs 3 --fine-epochs 24 --patience 7 --max-minutes 45
 BACKBONE_RECIPE ?= $(BACKBONE_RECIPE_$(ARCH))
 RECIPE_mobilenetv2 := --head experts --trunk-views 3 --int8-view
 RECIPE_resnet50    := --head experts --trunk-views 3
