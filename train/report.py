@@ -249,4 +249,4 @@ def source_table(val: dict, positive: str) -> list[str]:
     for name, f in [*sources.items(), ("**pooled**", val)]:
         lines.append(f"| {name} | {f['n']} | {f['accuracy']:.3f} | {f['sensitivity']:.3f} | {f['specificity']:.3f} | "
                      f"{f['auc']:.3f} | {f['ece']:.3f} |")
-    return [*lines, "", f"Worst-source ROC AUC (what selected the checkpoint): **{val['worst_source_auc']:.3f}**", ""]
+    return [*lines, "", f"Worst-source ROC AUC: **{val['worst_source_auc']:.3f}**", ""]

@@ -369,8 +369,9 @@ def _notes(selector, recipe: Recipe, weights: InitialWeights) -> list[str]:
     if not weights.pretrained:
         notes += ["The backbone was **trained from scratch** (no pretrained weights); this is not a fine-tuned model.", ""]
     if recipe.head == "sources":
-        notes += ["**One head per source** (`--head sources`): the checkpoint was chosen on each source's val scored by "
-                  "its own head (the worst source's AUC in the training curves); the figures below are the saved model's, "
+        notes += [f"**One head per source** (`--head sources`): the checkpoint was chosen on each source's val scored by "
+                  f"its own head (worst source {selector.best[0]:.3f}, the training curves' val AUC); the figures above are "
+                  "the saved model's, "
                   "which averages the heads because a new slice's source is unknown. The run is meant as a fine-tuned "
                   "backbone for an experts head (`--weights` this run `--head experts`).", ""]
     return notes
