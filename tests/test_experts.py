@@ -202,11 +202,11 @@ def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
     write_image_folder(tmp_path / "a" / "train", per_class=3, seed=1)
     write_image_folder(tmp_path / "a" / "val", per_class=3, seed=2)
     args = ["--arch", "mobilenetv2", "--weights", "none", "--data", str(tmp_path / "a"), "--out", str(tmp_path / "run"),
-            "--img-size", "32", "--cache", "", "-q", "--head", "experts", "--snap-weights"]
+            "--img-size", "32", "--cache", "", "-q", "--head", "experts", "--ema", "0.99"]
     assert main(args) == 2
-    assert "--snap-weights would do nothing" in capsys.readouterr().err
+    assert "--ema would do nothing" in capsys.readouterr().err
     assert not (tmp_path / "run" / "model.keras").exists()
-    dense = [arg for arg in args if arg not in ("experts", "--snap-weights")]
+    dense = [arg for arg in args if arg not in ("experts", "--ema", "0.99")]
     dense[dense.index("--head")] = "--int8-view"
     assert main(dense) == 2
     assert "--int8-view is a view for the experts head's fit" in capsys.readouterr().err

@@ -124,6 +124,25 @@ def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_fil
     assert snap_model(model)["max_abs_change"] < 1e-6  # already on the grid: rounding again moves nothing
 
 
+def test_an_experts_run_with_snap_weights_fits_its_head_on_a_backbone_on_the_grid(tiny_weights_file, split_data, tmp_path):
+    import keras
+
+    from train.model import build_backbone, resolve_weights
+    from train.snap import snap_model
+
+    path, _ = tiny_weights_file
+    weights, resolved = resolve_weights(str(path))
+    assert snap_model(build_backbone("mobilenetv2", 32, weights, resolved))["max_abs_change"] > 1e-4  # the start is off the grid
+    out = tmp_path / "experts"
+    args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(out), "--img-size", "32",
+            "--cache", "", "--no-determinism", "-q", "--seed", "3", "--head", "experts", "--trunk-views", "1", "--snap-weights"]
+    assert _train(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["experts"]["snapped_backbone"] is True
+    assert "rounded onto TFLite's int8 grid" in (out / "report.md").read_text()
+    model = keras.models.load_model(out / "model.keras")
+    assert snap_model(model)["max_abs_change"] < 1e-6  # the backbone the head was fitted on ships as it is
+
+
 def test_snap_refuses_an_averaged_run(tiny_weights_file, split_data, tmp_path, capsys):
     path, _ = tiny_weights_file
     args = ["--arch", "mobilenetv2", "--data", str(split_data), "--weights", str(path), "--out", str(tmp_path / "x"),

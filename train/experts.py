@@ -53,14 +53,22 @@ def feature_layers(arch: str, requested: str) -> tuple[str, ...]:
     return tuple(name for name in requested.split(",") if name) if requested else DEFAULT_LAYERS[arch]
 
 
-def _backbone_maps(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...]):
+def _backbone_maps(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...], snap: bool = False):
     """``(pixels input, feature maps)``: the frozen backbone cut to the named layers' maps
-    (deepest last), as one sub-model named like every backbone so Grad-CAM finds it."""
+    (deepest last), as one sub-model named like every backbone so Grad-CAM finds it. With
+    ``snap`` its convolutions are first rounded onto TFLite's int8 grid (:mod:`train.snap`), so
+    the head is fitted on the features the int8 model's exact weights compute: ImageNet
+    ResNet50's float weights are not on that grid, and their rounding alone flipped 3 % of the
+    float head's val decisions."""
     import keras
 
     from train.model import build_backbone, scaled_input
 
     base = build_backbone(arch, img_size, weights, weights_path)
+    if snap:
+        from train.snap import snap_model
+
+        snap_model(base)
     names = [layer.name for layer in base.layers]
     missing = [name for name in layers if name not in names]
     if missing:
@@ -71,17 +79,17 @@ def _backbone_maps(arch: str, img_size: int, weights, weights_path, layers: tupl
     return pixels, maps(x, training=False)
 
 
-def build_extractor(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...]):
+def build_extractor(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...], snap: bool = False):
     """Raw pixels to the pooled maps, joined and not yet standardised: what is cached per view."""
     import keras
 
-    pixels, maps = _backbone_maps(arch, img_size, weights, weights_path, layers)
+    pixels, maps = _backbone_maps(arch, img_size, weights, weights_path, layers, snap)
     pooled = [keras.layers.GlobalAveragePooling2D()(x) for x in maps]
     return keras.Model(pixels, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0], name="extractor")
 
 
 def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...], train_views: list[np.ndarray],
-                  pixel_sets: list[np.ndarray], seed: int, samples: int = 300) -> list[np.ndarray]:
+                  pixel_sets: list[np.ndarray], seed: int, samples: int = 300, snap: bool = False) -> list[np.ndarray]:
     """Pooled features of ``pixels`` as the shipped full-int8 model computes them, unstandardised
     to the float features' scale: the extractor up to the head's input (each map pooled and
     standardised, then joined: the tensor the head's int8 layers read) is converted to int8,
@@ -95,7 +103,7 @@ def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple
 
     every = np.concatenate(train_views)
     mean, variance = every.mean(axis=0), np.maximum(every.var(axis=0), 1e-12)
-    pixels_in, maps = _backbone_maps(arch, img_size, weights, weights_path, layers)
+    pixels_in, maps = _backbone_maps(arch, img_size, weights, weights_path, layers, snap)
     scaled, start = [], 0
     for x in maps:
         width = int(x.shape[-1])
@@ -113,14 +121,14 @@ def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple
 
 
 def build_experts_model(arch: str, img_size: int, labels: list[str], positive_index: int, weights, weights_path,
-                        layers: tuple[str, ...], fitted: dict):
+                        layers: tuple[str, ...], fitted: dict, snap: bool = False):
     """The classifier: pixels, backbone maps, then the fitted head (pool and standardise each
     map, gate, experts, mixture, label probabilities), built-in layers only."""
     import keras
 
     if len(labels) != 2:
         raise ValueError("the experts head is binary (a positive label and one other)")
-    pixels, maps = _backbone_maps(arch, img_size, weights, weights_path, layers)
+    pixels, maps = _backbone_maps(arch, img_size, weights, weights_path, layers, snap)
     inputs = [keras.Input(tuple(x.shape[1:]), name=f"map{index}") for index, x in enumerate(maps)]
     scaled, start = [], 0
     for index, x in enumerate(inputs):
@@ -337,9 +345,11 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
     from train.data import trunk_views
 
     layers = feature_layers(config.arch, recipe.expert_layers)
-    extractor = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers)
+    snap = bool(recipe.snap_weights)
+    extractor = build_extractor(config.arch, recipe.img_size, weights, weights_path, layers, snap)
     views = max(1, recipe.trunk_views)
-    print(f"experts head: pooling {', '.join(layers)} for {views} view(s) of each train slice", flush=True)
+    print(f"experts head: pooling {', '.join(layers)} for {views} view(s) of each train slice"
+          + (" (the backbone's convolutions rounded onto the int8 grid first, --snap-weights)" if snap else ""), flush=True)
     train_views, y_train, s_train = [[] for _ in range(views)], [], []
     for source in sources:
         cached = trunk_views(extractor, source.train.pixels, recipe, config.seed, views, config.show_progress)
@@ -355,12 +365,13 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
         print("experts head: the int8 view (the extractor converted to full-integer int8, run on every train slice)", flush=True)
         train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
                                              [np.concatenate([source.train.pixels for source in sources]), val_pixels],
-                                             config.seed)
+                                             config.seed, snap=snap)
         train_views.append(train_int8)
     fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
                          np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
                          val_int8=val_int8, joint=recipe.experts_choice == "joint")
-    model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted)
+    model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted,
+                                snap)
     model.save(checkpoint)
     choices = ", ".join(f"{name}: C {c['C']:g}, {c['views']} view(s), expert val AUC {c['val_auc']:.3f}"
                         for name, c in fitted["choices"].items())
@@ -380,9 +391,13 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
              + (" Experts and gate were chosen together (--experts-choice joint): every combination of their candidates "
                 "competed on the mixture's worst-source val AUC"
                 + (" among those whose mixture keeps its val decisions under int8" if recipe.int8_view else "")
-                + ", so each expert's C is the mixture's best, not its own." if recipe.experts_choice == "joint" else ""), ""]
+                + ", so each expert's C is the mixture's best, not its own." if recipe.experts_choice == "joint" else "")
+             + (" The frozen backbone's convolutions were rounded onto TFLite's int8 grid (BatchNorm folded) before any "
+                "feature was cached (--snap-weights), so the int8 model's weights are exactly the ones the head was fitted "
+                "on." if snap else ""), ""]
     extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
                          "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
-                         "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice}}
+                         "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice,
+                         "snapped_backbone": snap}}
     return notes, extra

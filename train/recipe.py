@@ -99,7 +99,8 @@ class Recipe:
     ships is a model whose int8 weights are exact: the gate then compares int8 with a float
     model that differs from it only in activation rounding. A projected form of
     quantization-aware training: each epoch's updates accumulate in float and are rounded
-    once, and the next epoch adapts to the rounding. Not with ``ema_momentum``."""
+    once, and the next epoch adapts to the rounding. Not with ``ema_momentum``. With the
+    experts head the frozen backbone is rounded once, before its features are cached."""
     head: str = "dense"
     """``dense``: a softmax layer on the pooled last feature map, trained with the network
     (stages 1 and 2). ``experts``: the backbone stays frozen and a mixture of one linear

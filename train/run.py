@@ -126,7 +126,7 @@ def train_run(config: RunConfig) -> dict:
     from train.callbacks import SnapWeights, ValAUCCheckpoint
 
     if recipe.head == "experts":
-        ignored = [flag for flag, on in (("--snap-weights", recipe.snap_weights), ("--ema", recipe.ema_momentum > 0),
+        ignored = [flag for flag, on in (("--ema", recipe.ema_momentum > 0),
                                          ("--mixup", recipe.mixup > 0), ("--degrade", recipe.degrade > 0)) if on]
         if ignored:
             raise DataError(f"--head experts keeps the backbone frozen and fits no epochs: {', '.join(ignored)} would do nothing")
