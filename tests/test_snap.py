@@ -53,6 +53,28 @@ def _tiny_convnet(seed: int):
     return model
 
 
+def _tiny_branches(seed: int):
+    """Two convolutions on one input, each with its own BatchNorm, joined as a ResNet's
+    projection block joins them: Keras lists both convolutions before either BatchNorm."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    pixels = keras.Input((8, 8, 3))
+    main = keras.layers.Conv2D(4, 3, padding="same", name="block1_3_conv")(pixels)
+    shortcut = keras.layers.Conv2D(4, 1, name="block1_0_conv")(pixels)
+    main = keras.layers.BatchNormalization(name="block1_3_bn")(main)
+    shortcut = keras.layers.BatchNormalization(name="block1_0_bn")(shortcut)
+    x = keras.layers.ReLU()(keras.layers.Add()([shortcut, main]))
+    model = keras.Model(pixels, keras.layers.Dense(2, activation="softmax", name="classifier")(
+        keras.layers.GlobalAveragePooling2D()(x)))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):  # very different scales per branch
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.2, 5, n), rng.normal(0, 0.1, n), rng.normal(0, 0.1, n), rng.uniform(0.2, 5, n)])
+    return model
+
+
 def _int8_kernels(flatbuffer: bytes) -> list[np.ndarray]:
     """Dequantized convolution kernels of an int8 TFLite file, output channels last."""
     from ai_edge_litert.interpreter import Interpreter
@@ -74,27 +96,30 @@ def _int8_kernels(flatbuffer: bytes) -> list[np.ndarray]:
 
 
 def _folded_kernels(model) -> list[np.ndarray]:
+    """Each convolution's kernel with the BatchNorm that reads its output folded in (found by name)."""
     import keras
 
     from train.snap import batchnorm_fold
 
-    layers = model.layers
     out = []
-    for layer, after in zip(layers, layers[1:], strict=False):
+    for layer in model.layers:
         if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
             kernel = layer.get_weights()[0]
             if isinstance(layer, keras.layers.DepthwiseConv2D):
                 kernel = kernel.reshape(*kernel.shape[:2], -1)
-            out.append(kernel * batchnorm_fold(after))
+            norm = next(other for other in model.layers if isinstance(other, keras.layers.BatchNormalization)
+                        and other.input is layer.output)
+            out.append(kernel * batchnorm_fold(norm))
     return out
 
 
 @pytest.mark.parametrize("snapped", [True, False], ids=["snapped", "as-trained"])
-def test_snapped_kernels_reach_int8_tflite_without_rounding(snapped):
+@pytest.mark.parametrize("build", [_tiny_convnet, _tiny_branches], ids=["chain", "branches"])
+def test_snapped_kernels_reach_int8_tflite_without_rounding(snapped, build):
     from convert.tflite import to_tflite
     from train.snap import snap_model
 
-    model = _tiny_convnet(7)
+    model = build(7)
     if snapped:
         assert snap_model(model)["layers"] == 2
     representative = np.random.default_rng(1).integers(0, 256, (16, 8, 8, 3)).astype(np.uint8)
@@ -106,6 +131,17 @@ def test_snapped_kernels_reach_int8_tflite_without_rounding(snapped):
         assert worst < 1e-5  # the same kernels, up to float32 arithmetic
     else:
         assert worst > 1e-3  # random kernels lose a part of a step each
+
+
+def test_each_convolution_is_paired_with_the_batchnorm_that_reads_its_output():
+    from train.rebuild import keras_layers
+
+    model = _tiny_branches(3)
+    names = [layer.name for layer in model.layers]
+    # Listed as Keras lists a ResNet projection block: the next layer is not the BatchNorm
+    assert names[names.index("block1_3_conv") + 1] == "block1_0_bn"
+    pairs = {layer.name: norm.name if norm is not None else None for layer, norm in keras_layers(model)}
+    assert pairs == {"block1_3_conv": "block1_3_bn", "block1_0_conv": "block1_0_bn", "classifier": None}
 
 
 def test_a_run_with_snap_weights_saves_a_checkpoint_on_the_grid(tiny_weights_file, split_data, tmp_path):

@@ -54,19 +54,41 @@ def tflite_weights(path: Path) -> list[tuple[str, np.ndarray, np.ndarray, set[st
 
 
 def keras_layers(model):
-    """Weighted layers in graph order, each with the BatchNormalization that follows it (or None)."""
+    """Weighted layers in graph order, each with the BatchNormalization that reads its output
+    (or None). Found in the graph, not as the next layer of the list: where a ResNet's branches
+    meet, Keras lists ``block1_0_conv, block1_3_conv, block1_0_bn, block1_3_bn``, so the next
+    layer of the shortcut convolution is another convolution, and that one's is the shortcut's
+    BatchNorm."""
     import keras
 
     def flatten(container) -> list:
         return [leaf for layer in container.layers
                 for leaf in (flatten(layer) if isinstance(layer, keras.Model) else [layer])]
 
+    def output_of(layer):
+        try:
+            return layer.output  # the layer's one output in the functional graph
+        except (AttributeError, ValueError):  # never called, or called more than once
+            return None
+
+    def input_of(layer):
+        try:
+            return layer.input
+        except (AttributeError, ValueError):
+            return None
+
     flat = flatten(model)
+    norms = [(layer, input_of(layer)) for layer in flat if isinstance(layer, keras.layers.BatchNormalization)]
     pairs = []
     for index, layer in enumerate(flat):
         if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.Conv2D, keras.layers.Dense)):
-            after = flat[index + 1] if index + 1 < len(flat) else None
-            pairs.append((layer, after if isinstance(after, keras.layers.BatchNormalization) else None))
+            output = output_of(layer)
+            if output is not None:
+                reads = [norm for norm, tensor in norms if tensor is output]
+                pairs.append((layer, reads[0] if len(reads) == 1 else None))
+            else:  # no graph to follow: the layer listed next
+                after = flat[index + 1] if index + 1 < len(flat) else None
+                pairs.append((layer, after if isinstance(after, keras.layers.BatchNormalization) else None))
     return pairs
 
 
