@@ -57,9 +57,10 @@ def _backbone_maps(arch: str, img_size: int, weights, weights_path, layers: tupl
     """``(pixels input, feature maps)``: the frozen backbone cut to the named layers' maps
     (deepest last), as one sub-model named like every backbone so Grad-CAM finds it. With
     ``snap`` its convolutions are first rounded onto TFLite's int8 grid (:mod:`train.snap`), so
-    the head is fitted on the features the int8 model's exact weights compute: ImageNet
-    ResNet50's float weights are not on that grid, and their rounding alone flipped 3 % of the
-    float head's val decisions."""
+    the head is fitted on the features the int8 model's exact weights compute (ImageNet
+    ResNet50's float weights are not on that grid). That takes weight rounding out of the int8
+    gap; on the frozen ImageNet ResNet50 the 8-bit activations remain the larger part of it
+    (docs/models.md)."""
     import keras
 
     from train.model import build_backbone, scaled_input
