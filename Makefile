@@ -20,16 +20,18 @@ TRAIN_ARGS ?=
 # train's defaults (what WEIGHTS=none needs). MobileNetV2 in two runs: BACKBONE_RECIPE fine-tunes
 # the network with one softmax head per source and its kernels on the int8 grid into
 # RUN-backbone, then RECIPE fits a source gate and one linear expert per source on that
-# backbone's features (and on their int8 version); ResNet50:
-# the experts head on the frozen ImageNet backbone. BACKBONE_RECIPE= skips the first run.
+# backbone's features (and on their int8 version); ResNet50 the same, its last three stage-4
+# blocks fine-tuned, the experts reading its two stage-4 maps only (the frozen early stages'
+# 8-bit activations are what failed its int8). BACKBONE_RECIPE= skips the first run.
 BACKBONE_RECIPE_mobilenetv2 := --head sources --snap-weights --head-epochs 3 --fine-epochs 24 --patience 7 --max-minutes 45
+BACKBONE_RECIPE_resnet50    := --head sources --snap-weights --max-minutes 60
 BACKBONE_RECIPE ?= $(BACKBONE_RECIPE_$(ARCH))
 RECIPE_mobilenetv2 := --head experts --trunk-views 3 --int8-view
-RECIPE_resnet50    := --head experts --trunk-views 3
+RECIPE_resnet50    := --head experts --trunk-views 3 --int8-view --expert-layers conv4_block3_out,conv4_block6_out
 RECIPE  ?= $(RECIPE_$(ARCH))
-# ... and the formats each was converted to (ResNet50's experts int8 fails the gate: float16)
+# ... and the formats each was converted to
 FORMATS_mobilenetv2 := int8,float16,float32,onnx
-FORMATS_resnet50    := float16
+FORMATS_resnet50    := int8,float16
 FORMATS ?= $(FORMATS_$(ARCH))
 # ... and int8 calibration slices (MobileNetV2's experts: 1,000 agree with Keras on 98.7 % of val, 300 on 97.2 %)
 CALIBRATION_mobilenetv2 := 1000
