@@ -29,7 +29,7 @@ def _opposite_cues(n: int, seed: int):
 def test_per_source_experts_rank_two_sources_whose_cues_run_opposite():
     from sklearn.linear_model import LogisticRegression
 
-    from train.experts import fit_mixture, predict_mixture
+    from train.mixture import fit_mixture, predict_mixture
 
     x, y, source = _opposite_cues(200, 1)
     xv, yv, sv = _opposite_cues(100, 2)
@@ -46,7 +46,7 @@ def test_per_source_experts_rank_two_sources_whose_cues_run_opposite():
 
 def test_each_expert_is_chosen_on_its_own_source_only():
     """Scrambling source b's val labels leaves source a's choice alone."""
-    from train.experts import fit_mixture
+    from train.mixture import fit_mixture
 
     x, y, source = _opposite_cues(120, 4)
     xv, yv, sv = _opposite_cues(60, 5)
@@ -62,7 +62,7 @@ def test_with_int8_features_choices_must_keep_their_decisions_under_them():
     """Where the int8 model's features are noisy in a cue the experts could lean on, the fit
     picks a mixture that keeps more val decisions under them than the fit that ignores them."""
     from device.core.metrics import choose_threshold_by_source
-    from train.experts import INT8_AGREEMENT, fit_mixture, predict_mixture
+    from train.mixture import INT8_AGREEMENT, fit_mixture, predict_mixture
 
     x, y, source = _opposite_cues(200, 11)
     x[:, 4] += 0.8 * (2 * y - 1)  # a weak cue in a feature 8-bit rounding scrambles
@@ -95,7 +95,7 @@ def test_with_int8_features_choices_must_keep_their_decisions_under_them():
 def test_chosen_together_the_mixture_is_the_best_worst_source_combination():
     """--experts-choice joint: experts and gate are chosen on the mixture's worst-source val AUC,
     which is at least what choosing part by part reaches (its choice is one combination)."""
-    from train.experts import fit_mixture, predict_mixture
+    from train.mixture import fit_mixture, predict_mixture
 
     x, y, source = _opposite_cues(160, 21)
     xv, yv, sv = _opposite_cues(80, 22)
@@ -128,7 +128,8 @@ def _random_backbone_features(seed: int, pixel_seed: int, n: int):
 @pytest.mark.parametrize("positive_index", [0, 1])
 def test_the_keras_model_computes_the_fitted_mixture_in_built_in_layers(positive_index, tmp_path):
     keras = pytest.importorskip("keras")
-    from train.experts import build_experts_model, fit_mixture, predict_mixture
+    from train.experts import build_experts_model
+    from train.mixture import fit_mixture, predict_mixture
 
     weights, path, layers, pixels, features = _random_backbone_features(0, 7, 24)
     y = np.tile([0, 1], 12)

@@ -65,24 +65,19 @@ def keras_layers(model):
         return [leaf for layer in container.layers
                 for leaf in (flatten(layer) if isinstance(layer, keras.Model) else [layer])]
 
-    def output_of(layer):
+    def tensor(layer, side: str):
+        """The layer's one ``input`` or ``output`` in the functional graph, or None."""
         try:
-            return layer.output  # the layer's one output in the functional graph
+            return getattr(layer, side)
         except (AttributeError, ValueError):  # never called, or called more than once
             return None
 
-    def input_of(layer):
-        try:
-            return layer.input
-        except (AttributeError, ValueError):
-            return None
-
     flat = flatten(model)
-    norms = [(layer, input_of(layer)) for layer in flat if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = [(layer, tensor(layer, "input")) for layer in flat if isinstance(layer, keras.layers.BatchNormalization)]
     pairs = []
     for index, layer in enumerate(flat):
         if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.Conv2D, keras.layers.Dense)):
-            output = output_of(layer)
+            output = tensor(layer, "output")
             if output is not None:
                 reads = [norm for norm, tensor in norms if tensor is output]
                 pairs.append((layer, reads[0] if len(reads) == 1 else None))

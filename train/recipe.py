@@ -123,7 +123,7 @@ class Recipe:
     val AUC, then the gate's on the mixture's worst-source AUC (with ``int8_view``, each part
     among the candidates whose own decisions survive int8); ``joint`` chooses every part
     together on the mixture's worst-source AUC (with ``int8_view``, among the combinations whose
-    mixture keeps its decisions under int8): :func:`train.experts.fit_mixture`."""
+    mixture keeps its decisions under int8): :func:`train.mixture.fit_mixture`."""
     expert_layers: str = ""
     """Backbone layers (comma-separated) whose pooled maps feed the experts head; empty for
     the architecture's default (the end of each stage, :data:`train.experts.DEFAULT_LAYERS`)."""
