@@ -4,13 +4,22 @@ The benchmark runs as a subprocess (``python -m device.cli bench --json``), exac
 command a user would run, so the card reports the device-side tool's own figures rather than
 a second timing implementation. It runs before the final manifest is written because
 ``MODEL_CARD.md`` is itself a checksummed bundle file.
+
+``python -m convert.benchmark --bundle B`` measures an existing bundle again, in place: a
+bundle converted with ``--no-bench``, or one to be measured on a quieter machine. Only the
+manifest's ``conversion.bench`` and the card's Speed section change; the manifest is resealed
+and the model files are untouched.
+
+Exit codes: 0 measured, 1 the benchmark failed (bundle unchanged), 2 bad bundle or flags.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +60,74 @@ def bench_formats(
             result.pop("bundle", None)  # the candidate's scratch folder, not where the bundle lives
             report["results"].append(result)
     return report
+
+
+SPEED_HEADING = "## Speed"
+
+
+def with_speed_section(card: str, lines: list[str]) -> str:
+    """``card`` with the body of its Speed section replaced by ``lines`` (the section is
+    appended when the card has none)."""
+    section = "\n".join([SPEED_HEADING, "", *lines, ""])
+    start = card.find(SPEED_HEADING + "\n")
+    if start < 0:
+        return card.rstrip("\n") + "\n\n" + section
+    end = card.find("\n## ", start + len(SPEED_HEADING))
+    tail = card[end + 1 :] if end >= 0 else ""
+    return card[:start] + section + ("\n" + tail if tail else "")
+
+
+def rebench_bundle(path: Path, threads: str = "1,2", runs: int = 50, images: Path | None = None, command: str = "") -> dict:
+    """Measure every format of the bundle at ``path`` and record it in place (see the module
+    docstring). Raises ``RuntimeError`` when the benchmark fails: nothing is written then."""
+    from convert.model_card import bench_section
+    from device.core.bundle import load_bundle, write_manifest
+
+    bundle = load_bundle(path)
+    manifest = json.loads(json.dumps(bundle.manifest))
+    bench = bench_formats(bundle.path, list(manifest["formats"]), threads, runs, images)
+    if "error" in bench:
+        raise RuntimeError(bench["error"])
+    bench["command"] = command
+    manifest.setdefault("conversion", {})["bench"] = bench
+    card_path = bundle.path / "MODEL_CARD.md"
+    card = card_path.read_text(encoding="utf-8") if card_path.is_file() else f"# Model card: {bundle.name}\n"
+    card_path.write_text(with_speed_section(card, bench_section(bench)), encoding="utf-8")
+    write_manifest(bundle.path, manifest)
+    load_bundle(bundle.path)  # proves the result verifies
+    return bench
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m convert.benchmark", description="Measure a bundle with ctpi bench and record it in its manifest and model card.")
+    parser.add_argument("--bundle", type=Path, required=True, help="bundle folder to measure in place")
+    parser.add_argument("--threads", default="1,2", help="thread counts (default 1,2)")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per configuration (default 50)")
+    parser.add_argument("--images", type=Path, default=None, help="folder of slices for the end-to-end figures (default: ctpi bench's own)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from device.core.bundle import BundleError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        bench = rebench_bundle(args.bundle, args.threads, args.runs, args.images, "python -m convert.benchmark " + shlex.join(argv))
+    except (BundleError, FileNotFoundError) as error:
+        print(f"convert.benchmark: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"convert.benchmark: {error}; the bundle is unchanged", file=sys.stderr)
+        return 1
+    for r in bench["results"]:
+        if "error" in r:
+            print(f"{r.get('format')} threads {r.get('threads')}: error: {r['error']}")
+        else:
+            print(f"{r['format']:8s} threads {r['threads']}: invoke {r['invoke_ms']['mean']:.2f} ms, end-to-end "
+                  f"{r['end_to_end_ms']['mean']:.2f} ms, {r['throughput_per_s']:.1f} slices/s, peak RSS {r['rss_peak_mb']:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -108,7 +108,7 @@ def _per_source_tables(keras: dict, formats: dict, split: str) -> list[str]:
     return lines
 
 
-def _bench_section(bench: dict) -> list[str]:
+def bench_section(bench: dict) -> list[str]:
     if "error" in bench or not bench.get("results"):
         return [f"Not measured: {bench.get('error', 'no results')}."]
     machine = bench.get("machine", {})
@@ -280,7 +280,7 @@ def render_model_card(
         "",
         "## Speed",
         "",
-        *_bench_section(bench),
+        *bench_section(bench),
         "",
         "## Files",
         "",

@@ -50,3 +50,38 @@ def test_bench_refuses_bad_thread_lists_and_bundles(tiny_bundle, tmp_path, capsy
     assert "thread counts must be >= 1" in capsys.readouterr().err
     assert main(["bench", "--model", str(tmp_path)]) == 2
     assert "not a ctpi model bundle" in capsys.readouterr().err
+
+
+def test_a_bundle_converted_without_its_bench_is_measured_again_in_place(tiny_bundle, synthetic_data, tmp_path, capsys):
+    from convert.benchmark import main as rebench
+    from device.core.bundle import load_bundle
+
+    bundle = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    (bundle / "MODEL_CARD.md").write_text("# Model card\n\n## Speed\n\nNot measured: skipped (--no-bench).\n\n## Files\n\nkept\n")
+    models_before = {name: digest for name, digest in load_bundle(bundle).manifest["files"].items() if name != "MODEL_CARD.md"}
+    code = rebench(["--bundle", str(bundle), "--threads", "1", "--runs", "3", "--images", str(synthetic_data)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    manifest = load_bundle(bundle).manifest  # resealed: it verifies
+    results = manifest["conversion"]["bench"]["results"]
+    assert sorted(r["format"] for r in results) == sorted(manifest["formats"])
+    assert all(r["threads"] == 1 and r["invoke_ms"]["count"] == 3 for r in results)
+    assert {name: digest for name, digest in manifest["files"].items() if name != "MODEL_CARD.md"} == models_before
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "Not measured" not in card and "| int8 | 1 | ai-edge-litert" in card
+    assert card.index("## Speed") < card.index("## Files") and card.endswith("## Files\n\nkept\n")
+    assert "int8     threads 1: invoke" in printed
+
+
+def test_a_bench_that_cannot_run_leaves_the_bundle_as_it_was(tiny_bundle, tmp_path, capsys):
+    from convert.benchmark import main as rebench
+
+    bundle = tmp_path / "tiny"
+    shutil.copytree(tiny_bundle, bundle)
+    before = {p.name: p.read_bytes() for p in bundle.iterdir()}
+    code = rebench(["--bundle", str(bundle), "--threads", "0", "--runs", "3"])
+    assert code == 1 and "the bundle is unchanged" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in bundle.iterdir()} == before
+    (bundle / "model_int8.tflite").write_bytes(b"not the model")
+    assert rebench(["--bundle", str(bundle)]) == 2 and "sha256" in capsys.readouterr().err.lower()
