@@ -25,7 +25,7 @@ from pathlib import Path
 from convert.assemble import FILE_OF_FORMAT, assemble_bundle
 from convert.benchmark import bench_formats
 from convert.bias_correction import correct_biases
-from convert.calibration import load_slices, stratified_split
+from convert.calibration import draw_by_source, load_slices
 from convert.diagnose import explain, threshold_resolution, weights_only_agreement
 from convert.export import DEFAULT_FORMATS, export_formats, parse_formats
 from convert.gate import (
@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="bundle folder to write (replaced if it exists)")
     parser.add_argument("--formats", default=",".join(DEFAULT_FORMATS), help=f"comma-separated, from {', '.join(FORMATS)} (default: all)")
     parser.add_argument("--default-format", default=None, help="the format ctpi runs by default (default: int8 when present)")
-    parser.add_argument("--calibration-samples", type=int, default=DEFAULT_CALIBRATION_SAMPLES, help=f"training slices for int8 calibration (default {DEFAULT_CALIBRATION_SAMPLES})")
+    parser.add_argument("--calibration-samples", type=int, default=None,
+                        help=f"training slices for int8 calibration (default: the count an experts head's int8 view was calibrated with, else {DEFAULT_CALIBRATION_SAMPLES})")
     parser.add_argument("--seed", type=int, default=None, help="calibration draw seed (default: the run's seed)")
     parser.add_argument("--per-tensor", action="store_true", help="per-tensor int8 weights instead of per-channel")
     parser.add_argument("--no-bias-correction", action="store_true", help="convert int8 without bias correction (for comparison)")
@@ -155,11 +156,17 @@ def convert(args, argv: list[str]) -> int:
     default_format = args.default_format or ("int8" if "int8" in formats else formats[0])
     if default_format not in formats:
         raise ValueError(f"--default-format {default_format} is not among --formats {formats}")
-    if args.calibration_samples < 1:
-        raise ValueError("--calibration-samples must be at least 1")
-
     step(f"reading training run {args.run}")
     run = load_run(args.run)
+    viewed = (run.head or {}).get("int8_view_samples") if (run.head or {}).get("int8_view") else None
+    if args.calibration_samples is None:
+        args.calibration_samples = int(viewed or DEFAULT_CALIBRATION_SAMPLES)
+    elif viewed and args.calibration_samples != viewed:
+        log.warning("the run's experts head was chosen on int8 features calibrated on %d train slices; converting with %d "
+                    "sets other activation ranges, under which its decisions may flip (docs/conversion.md)", viewed,
+                    args.calibration_samples)
+    if args.calibration_samples < 1:
+        raise ValueError("--calibration-samples must be at least 1")
     labels, spec = run.labels, run.spec
     roots = [Path(root) for root in args.data]
     names = [root.resolve().name for root in roots]
@@ -167,12 +174,11 @@ def convert(args, argv: list[str]) -> int:
     train_examples, val_examples, calibration_examples, holdout_examples = [], [], [], []
     source_of: dict[Path, str] = {}
     fingerprints = []
-    for index, (name, root) in enumerate(zip(names, roots, strict=True)):
-        source_train, source_val = list_examples(root / "train", labels), list_examples(root / "val", labels)
+    per_source = [(name, root, list_examples(root / "train", labels), list_examples(root / "val", labels))
+                  for name, root in zip(names, roots, strict=True)]
+    draws = draw_by_source([source_train for _, _, source_train, _ in per_source], args.calibration_samples, seed)
+    for (name, root, source_train, source_val), (chosen, rest) in zip(per_source, draws, strict=True):
         fingerprints.append((name, fingerprint(source_train, root / "train")))
-        # int8 calibration draws equally from every source (the model must work on each).
-        share = args.calibration_samples // len(roots) + (index < args.calibration_samples % len(roots))
-        chosen, rest = stratified_split(source_train, share, seed)
         train_examples += source_train
         val_examples += source_val
         calibration_examples += chosen

@@ -227,6 +227,25 @@ def test_gate_refuses_int8_calibrated_on_black_slices(tmp_path, tiny_keras_model
     assert "activation ranges are the problem" in err
 
 
+@pytest.mark.slow
+def test_an_experts_run_is_calibrated_on_as_many_slices_as_its_int8_view(tmp_path, tiny_keras_model, split_data, caplog):
+    """The head was chosen on int8 features calibrated on the draw of N slices; another N sets
+    other activation ranges, so convert takes the run's N unless told otherwise, and warns then."""
+    from convert.cli import main
+
+    run = write_run(tmp_path / "run", tiny_keras_model, split_data)
+    experts = {"layers": ["features"], "choices": {"covid-like": {"C": 0.1, "views": 1, "val_auc": 1.0}}, "gate": {},
+               "int8_view": True, "int8_view_samples": 6, "choice": "parts", "snapped_backbone": False}
+    (run / "metrics.json").write_text(json.dumps({"experts": experts}))
+    common = ["--run", str(run), "--data", str(split_data), "--formats", "int8", "--no-bench"]
+    assert main(common + ["--out", str(tmp_path / "as-viewed")]) == 0
+    assert load_bundle(tmp_path / "as-viewed").manifest["formats"]["int8"]["calibration_samples"] == 6
+    assert "calibrated on 6 train slices" not in caplog.text
+    assert main(common + ["--out", str(tmp_path / "other"), "--calibration-samples", "8"]) == 0
+    assert load_bundle(tmp_path / "other").manifest["formats"]["int8"]["calibration_samples"] == 8
+    assert "int8 features calibrated on 6 train slices; converting with 8" in caplog.text
+
+
 def test_convert_refuses_a_run_folder_without_run_json(tmp_path, split_data, capsys):
     from convert.cli import main
 

@@ -207,6 +207,8 @@ def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
     assert main(args) == 2
     assert "--ema would do nothing" in capsys.readouterr().err
     assert not (tmp_path / "run" / "model.keras").exists()
+    assert main([arg for arg in args if arg not in ("--ema", "0.99")] + ["--int8-view-samples", "100"]) == 2
+    assert "without --int8-view it would do nothing" in capsys.readouterr().err
     dense = [arg for arg in args if arg not in ("experts", "--ema", "0.99")]
     dense[dense.index("--head")] = "--int8-view"
     assert main(dense) == 2
@@ -223,7 +225,7 @@ def test_the_int8_view_is_the_features_a_full_int8_model_computes(tmp_path):
     weights, path, layers, pixels, features = _random_backbone_features(3, 9, 16)
     pixels = pixels.astype(np.uint8)
     keras.utils.set_random_seed(3)  # the same random backbone
-    int8, again = int8_features("mobilenetv2", 32, weights, path, layers, [features], [pixels, pixels[:4]], seed=0, samples=8)
+    int8, again = int8_features("mobilenetv2", 32, weights, path, layers, [features], [pixels, pixels[:4]], pixels[:8])
     np.testing.assert_array_equal(again, int8[:4])  # one converted model serves every set
     assert int8.shape == features.shape
     spread = features.std(axis=0) + 1e-9
@@ -258,3 +260,30 @@ def test_a_fine_tuned_runs_backbone_starts_the_experts_head(tmp_path):
     (run / "run.json").unlink()
     with pytest.raises(WeightsError, match="inside a run folder"):
         resolve_weights(str(run / "model.keras"))
+
+
+def test_the_int8_view_is_calibrated_on_the_slices_the_conversion_draws(tmp_path):
+    """The view's activation ranges are the shipped model's only if both calibrate on the same
+    slices: train.experts.calibration_pixels and python -m convert draw them with one function."""
+    from convert.calibration import draw_by_source
+    from device.core.dataset import list_examples
+    from device.core.preprocess import PreprocessSpec, load_slice
+    from tests.synthetic import write_image_folder
+    from train.data import load_sources
+    from train.experts import calibration_pixels
+
+    roots = []
+    for index, name in enumerate(("hospital-a", "hospital-b")):
+        write_image_folder(tmp_path / name / "train", per_class=6 + 3 * index, seed=40 + index)
+        write_image_folder(tmp_path / name / "val", per_class=3, seed=50 + index)
+        roots.append(tmp_path / name)
+    (tmp_path / "hospital-b" / "train" / "COVID" / "truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n")  # skipped by both
+    spec = PreprocessSpec(height=32, width=32, channels=1)
+    labels, sources = load_sources(roots, spec, None, show_progress=False)
+    examples = [list_examples(root / "train", labels) for root in roots]
+    for samples, seed in ((7, 0), (7, 1), (40, 3)):
+        picked = calibration_pixels(sources, labels, samples, seed)
+        drawn = [example for chosen, _ in draw_by_source(examples, samples, seed) for example in chosen]
+        expected = np.stack([load_slice(example.path, spec) for example in drawn if example.path.name != "truncated.png"])
+        np.testing.assert_array_equal(picked, expected)
+    assert not np.array_equal(calibration_pixels(sources, labels, 7, 0), calibration_pixels(sources, labels, 7, 1))

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "or sources (fine-tuned, one softmax head per source: a backbone for experts)")
     knobs.add_argument("--int8-view", action="store_true", default=None,
                        help="--head experts: also fit on every train slice's features as the full-int8 model computes them")
+    knobs.add_argument("--int8-view-samples", type=int,
+                       help="--int8-view: train slices calibrating the int8 extractor, drawn as python -m convert "
+                            "--calibration-samples draws them (default 300; convert with the same number)")
     knobs.add_argument("--experts-choice", choices=("parts", "joint"),
                        help="--head experts: choose each expert and then the gate (parts), or all together on the mixture (joint)")
     knobs.add_argument("--expert-layers", help="comma-separated backbone layers pooled for --head experts (default: end of each stage)")
@@ -86,7 +89,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
-    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view", "experts_choice",
+    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view", "int8_view_samples", "experts_choice",
 )
 
 

@@ -85,14 +85,30 @@ def build_extractor(arch: str, img_size: int, weights, weights_path, layers: tup
     return keras.Model(pixels, keras.layers.Concatenate()(pooled) if len(pooled) > 1 else pooled[0], name="extractor")
 
 
+def calibration_pixels(sources, labels: list[str], samples: int, seed: int) -> np.ndarray:
+    """The train slices ``python -m convert --calibration-samples samples`` calibrates int8 on
+    (:func:`convert.calibration.draw_by_source`, same seed), in its order: the int8 view must see
+    the activation ranges the shipped model will have, and those depend on the draw."""
+    from convert.calibration import draw_by_source
+    from device.core.dataset import list_examples
+
+    draws = draw_by_source([list_examples(source.train.root, labels) for source in sources], samples, seed)
+    picked = []
+    for source, (chosen, _) in zip(sources, draws, strict=True):
+        row = {path: index for index, path in enumerate(source.train.paths)}
+        relative = (example.path.relative_to(source.train.root).as_posix() for example in chosen)
+        picked.append(source.train.pixels[[row[path] for path in relative if path in row]])  # unreadable files: skipped by both
+    return np.concatenate(picked)
+
+
 def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple[str, ...], train_views: list[np.ndarray],
-                  pixel_sets: list[np.ndarray], seed: int, samples: int = 300, snap: bool = False) -> list[np.ndarray]:
+                  pixel_sets: list[np.ndarray], representative: np.ndarray, snap: bool = False) -> list[np.ndarray]:
     """Pooled features of ``pixels`` as the shipped full-int8 model computes them, unstandardised
     to the float features' scale: the extractor up to the head's input (each map pooled and
     standardised, then joined: the tensor the head's int8 layers read) is converted to int8,
-    calibrated on ``samples`` train slices as ``python -m convert`` does, and run by the Pi's
-    TFLite runtime, on each of ``pixel_sets`` (the first is train, which calibration draws
-    from). Row ``i`` is slice ``i`` as it is (no augmentation)."""
+    calibrated on ``representative`` (:func:`calibration_pixels`: the conversion's own draw), and
+    run by the Pi's TFLite runtime, on each of ``pixel_sets``. Row ``i`` is slice ``i`` as it is
+    (no augmentation)."""
     import keras
 
     from convert.diagnose import tflite_probabilities
@@ -110,9 +126,6 @@ def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple
         start += width
     joined = keras.layers.Concatenate()(scaled) if len(scaled) > 1 else scaled[0]
     extractor = keras.Model(pixels_in, joined, name="standardised_extractor")
-    rng = np.random.default_rng(seed)
-    train = pixel_sets[0]
-    representative = train[rng.choice(len(train), min(samples, len(train)), replace=False)]
     content = to_tflite(extractor, "int8", list(representative))
     return [tflite_probabilities(content, pixels).astype(np.float64) * np.sqrt(variance) + mean for pixels in pixel_sets]
 
@@ -174,10 +187,13 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
     train_views = [np.concatenate(parts) for parts in train_views]
     val_int8 = None
     if recipe.int8_view:
-        print("experts head: the int8 view (the extractor converted to full-integer int8, run on every train slice)", flush=True)
+        print("experts head: the int8 view (the extractor converted to full-integer int8, calibrated on the "
+              f"{recipe.int8_view_samples} train slices python -m convert --calibration-samples {recipe.int8_view_samples} "
+              "draws, run on every train slice)", flush=True)
+        representative = calibration_pixels(sources, labels, recipe.int8_view_samples, config.seed)
         train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
                                              [np.concatenate([source.train.pixels for source in sources]), val_pixels],
-                                             config.seed, snap=snap)
+                                             representative, snap=snap)
         train_views.append(train_int8)
     fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
                          np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
@@ -211,5 +227,6 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
                          "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
                          "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice,
+                         **({"int8_view_samples": recipe.int8_view_samples} if recipe.int8_view else {}),
                          "snapped_backbone": snap}}
     return notes, extra

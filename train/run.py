@@ -130,11 +130,13 @@ def train_run(config: RunConfig) -> dict:
                                          ("--mixup", recipe.mixup > 0), ("--degrade", recipe.degrade > 0)) if on]
         if ignored:
             raise DataError(f"--head experts keeps the backbone frozen and fits no epochs: {', '.join(ignored)} would do nothing")
+        if not recipe.int8_view and recipe.int8_view_samples != Recipe.int8_view_samples:
+            raise DataError("--int8-view-samples sets how the int8 view is calibrated; without --int8-view it would do nothing")
         return _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val,
                        val_pixels, val_sources, val_paths, val_targets,
                        [], _experts_selection(config, recipe, sources, labels, positive_index, weights, weights_path,
                                               val_pixels, y_val, val_sources, out / "model.keras"))
-    if recipe.int8_view:
+    if recipe.int8_view or recipe.int8_view_samples != Recipe.int8_view_samples:
         raise DataError(f"--int8-view is a view for the experts head's fit; with --head {recipe.head} it would do nothing")
     if recipe.experts_choice != "parts":
         raise DataError(f"--experts-choice is how the experts head's parts are chosen; with --head {recipe.head} it would do nothing")
