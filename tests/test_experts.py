@@ -167,7 +167,7 @@ def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp
     metrics = json.loads((out / "metrics.json").read_text())
     assert run["recipe"]["head"] == "experts" and metrics["epochs_trained"] == 0
     assert set(metrics["experts"]["choices"]) == {"hospital-a", "hospital-b"}
-    assert metrics["experts"]["int8_view"] is True
+    assert metrics["experts"]["int8_view"] is True and "int8_view_samples" not in metrics["experts"]  # the random draw
     # views are the slice alone or all three: two float views and the int8 one
     assert {choice["views"] for choice in metrics["experts"]["choices"].values()} <= {1, 3}
     report = (out / "report.md").read_text()
@@ -194,6 +194,12 @@ def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp
     # the same model in 8 bits (a random 32-pixel backbone calibrated on 8 slices: loose)
     assert np.abs(int8 - np.asarray(model(slices.astype(np.float32)))).mean() < 0.1
     np.testing.assert_allclose(int8.sum(axis=1), 1.0, atol=0.02)
+
+    # with --int8-view-samples N the view calibrates on the conversion's draw, and says so for convert
+    drawn = tmp_path / "drawn"
+    assert main([*args[:args.index("--out") + 1], str(drawn), *args[args.index("--out") + 2:], "--int8-view-samples", "6"]) == 0
+    assert json.loads((drawn / "metrics.json").read_text())["experts"]["int8_view_samples"] == 6
+    assert load_run(drawn).head["int8_view_samples"] == 6
 
 
 def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):

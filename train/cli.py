@@ -76,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     knobs.add_argument("--int8-view", action="store_true", default=None,
                        help="--head experts: also fit on every train slice's features as the full-int8 model computes them")
     knobs.add_argument("--int8-view-samples", type=int,
-                       help="--int8-view: train slices calibrating the int8 extractor, drawn as python -m convert "
-                            "--calibration-samples draws them (default 300; convert with the same number)")
+                       help="--int8-view: calibrate the int8 extractor on the N train slices python -m convert "
+                            "--calibration-samples N draws (convert then defaults to N); 0 (default): 300 at random, "
+                            "the shipped heads' draw")
     knobs.add_argument("--experts-choice", choices=("parts", "joint"),
                        help="--head experts: choose each expert and then the gate (parts), or all together on the mixture (joint)")
     knobs.add_argument("--expert-layers", help="comma-separated backbone layers pooled for --head experts (default: end of each stage)")

@@ -187,13 +187,19 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
     train_views = [np.concatenate(parts) for parts in train_views]
     val_int8 = None
     if recipe.int8_view:
-        print("experts head: the int8 view (the extractor converted to full-integer int8, calibrated on the "
-              f"{recipe.int8_view_samples} train slices python -m convert --calibration-samples {recipe.int8_view_samples} "
-              "draws, run on every train slice)", flush=True)
-        representative = calibration_pixels(sources, labels, recipe.int8_view_samples, config.seed)
+        every_train = np.concatenate([source.train.pixels for source in sources])
+        if recipe.int8_view_samples > 0:
+            drawn = f"the {recipe.int8_view_samples} train slices python -m convert --calibration-samples " \
+                    f"{recipe.int8_view_samples} draws"
+            representative = calibration_pixels(sources, labels, recipe.int8_view_samples, config.seed)
+        else:  # the shipped heads' draw
+            drawn = "300 train slices at random"
+            rng = np.random.default_rng(config.seed)
+            representative = every_train[rng.choice(len(every_train), min(300, len(every_train)), replace=False)]
+        print(f"experts head: the int8 view (the extractor converted to full-integer int8, calibrated on {drawn}, "
+              "run on every train slice)", flush=True)
         train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
-                                             [np.concatenate([source.train.pixels for source in sources]), val_pixels],
-                                             representative, snap=snap)
+                                             [every_train, val_pixels], representative, snap=snap)
         train_views.append(train_int8)
     fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
                          np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
@@ -227,6 +233,6 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
                          "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
                          "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice,
-                         **({"int8_view_samples": recipe.int8_view_samples} if recipe.int8_view else {}),
+                         **({"int8_view_samples": recipe.int8_view_samples} if recipe.int8_view and recipe.int8_view_samples else {}),
                          "snapped_backbone": snap}}
     return notes, extra

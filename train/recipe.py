@@ -118,13 +118,15 @@ class Recipe:
     and run), so the experts and the gate are fitted on both and learn to lean on what survives
     8-bit activations. A frozen backbone's pooled features move by a fifth to a half of their
     spread between slices under int8 (MobileNetV2), which flips decisions near the threshold."""
-    int8_view_samples: int = 300
-    """With ``int8_view``: how many train slices calibrate that int8 extractor, drawn as
-    ``python -m convert --calibration-samples`` draws them (:func:`convert.calibration.draw_by_source`,
-    the run's seed): the same slices, so the same activation ranges. Convert with the same
-    number: the ranges grow with the draw, and a head chosen on one draw's int8 features can flip
-    decisions under another's (MobileNetV2 on block 6 and 13: 99.1 % of val decisions kept on the
-    300-slice features, 97.4 % converted with another 300, 94.5 % with 925)."""
+    int8_view_samples: int = 0
+    """With ``int8_view``: ``N > 0`` calibrates that int8 extractor on the ``N`` train slices
+    ``python -m convert --calibration-samples N`` draws (:func:`convert.calibration.draw_by_source`,
+    the run's seed), so the view has the shipped model's activation ranges, and convert takes
+    that ``N`` by default. Why it matters: a head chosen on one draw's int8 features can flip
+    decisions under another's (MobileNetV2 on blocks 6 and 13: 99.1 % of val decisions kept on
+    its view's ranges, 97.4 % converted with another 300 slices, 94.5 % with 925). ``0`` (the
+    default) keeps the earlier draw, 300 train slices at random from all sources, which both
+    shipped heads were fitted with: their recipes reproduce only with it (docs/models.md)."""
     experts_choice: str = "parts"
     """With ``head = experts``: ``parts`` chooses each expert's C and views on its own source's
     val AUC, then the gate's on the mixture's worst-source AUC (with ``int8_view``, each part
