@@ -49,7 +49,7 @@ def stratified_split(examples: Sequence[Example], samples: int, seed: int) -> tu
 def draw_by_source(per_source: Sequence[Sequence[Example]], samples: int, seed: int) -> list[tuple[list[Example], list[Example]]]:
     """``(calibration, rest)`` of each source: ``samples`` shared out equally over the sources
     (the model must work on each), each source's share drawn by :func:`stratified_split`.
-    ``python -m convert`` and the experts head's int8 view (:func:`train.experts.int8_features`)
+    ``python -m convert`` and the experts head's int8 view (:func:`train.experts.calibration_pixels`)
     both draw with it, so a head chosen on int8 features sees the ranges the conversion sets."""
     count = len(per_source)
     return [stratified_split(examples, samples // count + (index < samples % count), seed)

@@ -158,7 +158,7 @@ def convert(args, argv: list[str]) -> int:
         raise ValueError(f"--default-format {default_format} is not among --formats {formats}")
     step(f"reading training run {args.run}")
     run = load_run(args.run)
-    viewed = (run.head or {}).get("int8_view_samples") if (run.head or {}).get("int8_view") else None
+    viewed = (run.head or {}).get("int8_view_samples")  # recorded only for a view on the conversion's draw
     if args.calibration_samples is None:
         args.calibration_samples = int(viewed or DEFAULT_CALIBRATION_SAMPLES)
     elif viewed and args.calibration_samples != viewed:

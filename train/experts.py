@@ -43,6 +43,9 @@ DEFAULT_LAYERS = {
     "mobilenetv2": ("block_6_expand_relu", "block_13_expand_relu", "block_16_project_BN", "out_relu"),
 }
 HEAD_NAME = "experts"
+# The int8 view's calibration without --int8-view-samples: this many train slices at random (the
+# draw both shipped heads were fitted with).
+RANDOM_VIEW_SAMPLES = 300
 
 
 def feature_layers(arch: str, requested: str) -> tuple[str, ...]:
@@ -106,8 +109,9 @@ def int8_features(arch: str, img_size: int, weights, weights_path, layers: tuple
     """Pooled features of ``pixels`` as the shipped full-int8 model computes them, unstandardised
     to the float features' scale: the extractor up to the head's input (each map pooled and
     standardised, then joined: the tensor the head's int8 layers read) is converted to int8,
-    calibrated on ``representative`` (:func:`calibration_pixels`: the conversion's own draw), and
-    run by the Pi's TFLite runtime, on each of ``pixel_sets``. Row ``i`` is slice ``i`` as it is
+    calibrated on ``representative`` (the run's draw: :func:`calibration_pixels` with
+    ``--int8-view-samples N``, else :data:`RANDOM_VIEW_SAMPLES` at random), and run by the Pi's
+    TFLite runtime, on each of ``pixel_sets``. Row ``i`` is slice ``i`` as it is
     (no augmentation)."""
     import keras
 
@@ -193,9 +197,9 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
                     f"{recipe.int8_view_samples} draws"
             representative = calibration_pixels(sources, labels, recipe.int8_view_samples, config.seed)
         else:  # the shipped heads' draw
-            drawn = "300 train slices at random"
+            drawn = f"{RANDOM_VIEW_SAMPLES} train slices at random"
             rng = np.random.default_rng(config.seed)
-            representative = every_train[rng.choice(len(every_train), min(300, len(every_train)), replace=False)]
+            representative = every_train[rng.choice(len(every_train), min(RANDOM_VIEW_SAMPLES, len(every_train)), replace=False)]
         print(f"experts head: the int8 view (the extractor converted to full-integer int8, calibrated on {drawn}, "
               "run on every train slice)", flush=True)
         train_int8, val_int8 = int8_features(config.arch, recipe.img_size, weights, weights_path, layers, train_views,
