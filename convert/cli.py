@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-bias-correction", action="store_true", help="convert int8 without bias correction (for comparison)")
     parser.add_argument("--float-fallback", default="auto",
                         help="int8 ops kept in float: 'auto' (the fewest, from 0, 1, 2, 4, ..., that meet the int8 rule on "
-                             "held-out train slices; the default), 'off' (full-integer only) or a number N (the N worst)")
+                             "held-out train slices; the default), 'off' (full-integer only), a number N (the N worst) or "
+                             "'head' (an experts run's head after the backbone's pooling)")
     parser.add_argument("--onnx-opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     parser.add_argument("--name", default=None, help="bundle name (default: the run folder's name)")
     parser.add_argument("--version", default=None, help="bundle version (default: today's date + the default model's sha256 prefix)")

@@ -308,6 +308,9 @@ def render_model_card(
 
 def _fallback_lines(fallback: dict | None) -> list[str]:
     """How int8's float fallback was chosen (``convert.selective``), trial by trial."""
+    if fallback and fallback.get("float_ops") and not fallback.get("trials"):  # picked by name, not by trials
+        return ["", f"int8 float fallback: {fallback['float_ops']} of {fallback['quantized_ops']} ops kept in float: "
+                    f"{fallback['chosen_on']}; everything before them, the backbone included, is int8."]
     if not fallback or not fallback.get("trials"):
         return []
     trials = ", ".join(

@@ -145,6 +145,50 @@ def test_the_keras_model_computes_the_fitted_mixture_in_built_in_layers(positive
 
 
 @pytest.mark.slow
+def test_float_fallback_head_keeps_the_backbone_and_pooling_int8_and_only_the_head_in_float(tmp_path):
+    """``--float-fallback head``: every convolution and the pooling stay int8, every op of the
+    head after the pooling (standardise, join, gate, experts, mixture) runs in float, the model
+    still takes and gives int8, and it is closer to Keras than full-integer int8."""
+    keras = pytest.importorskip("keras")
+    from ai_edge_litert.interpreter import Interpreter
+
+    from convert.diagnose import tflite_probabilities
+    from convert.selective import head_float_fallback, head_layers
+    from convert.tflite import to_tflite
+    from train.experts import build_experts_model
+    from train.mixture import fit_mixture
+
+    weights, path, layers, pixels, features = _random_backbone_features(0, 7, 24)
+    y = np.tile([0, 1], 12)
+    source = np.repeat(np.array(["a", "b"]), 12)
+    fitted = fit_mixture([features], y, source, features, y, source, ["a", "b"])
+    keras.utils.set_random_seed(0)
+    model = build_experts_model("mobilenetv2", 32, ["COVID", "NonCOVID"], 0, weights, path, layers, fitted)
+    assert {"standardise0", "features", "gate", "source_experts", "mixture"} <= head_layers(model)
+    assert not {name for name in head_layers(model) if name.startswith("pool")}
+    slices = list(pixels.astype(np.uint8))
+    selection = head_float_fallback(model, slices)
+    assert selection.float_tensors and "head" in selection.manifest()["chosen_on"]
+
+    interpreter = Interpreter(model_content=selection.content)
+    interpreter.allocate_tensors()
+    dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+    ops = [(op["op_name"], [dtypes[i] for i in op["inputs"] if i >= 0]) for op in interpreter._get_ops_details()]
+    assert ops[0][1][0] == np.int8 and interpreter.get_output_details()[0]["dtype"] == np.int8
+    assert all(inputs[0] == np.int8 for name, inputs in ops if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "MEAN"))
+    float_ops = {name for name, inputs in ops if inputs and inputs[0] == np.float32 and name != "QUANTIZE"}
+    assert {"FULLY_CONNECTED", "SOFTMAX", "LOGISTIC"} <= float_ops  # gate, experts
+    reference = np.asarray(model(pixels))[:, 0]
+    head_error = np.abs(tflite_probabilities(selection.content, pixels)[:, 0] - reference).mean()
+    full_error = np.abs(tflite_probabilities(to_tflite(model, "int8", slices), pixels)[:, 0] - reference).mean()
+    assert head_error <= full_error
+
+    plain = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")])
+    with pytest.raises(ValueError, match="experts"):
+        head_layers(plain)
+
+
+@pytest.mark.slow
 def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp_path):
     pytest.importorskip("tensorflow")
     from convert.tflite import to_tflite
