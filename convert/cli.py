@@ -41,7 +41,7 @@ from convert.gate import (
 from convert.model_card import render_model_card
 from convert.onnx_export import ONNX_OPSET
 from convert.run import RunError, load_run
-from convert.selective import float_fallback
+from convert.selective import HEAD, float_fallback
 from device.core.backends import BackendError
 from device.core.bundle import FORMATS, BundleError, load_bundle
 from device.core.classifier import Classifier
@@ -152,6 +152,23 @@ def _report_failure(failures: list[str], format_results: dict, model, referee, s
         print(f"  diagnosis: {explain(probe, agreement, GATE_RULES['int8'].min_agreement, resolution)}", file=sys.stderr)
 
 
+def check_float_fallback(option: str, run) -> None:
+    """Refuse a ``--float-fallback`` value that cannot apply before minutes of conversion are spent."""
+    if option in ("auto", "off"):
+        return
+    if option == HEAD:
+        if run.head is None:
+            raise ValueError(f"--float-fallback {HEAD} keeps an experts head in float, but {run.path} was trained "
+                             "without one (--head experts); use auto, off or a number of ops")
+        return
+    try:
+        count = int(option)
+    except ValueError:
+        raise ValueError(f"--float-fallback takes auto, off, {HEAD} or a number of ops, not {option!r}") from None
+    if count < 1:
+        raise ValueError("--float-fallback N needs N >= 1 (off keeps full-integer int8)")
+
+
 def convert(args, argv: list[str]) -> int:
     formats = parse_formats(args.formats)
     default_format = args.default_format or ("int8" if "int8" in formats else formats[0])
@@ -159,6 +176,7 @@ def convert(args, argv: list[str]) -> int:
         raise ValueError(f"--default-format {default_format} is not among --formats {formats}")
     step(f"reading training run {args.run}")
     run = load_run(args.run)
+    check_float_fallback(args.float_fallback, run)
     viewed = (run.head or {}).get("int8_view_samples")  # recorded only for a view on the conversion's draw
     if args.calibration_samples is None:
         args.calibration_samples = int(viewed or DEFAULT_CALIBRATION_SAMPLES)

@@ -255,6 +255,25 @@ def test_convert_refuses_a_run_folder_without_run_json(tmp_path, split_data, cap
     assert "no run.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    ("head", "trained without one (--head experts)"),
+    ("most", "takes auto, off, head or a number of ops, not 'most'"),
+    ("0", "needs N >= 1"),
+])
+def test_convert_refuses_a_float_fallback_that_cannot_apply_before_converting(tmp_path, tiny_keras_model, split_data,
+                                                                              capsys, option, message):
+    """``--float-fallback head`` on a run without an experts head, or a value that is no option, is refused
+    at once: no slice is loaded and no bundle written."""
+    from convert.cli import main
+
+    run = write_run(tmp_path / "run", tiny_keras_model, split_data)
+    out = tmp_path / "out"
+    code = main(["--run", str(run), "--data", str(split_data), "--out", str(out), "--float-fallback", option])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err
+    assert "for calibration" not in err and not out.exists()  # refused before the calibration draw
+
+
 def test_convert_refuses_an_unknown_format_before_converting(tmp_path, split_data, capsys):
     from convert.cli import main
 
