@@ -41,7 +41,7 @@ from convert.gate import (
 from convert.model_card import render_model_card
 from convert.onnx_export import ONNX_OPSET
 from convert.run import RunError, load_run
-from convert.selective import HEAD, float_fallback
+from convert.selective import HEAD, float_fallback, parse_option
 from device.core.backends import BackendError
 from device.core.bundle import FORMATS, BundleError, load_bundle
 from device.core.classifier import Classifier
@@ -154,19 +154,9 @@ def _report_failure(failures: list[str], format_results: dict, model, referee, s
 
 def check_float_fallback(option: str, run) -> None:
     """Refuse a ``--float-fallback`` value that cannot apply before minutes of conversion are spent."""
-    if option in ("auto", "off"):
-        return
-    if option == HEAD:
-        if run.head is None:
-            raise ValueError(f"--float-fallback {HEAD} keeps an experts head in float, but {run.path} was trained "
-                             "without one (--head experts); use auto, off or a number of ops")
-        return
-    try:
-        count = int(option)
-    except ValueError:
-        raise ValueError(f"--float-fallback takes auto, off, {HEAD} or a number of ops, not {option!r}") from None
-    if count < 1:
-        raise ValueError("--float-fallback N needs N >= 1 (off keeps full-integer int8)")
+    if parse_option(option) == HEAD and run.head is None:
+        raise ValueError(f"--float-fallback {HEAD} keeps an experts head in float, but {run.path} was trained "
+                         "without one (--head experts); use auto, off or a number of ops")
 
 
 def convert(args, argv: list[str]) -> int:

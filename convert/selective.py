@@ -265,6 +265,19 @@ def with_float_layers_restored(corrected, original, float_tensors: Sequence[str]
 SELECTION_SLICES = 400  # held-out train slices that choose the float fallback
 
 
+def parse_option(option: str) -> str | int:
+    """``--float-fallback``'s value: ``auto``, ``off``, ``head`` or a number of ops (>= 1)."""
+    if option in ("auto", "off", HEAD):
+        return option
+    try:
+        count = int(option)
+    except ValueError:
+        raise ValueError(f"--float-fallback takes auto, off, {HEAD} or a number of ops, not {option!r}") from None
+    if count < 1:
+        raise ValueError("--float-fallback N needs N >= 1 (off keeps full-integer int8)")
+    return count
+
+
 def float_fallback(option: str, model, calibration, holdout, holdout_reference, run, full_integer: bytes, seed: int,
                    original=None, on_step: Callable[[str], None] | None = None) -> Selection:
     """``--float-fallback``: a fixed count, or the schedule chosen on held-out train slices (``auto``)."""
@@ -274,14 +287,11 @@ def float_fallback(option: str, model, calibration, holdout, holdout_reference, 
 
     step = on_step or (lambda message: None)
 
-    if option == HEAD:
+    choice = parse_option(option)
+    if choice == HEAD:
         return head_float_fallback(model, list(calibration.pixels), on_step=step, original=original)
-    if option != "auto":
-        try:
-            count = int(option)
-        except ValueError:
-            raise ValueError(f"--float-fallback takes auto, off, {HEAD} or a number of ops, not {option!r}") from None
-        return fixed_float_fallback(model, list(calibration.pixels), count, on_step=step, original=original)
+    if isinstance(choice, int):
+        return fixed_float_fallback(model, list(calibration.pixels), choice, on_step=step, original=original)
     if not len(holdout.examples):
         log.warning("no held-out train slices to choose int8's float fallback on; keeping full-integer int8")
         return Selection(full_integer, [], 0)
