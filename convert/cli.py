@@ -342,6 +342,11 @@ def convert(args, argv: list[str]) -> int:
     sources = roots
     calibrate_bundle(args.out, sources, command="python -m convert.calibrate " + shlex.join(
         ["--bundle", str(args.out), *(f"--data={source}" for source in sources)]))
+    step("scoring val slices framed as a scanner exports them (python -m convert.framing)")
+    from convert.framing import record  # the model on PACS-style frames: a figure of the card, not a gate
+
+    record(args.out, sources, command="python -m convert.framing " + shlex.join(
+        ["--bundle", str(args.out), *(f"--data={source}" for source in sources), "--write"]))
     bundle = load_bundle(args.out)
     step(f"done: {bundle.describe()}; {len(bundle.manifest['files'])} files with sha256 in manifest.json")
     return EXIT_OK

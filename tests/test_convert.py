@@ -197,6 +197,15 @@ def test_convert_cli_writes_a_gated_bundle_with_figures_and_model_card(tmp_path,
     assert "| int8 | 1 | ai-edge-litert" in card and f"{int8_latency:.2f}" in card
     assert not list(out.parent.glob("*.partial"))
     assert "ctpi-convert-" not in (out / "manifest.json").read_text()  # no scratch paths recorded
+    # the default model on val slices framed as a scanner exports them (convert.framing)
+    framing = metrics["framing"]
+    assert framing["format"] == "int8" and list(framing["sources"]) == [split_data.name]
+    framed = framing["sources"][split_data.name]
+    assert list(framed) == ["as exported", "framed in air", "framed, table under it", "re-framed at random"]
+    assert all(figures["n"] == 16 for figures in framed.values())
+    # as exported, it is the gate's own val figure: the calibration map does not change the ranking
+    assert framed["as exported"]["auc"] == pytest.approx(metrics["formats"]["int8"]["val"]["auc"], abs=1e-4)
+    assert card.count("## Slices framed as a scanner exports them") == 1
 
 
 @pytest.mark.slow
@@ -517,3 +526,33 @@ def test_layers_kept_in_float_lose_the_int8_bias_correction_and_the_others_keep_
     assert np.allclose(restored.get_layer("fine").get_weights()[1], original.get_layer("fine").get_weights()[1] + 0.5)
     again = with_float_layers_restored(corrected, original, [])  # the next trial starts from the correction again
     assert np.allclose(again.get_layer("coarse").get_weights()[1], original.get_layer("coarse").get_weights()[1] + 0.5)
+
+
+def test_framing_shows_a_whole_image_model_at_chance_on_framed_slices_and_the_body_crop_keeping_its_ranking(
+        tiny_bundle, synthetic_data, tmp_path, capsys):
+    """``python -m convert.framing``: the same tiny model behind preprocessing that letterboxes the
+    whole image and behind one that crops to the body first, on the fixture slices as they are
+    and framed in air as a scanner exports them."""
+    import shutil
+
+    from convert.framing import FRAMINGS, SECTION_START
+    from convert.framing import main as framing_main
+    from device.core.bundle import write_manifest
+
+    figures = {}
+    for crop in ("none", "body"):
+        copy = tmp_path / crop
+        shutil.copytree(tiny_bundle, copy)
+        manifest = dict(load_bundle(copy).manifest)
+        manifest["preprocessing"] = {**manifest["preprocessing"], "crop": crop}
+        (copy / "MODEL_CARD.md").write_text("# tiny\n")
+        write_manifest(copy, manifest)
+        assert framing_main(["--bundle", str(copy), "--data", str(synthetic_data), "--json", "-q", "--write"]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        recorded = load_bundle(copy).manifest["metrics"]["framing"]  # re-sealed: it loads
+        assert recorded["sources"] == printed and list(printed[synthetic_data.name]) == list(FRAMINGS)
+        assert (copy / "MODEL_CARD.md").read_text().count(SECTION_START) == 1
+        figures[crop] = printed[synthetic_data.name]
+    assert figures["none"]["as exported"]["auc"] == 1.0 and figures["none"]["framed in air"]["auc"] <= 0.6
+    assert figures["body"]["framed in air"]["auc"] >= 0.95 and figures["body"]["framed, table under it"]["auc"] >= 0.95
+    assert all(f["n"] == 24 for f in figures["body"].values())

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from device.core.guard_body import body_crop
+from device.core.phantom import chest_png
 from device.core.preprocess import BadSliceError, PreprocessSpec, decode_slice, load_slice, prepare
 
-SPEC = PreprocessSpec(height=32, width=32, channels=1)
+# steps 4-6 (letterbox, stretch, rounding) on their own: the body crop (step 3b) has its tests below
+SPEC = PreprocessSpec(height=32, width=32, channels=1, crop="none")
 
 
 def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
@@ -155,9 +158,82 @@ def test_dicom_ct_slice_is_windowed_to_the_lung_window():
 
 def test_spec_round_trips_through_the_manifest_and_refuses_other_versions():
     spec = PreprocessSpec(height=160, width=160, channels=1)
+    assert spec.version == 2 and spec.crop == "body"
     assert PreprocessSpec.from_manifest(spec.to_manifest()) == spec
     data = spec.to_manifest() | {"version": 99}
     with pytest.raises(ValueError, match="version 99"):
         PreprocessSpec.from_manifest(data)
     with pytest.raises(ValueError, match="unknown preprocessing fields"):
         PreprocessSpec.from_manifest(spec.to_manifest() | {"gamma": 2.2})
+    with pytest.raises(ValueError, match="needs crop"):
+        PreprocessSpec.from_manifest({k: v for k, v in spec.to_manifest().items() if k != "crop"})
+
+
+def test_a_version_1_manifest_still_loads_and_never_crops():
+    """Bundles made before the body crop keep the preprocessing they were trained with."""
+    old = {k: v for k, v in PreprocessSpec(height=160, width=160, channels=1).to_manifest().items() if k != "crop"}
+    old["version"] = 1
+    spec = PreprocessSpec.from_manifest(old)
+    assert spec.version == 1 and spec.crop == "none"
+    assert spec.to_manifest() == old  # written back as it was read: no crop field
+    with pytest.raises(ValueError, match="version 1 has no crop"):
+        PreprocessSpec.from_manifest(old | {"crop": "body"})
+    with pytest.raises(ValueError, match="version 1 does not crop"):
+        PreprocessSpec(version=1)
+
+
+# -- step 3b: the body crop ---------------------------------------------------------------------
+
+
+def _framed(tight: np.ndarray, side: int, top: int, left: int, table: bool) -> np.ndarray:
+    """``tight`` pasted into a ``side`` square of air, optionally with a bright table line under it."""
+    frame = np.zeros((side, side), np.float32)
+    frame[top : top + tight.shape[0], left : left + tight.shape[1]] = tight
+    if table:
+        row = top + tight.shape[0] + 6
+        frame[row : row + 3, max(0, left - 20) : left + tight.shape[1] + 20] = 160.0
+    return frame
+
+
+def test_a_slice_framed_in_air_with_a_table_gives_the_input_of_the_slice_cropped_to_the_body():
+    """A scanner export (the body small in a square of air, the table under it) and the same slice
+    cropped to the body (how both training sources come) become the same model input."""
+    spec = PreprocessSpec(height=64, width=64, channels=1)
+    whole = decode_slice(chest_png(seed=3)).pixels  # the phantom: air around the body, a table line
+    top, bottom, left, right = body_crop(whole)
+    assert bottom - top < whole.shape[0] and right - left <= whole.shape[1]
+    # the body at about a São Paulo export's size, so that it can be framed at any place
+    tight = np.asarray(Image.fromarray(whole[top:bottom, left:right], mode="F").resize((300, 230)), np.float32)
+    reference = prepare(tight, spec)
+    assert np.array_equal(reference, prepare(tight, PreprocessSpec(height=64, width=64, channels=1, crop="none")))
+    for side, at_top, at_left, table in ((512, 90, 120, True), (420, 30, 10, False), (640, 200, 250, True)):
+        framed = _framed(tight, side, at_top, at_left, table)
+        cropped = prepare(framed, spec).astype(int)
+        uncropped = prepare(framed, PreprocessSpec(height=64, width=64, channels=1, crop="none")).astype(int)
+        assert np.abs(cropped - reference).mean() < 2.0, (side, at_top, at_left, table)
+        assert np.abs(uncropped - reference).mean() > 20.0  # what version 1 gave the model instead
+
+
+def test_the_body_crop_holds_the_body_and_drops_the_air_and_the_table():
+    whole = decode_slice(chest_png(seed=5)).pixels  # air is grey 59 in the lung window, fat 212
+    top, bottom, left, right = body_crop(whole)
+    body = whole[top:bottom, left:right] > 100
+    # every edge of the box touches the body; nothing bright is left outside it but the table under it
+    assert body[0].sum() >= 2 and body[-1].sum() >= 2 and body[:, 0].sum() >= 2 and body[:, -1].sum() >= 2
+    outside = whole > 100
+    outside[top:bottom, left:right] = False
+    assert outside[:bottom].sum() <= 4  # noise at most; the table line lies below the box
+    assert outside[bottom:].sum() > 100
+
+
+def test_a_body_that_fills_the_image_and_an_image_without_one_are_left_whole():
+    spec_none = PreprocessSpec(height=32, width=32, channels=1, crop="none")
+    spec_body = PreprocessSpec(height=32, width=32, channels=1)
+    whole = decode_slice(chest_png(seed=2)).pixels
+    top, bottom, left, right = body_crop(whole)
+    tight = whole[top:bottom, left:right]
+    assert body_crop(tight) == (0, tight.shape[0], 0, tight.shape[1])
+    noise = np.random.default_rng(0).uniform(0, 255, (80, 90)).astype(np.float32)
+    flat = np.full((40, 50), 7.0, np.float32)
+    for image in (tight, noise, flat, grey_ramp().astype(np.float32)):
+        assert np.array_equal(prepare(image, spec_body), prepare(image, spec_none))

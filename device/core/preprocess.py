@@ -1,7 +1,7 @@
 """The preprocessing contract: a slice file becomes a model input tensor, here and only here.
 
 Training, calibration, evaluation, the watch daemon and the UI all call :func:`load_slice`,
-so the Pi sees exactly what training saw. The steps (version 1, id
+so the Pi sees exactly what training saw. The steps (version 2, id
 ``ctpi-gray-letterbox-stretch``) are:
 
 1. **Decode by content**, never by file name: PNG and JPEG through Pillow, DICOM (``DICM``
@@ -16,6 +16,14 @@ so the Pi sees exactly what training saw. The steps (version 1, id
    (CT background is air, which is black); 16- and 32-bit grey keep their full precision as
    float. In the COVID-CT data mode and alpha correlate with the label, so they must not
    survive this step.
+3b. **Crop to the body** (version 2; ``crop="body"``): the box that holds the body and nothing
+   beyond it (:func:`device.core.guard_body.body_crop`, the input guard's own locator, refined
+   to full resolution). The training sources come cropped to the body's edges; a scanner or
+   PACS export frames the body in air with the table under it, and letterboxed whole that put
+   the shipped models at chance on the same São Paulo slices (val ROC AUC 0.53 against 0.96). A
+   body that already touches the edges, as in every training slice, is left as it is.
+   Version 1 (bundles made before it) letterboxes the whole image; both are implemented, and a
+   bundle's manifest says which it was trained with.
 4. **Letterbox to the model size**: scale by ``min(H/h, W/w)`` with Pillow's bilinear filter
    on float data (Pillow widens the filter support when shrinking, so it is antialiased), keep
    the aspect ratio so anatomy is not distorted, and centre it on a black canvas.
@@ -37,8 +45,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from device.core.guard_body import body_crop
+
 PREPROCESSING_ID = "ctpi-gray-letterbox-stretch"
-PREPROCESSING_VERSION = 1
+PREPROCESSING_VERSION = 2  # 2: crop to the body first (``crop``); 1: the whole image
+SUPPORTED_VERSIONS = (1, 2)
+CROPS = ("none", "body")
 
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_PIXELS = 40_000_000  # 8000 x 5000; a CT slice is 512 x 512, the dataset's largest figure 1671 wide
@@ -71,6 +83,7 @@ class PreprocessSpec:
     channels: int = 1
     id: str = PREPROCESSING_ID
     version: int = PREPROCESSING_VERSION
+    crop: str = "body"  # version 2: "body" (step 3b) or "none"; version 1 has no crop
     resize_filter: str = "bilinear"
     letterbox: bool = True
     pad_value: int = 0
@@ -78,8 +91,16 @@ class PreprocessSpec:
     dicom_window: tuple[float, float] = LUNG_WINDOW  # level, width in HU that DICOM is decoded with
     output: str = "uint8 0..255, HWC"
 
+    def __post_init__(self):
+        if self.crop not in CROPS:
+            raise ValueError(f"crop must be one of {', '.join(CROPS)}, not {self.crop!r}")
+        if self.version == 1 and self.crop != "none":
+            raise ValueError("preprocessing version 1 does not crop: give crop='none' with version=1")
+
     def to_manifest(self) -> dict:
         data = asdict(self)
+        if self.version == 1:  # a version-1 manifest has no crop field, and never crops
+            del data["crop"]
         data["stretch_percentiles"] = list(self.stretch_percentiles)
         data["dicom_window"] = list(self.dicom_window)
         return data
@@ -90,13 +111,19 @@ class PreprocessSpec:
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown preprocessing fields {sorted(unknown)}")
-        if data.get("id") != PREPROCESSING_ID or data.get("version") != PREPROCESSING_VERSION:
+        if data.get("id") != PREPROCESSING_ID or data.get("version") not in SUPPORTED_VERSIONS:
             raise ValueError(
-                f"preprocessing {data.get('id')!r} version {data.get('version')!r} is not the one "
-                f"this ctpi implements ({PREPROCESSING_ID!r} version {PREPROCESSING_VERSION}); "
-                "upgrade ctpi or use a bundle made for this version"
+                f"preprocessing {data.get('id')!r} version {data.get('version')!r} is not one "
+                f"this ctpi implements ({PREPROCESSING_ID!r} versions {', '.join(map(str, SUPPORTED_VERSIONS))}); "
+                "upgrade ctpi or use a bundle made for these versions"
             )
         values = dict(data)
+        if values["version"] == 1:
+            if "crop" in values:
+                raise ValueError("preprocessing version 1 has no crop field; a manifest that gives one was edited")
+            values["crop"] = "none"
+        elif values.get("crop") not in CROPS:
+            raise ValueError(f"preprocessing version 2 needs crop, one of {', '.join(CROPS)}, not {values.get('crop')!r}")
         for key in ("stretch_percentiles", "dicom_window"):
             if key in values:
                 values[key] = tuple(float(v) for v in values[key])
@@ -246,7 +273,11 @@ def _looks_like_text(data: bytes) -> bool:
 
 
 def prepare(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
-    """Steps 4-6: one float channel to the model's ``H x W x C`` uint8 input."""
+    """Steps 3b-6: one float channel to the model's ``H x W x C`` uint8 input."""
+    if spec.crop == "body":
+        top, bottom, left, right = body_crop(pixels)
+        if (bottom - top, right - left) != pixels.shape:
+            pixels = pixels[top:bottom, left:right]
     height, width = pixels.shape
     scale = min(spec.height / height, spec.width / width)
     new_w = max(1, min(spec.width, round(width * scale)))
