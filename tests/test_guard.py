@@ -424,3 +424,18 @@ def test_guard_fitted_on_tight_and_reframed_train_slices_takes_reframed_slices(g
     slices = [ct_like(LABELS[seed % 2], 500 + seed, SIZES[seed % len(SIZES)]) for seed in range(6)]
     for data in reframed_files(slices, seed=9):
         assert classifier.predict(data).label in LABELS
+
+
+def test_bench_reports_what_the_guard_adds_to_a_slice_against_the_same_slices_without_it(guarded_bundle, capsys):
+    """`ctpi bench` times the guard's own call and, interleaved on the same slices, the path without
+    it: what the guard adds is the difference of the two, given in the table's footer."""
+    from device.cli import main
+
+    assert main(["bench", "--model", str(guarded_bundle), "--threads", "1", "--runs", "6", "--warmup", "1", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["guard"] == "on" and result["guard_ms"]["count"] == 6
+    assert result["end_to_end_unguarded_ms"]["count"] == 6 and result["end_to_end_unguarded_ms"]["mean"] > 0
+    assert main(["bench", "--model", str(guarded_bundle), "--threads", "1", "--runs", "3", "--warmup", "1"]) == 0
+    assert "without it" in capsys.readouterr().out
+    assert main(["bench", "--model", str(guarded_bundle), "--threads", "1", "--runs", "3", "--warmup", "1", "--no-guard", "--json"]) == 0
+    assert "end_to_end_unguarded_ms" not in json.loads(capsys.readouterr().out)["results"][0]

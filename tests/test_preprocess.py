@@ -237,3 +237,27 @@ def test_a_body_that_fills_the_image_and_an_image_without_one_are_left_whole():
     flat = np.full((40, 50), 7.0, np.float32)
     for image in (tight, noise, flat, grey_ramp().astype(np.float32)):
         assert np.array_equal(prepare(image, spec_body), prepare(image, spec_none))
+
+
+def test_the_guard_and_the_crop_find_the_body_once_per_decoded_slice(monkeypatch):
+    """Preprocessing finds the body before the guard is timed, and the guard's view reuses it: the
+    guard adds only its own features to a slice's time. Another array, even with the same pixels,
+    is located again: what is remembered is tied to the decoded slice, not to its content."""
+    from device.core import guard_body
+    from device.core.guard import features
+    from device.core.preprocess import crop_box
+
+    calls = []
+    real = guard_body._locate_now
+    monkeypatch.setattr(guard_body, "_locate_now", lambda pixels: calls.append(1) or real(pixels))
+    spec = PreprocessSpec(height=64, width=64, channels=1)
+    decoded = decode_slice(chest_png(seed=4))
+    box = crop_box(decoded.pixels, spec)
+    values = features(decoded)
+    prepared = prepare(decoded.pixels, spec)
+    assert len(calls) == 1
+    copy = decoded.pixels.copy()
+    assert crop_box(copy, spec) == box and len(calls) == 2
+    assert np.array_equal(features(decode_slice(chest_png(seed=4))), values)
+    assert np.array_equal(prepare(copy, spec), prepared)
+    assert crop_box(decoded.pixels, PreprocessSpec(height=64, width=64, channels=1, crop="none")) is None

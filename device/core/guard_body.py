@@ -221,9 +221,34 @@ def _trim(
     return top, bottom, left, right
 
 
+# The last image located, and what was found in it. A slice is located twice on its way to the
+# model, by the guard's view (:func:`body_view`) and by preprocessing's crop (:func:`body_crop`),
+# always as the same decoded array: the second asks by identity and gets the first's answer.
+# One entry (a reference to one decoded slice); a thread that finds another's entry computes its own.
+_LAST: tuple[np.ndarray, dict] | None = None
+
+
+def _remembered(pixels: np.ndarray, key: str, compute):
+    """``compute()`` once per decoded array and ``key`` (see ``_LAST``); the arrays handed out
+    are read, never written."""
+    global _LAST
+    last = _LAST
+    if last is None or last[0] is not pixels:
+        last = (pixels, {})
+        _LAST = last
+    found = last[1]
+    if key not in found:
+        found[key] = compute()
+    return found[key]
+
+
 def _locate(pixels: np.ndarray) -> tuple[np.ndarray, int, float, np.ndarray, tuple[int, int, int, int]]:
     """The thumbnail (block means, ``factor`` full pixels a side), its air level, its mask of
     what is brighter than air and the body's box in it (:func:`body_box`, untrimmed)."""
+    return _remembered(pixels, "locate", lambda: _locate_now(pixels))
+
+
+def _locate_now(pixels: np.ndarray) -> tuple[np.ndarray, int, float, np.ndarray, tuple[int, int, int, int]]:
     height, width = pixels.shape
     factor = max(1, min(-(-max(height, width) // LOCATE_SIDE), min(height, width) // 8))
     coarse = _block_mean(pixels, factor) if factor > 1 else pixels
@@ -283,6 +308,10 @@ def body_crop(pixels: np.ndarray) -> tuple[int, int, int, int]:
     that touches the image's edges (every training slice) gives the whole image, which is then
     passed on unchanged; so does a "body" too small to be one."""
     pixels = np.asarray(pixels, dtype=np.float32)
+    return _remembered(pixels, "crop", lambda: _body_crop_now(pixels))
+
+
+def _body_crop_now(pixels: np.ndarray) -> tuple[int, int, int, int]:
     height, width = pixels.shape
     coarse, factor, air, above_air, box = _locate(pixels)
     whole = (0, height, 0, width)

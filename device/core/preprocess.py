@@ -272,12 +272,19 @@ def _looks_like_text(data: bytes) -> bool:
     return all(32 <= b < 127 or b in (9, 10, 13) for b in head)
 
 
+def crop_box(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[int, int, int, int] | None:
+    """Step 3b's box (top, bottom, left, right) of decoded ``pixels``, or None when ``spec`` does
+    not crop. Callers that time the input guard call it before the guard: the guard's view and
+    the crop find the body the same way, once per decoded slice (``device.core.guard_body``), so
+    the finding is preprocessing's cost, which the model needs with the guard on or off."""
+    return body_crop(pixels) if spec.crop == "body" else None
+
+
 def prepare(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Steps 3b-6: one float channel to the model's ``H x W x C`` uint8 input."""
-    if spec.crop == "body":
-        top, bottom, left, right = body_crop(pixels)
-        if (bottom - top, right - left) != pixels.shape:
-            pixels = pixels[top:bottom, left:right]
+    box = crop_box(pixels, spec)
+    if box is not None and (box[1] - box[0], box[3] - box[2]) != pixels.shape:
+        pixels = pixels[box[0] : box[1], box[2] : box[3]]
     height, width = pixels.shape
     scale = min(spec.height / height, spec.width / width)
     new_w = max(1, min(spec.width, round(width * scale)))

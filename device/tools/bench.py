@@ -28,7 +28,7 @@ import numpy as np
 from device import __version__
 from device.core.bundle import load_bundle
 from device.core.dataset import is_candidate
-from device.core.preprocess import decode_slice, prepare
+from device.core.preprocess import crop_box, decode_slice, prepare
 
 DEFAULT_RUNS = 50
 DEFAULT_WARMUP = 5
@@ -163,19 +163,29 @@ def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, i
         start = time.perf_counter()
         classifier.probabilities(pixels)
         invoke_samples.append((time.perf_counter() - start) * 1000.0)
-    end_to_end, guard_samples, refused = [], [], 0
+    end_to_end, unguarded, guard_samples, refused = [], [], [], 0
     for index in range(runs):
         path = images[index % len(images)]
         # Classifier.predict's steps, from the file on disk, with the guard's verdict kept rather than
         # raised: a slice it refuses is still scored, so every sample costs the whole path
         start = time.perf_counter()
         decoded = decode_slice(path, classifier.bundle.spec)
+        crop_box(decoded.pixels, classifier.bundle.spec)  # preprocessing's, reused by the guard (as in predict)
         guard_start = time.perf_counter()
         verdict = classifier.guard.check(decoded) if classifier.guard is not None else None
         guard_samples.append((time.perf_counter() - guard_start) * 1000.0)
         classifier.predict_pixels(prepare(decoded.pixels, classifier.bundle.spec))
         end_to_end.append((time.perf_counter() - start) * 1000.0)
         refused += int(verdict is not None and not verdict.accepted)
+        if classifier.guard is not None:
+            # the same slice without the guard, interleaved: what the guard adds to a slice is the
+            # difference, which is more than its own time (its numpy work also evicts the model
+            # from the CPU's caches); separate runs with and without it differ by more than that
+            start = time.perf_counter()
+            decoded = decode_slice(path, classifier.bundle.spec)
+            crop_box(decoded.pixels, classifier.bundle.spec)
+            classifier.predict_pixels(prepare(decoded.pixels, classifier.bundle.spec))
+            unguarded.append((time.perf_counter() - start) * 1000.0)
     _, peak_mb = _memory_mb()
     model_path = classifier.bundle.model_path(classifier.format)
     e2e = summarize(end_to_end)
@@ -197,6 +207,8 @@ def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, i
         "guard": "on" if classifier.guard is not None else ("off" if not guard else "none in bundle"),
         "guard_ms": summarize(guard_samples),
         "guard_refused": refused,  # of the end-to-end samples (scored anyway)
+        # the same slices without the guard, interleaved with the guarded ones (guard on only)
+        **({"end_to_end_unguarded_ms": summarize(unguarded)} if unguarded else {}),
         "throughput_per_s": 1000.0 / e2e["mean"],
         "invoke_throughput_per_s": 1000.0 / statistics.fmean(invoke_samples),
         "rss_baseline_mb": baseline_mb,
@@ -309,6 +321,13 @@ def format_table(report: dict) -> str:
                 f"p90 {r['guard_ms']['p90']:.2f} ms per slice = {share:.1%} of e2e"
                 + (f" ({r['guard_refused']} of {r['end_to_end_ms']['count']} samples refused as not CT, scored anyway)" if r.get("guard_refused") else "")
             )
+            if "end_to_end_unguarded_ms" in r:
+                without = r["end_to_end_unguarded_ms"]["mean"]
+                added = r["end_to_end_ms"]["mean"] - without
+                footer.append(
+                    f"  e2e with the guard {r['end_to_end_ms']['mean']:.2f} ms, without it {without:.2f} ms (interleaved): "
+                    f"it adds {added:.2f} ms = {added / without:.1%} to a slice"
+                )
     return "\n".join(lines + list(dict.fromkeys(footer)))
 
 
