@@ -305,7 +305,7 @@ def body_crop(pixels: np.ndarray) -> tuple[int, int, int, int]:
     each edge moved, within one thumbnail pixel either way, to the outermost full-resolution row
     or column holding at least MIN_EDGE_PIXELS pixels brighter than air (a box rounded to the
     thumbnail's blocks keeps a band of air that a model trained on tight crops notices). A body
-    that touches the image's edges (every training slice) gives the whole image, which is then
+    that touches the image's edges (most training slices) gives the whole image, which is then
     passed on unchanged; so does a "body" too small to be one."""
     pixels = np.asarray(pixels, dtype=np.float32)
     return _remembered(pixels, "crop", lambda: _body_crop_now(pixels))

@@ -21,7 +21,8 @@ so the Pi sees exactly what training saw. The steps (version 2, id
    to full resolution). The training sources come cropped to the body's edges; a scanner or
    PACS export frames the body in air with the table under it, and letterboxed whole that put
    the shipped models at chance on the same São Paulo slices (val ROC AUC 0.53 against 0.96). A
-   body that already touches the edges, as in every training slice, is left as it is.
+   body that already touches the edges, as in nearly every São Paulo slice and most COVID-CT
+   figures, is left as it is.
    Version 1 (bundles made before it) letterboxes the whole image; both are implemented, and a
    bundle's manifest says which it was trained with.
 4. **Letterbox to the model size**: scale by ``min(H/h, W/w)`` with Pillow's bilinear filter
