@@ -7,7 +7,7 @@ Written by ``python -m convert.calibrate`` (and so by ``python -m convert``) fro
 
 from __future__ import annotations
 
-from convert.model_card import number_text
+from convert.model_card import number_text, with_marked_section
 from device.core.calibration import ece_floor_text
 
 CALIBRATION_START, CALIBRATION_END = "<!-- section:calibration -->", "<!-- /section:calibration -->"
@@ -85,11 +85,7 @@ def with_calibration_section(card: str, section: str, threshold: float, raw_thre
     stated on the calibrated scale."""
     import re
 
-    start, end = card.find(CALIBRATION_START), card.find(CALIBRATION_END)
-    if start >= 0 and end > start:
-        card = card[:start] + section + card[end + len(CALIBRATION_END) :].lstrip("\n")
-    else:
-        card = card.rstrip("\n") + "\n\n" + section
+    card = with_marked_section(card, CALIBRATION_START, CALIBRATION_END, section)
     return re.sub(
         r"at threshold \*\*[0-9.]+\*\*( \(calibrated[^)]*\))?",
         f"at threshold **{threshold:.4f}** (calibrated; {raw_threshold:.4f} on the model's own scale)",

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.calibrate import source_name, val_folder
+from convert.model_card import with_marked_section
 from convert.reframe import reframe
 from device.core.bundle import BundleError, load_bundle, write_manifest
 from device.core.classifier import Classifier
@@ -55,8 +57,7 @@ def measure(classifier: Classifier, data: list[Path], show_progress: bool = True
     positive = bundle.positive_index
     figures = {}
     for root in data:
-        val = Path(root) / "val" if (Path(root) / "val").is_dir() else Path(root)
-        name = Path(root).name
+        val, name = val_folder(root), source_name(root)
         examples = list_examples(val, bundle.labels)
         y, scores = [], {framing: [] for framing in FRAMINGS}
         for index, example in enumerate(progress(examples, len(examples), f"framing {val}", show_progress)):
@@ -115,13 +116,6 @@ def section(figures: dict, fmt: str, preprocessing: dict, command: str) -> str:
     ])
 
 
-def with_section(card: str, text: str) -> str:
-    start, end = card.find(SECTION_START), card.find(SECTION_END)
-    if start >= 0 and end > start:
-        return card[:start] + text + card[end + len(SECTION_END):].lstrip("\n")
-    return card.rstrip("\n") + "\n\n" + text
-
-
 def record(bundle_path: Path, data: list[Path], fmt: str | None = None, command: str | None = None,
            show_progress: bool = True) -> dict:
     """Measure, then write the figures into the manifest (``metrics.framing``) and the card."""
@@ -134,8 +128,8 @@ def record(bundle_path: Path, data: list[Path], fmt: str | None = None, command:
                            "framing": {"format": classifier.format, "seed": SEED, "command": command, "sources": figures}}
     card_path = bundle.path / "MODEL_CARD.md"
     if card_path.is_file():
-        card_path.write_text(with_section(card_path.read_text(encoding="utf-8"),
-                                          section(figures, classifier.format, bundle.manifest["preprocessing"], command)),
+        text = section(figures, classifier.format, bundle.manifest["preprocessing"], command)
+        card_path.write_text(with_marked_section(card_path.read_text(encoding="utf-8"), SECTION_START, SECTION_END, text),
                              encoding="utf-8")
     write_manifest(bundle.path, manifest)  # re-hashes the card too
     load_bundle(bundle.path)  # the result must verify

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.model_card import with_marked_section
 from convert.reframe import TILT_DEGREES, reframed_files, soft_tissue_files, turned_files
 from device.core.bundle import Bundle, load_bundle, write_manifest
 from device.core.dataset import is_candidate
@@ -247,10 +248,7 @@ def guard_section(figures: dict, command: str) -> str:
 
 
 def with_guard_section(card: str, section: str) -> str:
-    start, end = card.find(GUARD_START), card.find(GUARD_END)
-    if start >= 0 and end > start:
-        return card[:start] + section + card[end + len(GUARD_END) :].lstrip("\n")
-    return card.rstrip("\n") + "\n\n" + section
+    return with_marked_section(card, GUARD_START, GUARD_END, section)
 
 
 def fit_bundle(

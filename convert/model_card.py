@@ -54,6 +54,17 @@ def _size(size_bytes: int) -> str:
     return f"{size_bytes / 1e6:.2f} MB" if size_bytes >= 100_000 else f"{size_bytes / 1e3:.1f} kB"
 
 
+def with_marked_section(card: str, start_marker: str, end_marker: str, section: str) -> str:
+    """``card`` with the text from ``start_marker`` to ``end_marker`` replaced by ``section``
+    (which carries both markers), or ``section`` appended when the card has none: how the steps
+    that finish a bundle after its card is written (guard, calibration, framing) keep one copy
+    of their section however often they run."""
+    start, end = card.find(start_marker), card.find(end_marker)
+    if start >= 0 and end > start:
+        return card[:start] + section + card[end + len(end_marker) :].lstrip("\n")
+    return card.rstrip("\n") + "\n\n" + section
+
+
 def number_text(value, digits: int = 3) -> str:
     if value is None:
         return "n/a"

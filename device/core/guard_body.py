@@ -34,6 +34,7 @@ MIN_BOX = 0.1  # a "body" under this share of the frame's height or width is not
 COARSE_VIEW = 1.5  # the view is made from the thumbnail when the body spans this many WORK_SIDEs of it, else
 # from the full image (a small body in a wide frame has too few thumbnail pixels)
 LEVEL_BINS = 256  # histogram that sets the thumbnail's air level
+MIN_EDGE_PIXELS = 2  # a row or column at the body's edge holds at least this many pixels above air (not noise)
 GAP = 3  # empty thumbnail rows or columns that part the body from something else (a label, a table)
 
 OTSU_BINS = 64
@@ -330,8 +331,6 @@ def _body_crop_now(pixels: np.ndarray) -> tuple[int, int, int, int]:
         return whole
     return top, min(bottom, height), left, min(right, width)
 
-
-MIN_EDGE_PIXELS = 2  # a row or column at the body's edge holds at least this many pixels above air (not noise)
 
 
 def _refined(filled: np.ndarray, offset: int, start: int, stop: int, factor: int) -> tuple[int, int]:

@@ -284,7 +284,7 @@ def crop_box(pixels: np.ndarray, spec: PreprocessSpec) -> tuple[int, int, int, i
 def prepare(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     """Steps 3b-6: one float channel to the model's ``H x W x C`` uint8 input."""
     box = crop_box(pixels, spec)
-    if box is not None and (box[1] - box[0], box[3] - box[2]) != pixels.shape:
+    if box is not None:  # a view, no copy (the whole image when the body touches its edges)
         pixels = pixels[box[0] : box[1], box[2] : box[3]]
     height, width = pixels.shape
     scale = min(spec.height / height, spec.width / width)

@@ -163,29 +163,32 @@ def measure(model: str, fmt: str | None, threads: int, runs: int, warmup: int, i
         start = time.perf_counter()
         classifier.probabilities(pixels)
         invoke_samples.append((time.perf_counter() - start) * 1000.0)
+    def end_to_end_ms(path, guarded: bool):
+        """Classifier.predict's steps from the file on disk, with the guard's verdict kept rather
+        than raised (a slice it refuses is still scored, so every sample costs the whole path):
+        the slice's time, the guard's own time and its verdict (None without the guard)."""
+        start = time.perf_counter()
+        decoded = decode_slice(path, spec)
+        crop_box(decoded.pixels, spec)  # preprocessing's, reused by the guard (as in predict)
+        guard_start = time.perf_counter()
+        verdict = classifier.guard.check(decoded) if guarded else None
+        guard_ms = (time.perf_counter() - guard_start) * 1000.0
+        classifier.predict_pixels(prepare(decoded.pixels, spec))
+        return (time.perf_counter() - start) * 1000.0, guard_ms, verdict
+
     end_to_end, unguarded, guard_samples, refused = [], [], [], 0
+    has_guard = classifier.guard is not None
     for index in range(runs):
         path = images[index % len(images)]
-        # Classifier.predict's steps, from the file on disk, with the guard's verdict kept rather than
-        # raised: a slice it refuses is still scored, so every sample costs the whole path
-        start = time.perf_counter()
-        decoded = decode_slice(path, classifier.bundle.spec)
-        crop_box(decoded.pixels, classifier.bundle.spec)  # preprocessing's, reused by the guard (as in predict)
-        guard_start = time.perf_counter()
-        verdict = classifier.guard.check(decoded) if classifier.guard is not None else None
-        guard_samples.append((time.perf_counter() - guard_start) * 1000.0)
-        classifier.predict_pixels(prepare(decoded.pixels, classifier.bundle.spec))
-        end_to_end.append((time.perf_counter() - start) * 1000.0)
+        total_ms, guard_ms, verdict = end_to_end_ms(path, has_guard)
+        end_to_end.append(total_ms)
+        guard_samples.append(guard_ms)
         refused += int(verdict is not None and not verdict.accepted)
-        if classifier.guard is not None:
+        if has_guard:
             # the same slice without the guard, interleaved: what the guard adds to a slice is the
             # difference, which is more than its own time (its numpy work also evicts the model
             # from the CPU's caches); separate runs with and without it differ by more than that
-            start = time.perf_counter()
-            decoded = decode_slice(path, classifier.bundle.spec)
-            crop_box(decoded.pixels, classifier.bundle.spec)
-            classifier.predict_pixels(prepare(decoded.pixels, classifier.bundle.spec))
-            unguarded.append((time.perf_counter() - start) * 1000.0)
+            unguarded.append(end_to_end_ms(path, False)[0])
     _, peak_mb = _memory_mb()
     model_path = classifier.bundle.model_path(classifier.format)
     e2e = summarize(end_to_end)
