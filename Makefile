@@ -23,7 +23,9 @@ TRAIN_ARGS ?=
 # backbone's stride-8 and stride-16 maps (blocks 6 and 13; and on their int8 version); ResNet50
 # the same, its last three stage-4 blocks fine-tuned, the experts reading its two stage-4 maps only
 # (the frozen early stages' 8-bit activations are what failed its int8). BACKBONE_RECIPE= skips
-# the first run.
+# the first run. The shipped heads (preprocessing v3) were refitted with the C and views their
+# v2 runs chose (--experts-fixed, in each MODEL_CARD.md's command) so that the change of crop,
+# not a new choice on 118 COVID-CT val slices, is what moved them; `make train` chooses afresh.
 BACKBONE_RECIPE_mobilenetv2 := --head sources --snap-weights --head-epochs 3 --fine-epochs 24 --patience 7 --max-minutes 45
 BACKBONE_RECIPE_resnet50    := --head sources --snap-weights --max-minutes 60
 BACKBONE_RECIPE ?= $(BACKBONE_RECIPE_$(ARCH))

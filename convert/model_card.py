@@ -30,10 +30,10 @@ FAILURE_MODES = """\
   scores: check on local slices (`ctpi site-check`) before relying on the threshold.
 - **Frames, tables, windows.** Both sources come cropped to the body's edges; a scanner or PACS
   export frames the body in air with the table under it. Preprocessing version 2 crops every
-  slice to the body first (the section on framed slices below measures it; letterboxed whole,
-  such frames put earlier bundles at chance on São Paulo's slices). What the crop cannot undo: a
-  table that touches the body, a patient turned on the table, another window, a body cut off by
-  the image's edges.
+  slice to the body first, and version 3 leaves out a table that touches the body too (the
+  section on framed slices below measures it; letterboxed whole, such frames put earlier bundles
+  at chance on São Paulo's slices). What the crop cannot undo: a patient turned on the table,
+  another window, a body cut off by the image's edges.
 - **Figure crops.** COVID-CT's COVID slices were cut out of papers, its non-COVID ones come
   from other sources (MedPix, LUNA, Radiopaedia, PMC): a model can learn *where a picture came
   from*. Burnt-in arrows, letters and scale bars are in many of those slices.

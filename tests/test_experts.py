@@ -58,6 +58,35 @@ def test_each_expert_is_chosen_on_its_own_source_only():
     np.testing.assert_array_equal(first["experts"][0][:, 0], second["experts"][0][:, 0])
 
 
+def test_fixed_choices_refit_a_head_with_another_runs_c_and_views_whatever_val_says():
+    """--experts-fixed: the given parts keep the given C and views (the same fit as choosing
+    them would give), a part left out is still chosen, and a part or view count the run does
+    not have is refused."""
+    from train.mixture import fit_mixture, parse_fixed
+
+    x, y, source = _opposite_cues(120, 4)
+    xv, yv, sv = _opposite_cues(60, 5)
+    views = [x, x + np.random.default_rng(3).normal(0, 0.1, x.shape)]
+    chosen = fit_mixture(views, y, source, xv, yv, sv, ["a", "b"])
+    assert parse_fixed("a=0.003x2, gate=1x1") == {"a": (0.003, 2), "gate": (1.0, 1)}
+    other_c = 0.001 if chosen["choices"]["a"]["C"] != 0.001 else 1.0
+    fixed = fit_mixture(views, y, source, xv, yv, sv, ["a", "b"], fixed={"a": (other_c, 2), "gate": (0.1, 1)})
+    assert (fixed["choices"]["a"]["C"], fixed["choices"]["a"]["views"]) == (other_c, 2)
+    assert (fixed["gate_choice"]["C"], fixed["gate_choice"]["views"]) == (0.1, 1)
+    assert fixed["choices"]["b"] == chosen["choices"]["b"]  # not given: chosen as before
+    again = fit_mixture(views, y, source, xv, yv, sv, ["a", "b"], fixed={name: (c["C"], c["views"]) for name, c in chosen["choices"].items()}
+                        | {"gate": (chosen["gate_choice"]["C"], chosen["gate_choice"]["views"])})
+    np.testing.assert_allclose(again["experts"][0], chosen["experts"][0])
+    np.testing.assert_allclose(again["gate"][0], chosen["gate"][0])
+    with pytest.raises(ValueError, match="not a source of this run"):
+        fit_mixture(views, y, source, xv, yv, sv, ["a", "b"], fixed={"c": (0.1, 1)})
+    with pytest.raises(ValueError, match="3 views, but this run has 2"):
+        fit_mixture(views, y, source, xv, yv, sv, ["a", "b"], fixed={"a": (0.1, 3)})
+    for text in ("a=0.1", "a=x2", "a=-1x1"):
+        with pytest.raises(ValueError, match="--experts-fixed"):
+            parse_fixed(text)
+
+
 def test_with_int8_features_choices_must_keep_their_decisions_under_them():
     """Where the int8 model's features are noisy in a cue the experts could lean on, the fit
     picks a mixture that keeps more val decisions under them than the fit that ignores them."""
@@ -270,6 +299,11 @@ def test_fine_tuning_knobs_are_refused_with_the_experts_head(tmp_path, capsys):
     dense[dense.index("--int8-view")] = "--experts-choice=joint"
     assert main(dense) == 2
     assert "--experts-choice is how the experts head's parts are chosen" in capsys.readouterr().err
+    dense[dense.index("--experts-choice=joint")] = "--experts-fixed=a=0.1x1"
+    assert main(dense) == 2
+    assert "--experts-fixed gives the experts head's choices" in capsys.readouterr().err
+    assert main([arg for arg in args if arg not in ("--ema", "0.99")] + ["--experts-fixed", "z=0.1x1"]) == 2
+    assert "--experts-fixed names z" in capsys.readouterr().err
 
 
 def test_the_int8_view_is_the_features_a_full_int8_model_computes(tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from device.core.guard_body import body_crop
 from device.core.phantom import chest_png
-from device.core.preprocess import BadSliceError, PreprocessSpec, decode_slice, load_slice, prepare
+from device.core.preprocess import BadSliceError, PreprocessSpec, crop_box, decode_slice, load_slice, prepare
 
 # steps 4-6 (letterbox, stretch, rounding) on their own: the body crop (step 3b) has its tests below
 SPEC = PreprocessSpec(height=32, width=32, channels=1, crop="none")
@@ -158,7 +158,7 @@ def test_dicom_ct_slice_is_windowed_to_the_lung_window():
 
 def test_spec_round_trips_through_the_manifest_and_refuses_other_versions():
     spec = PreprocessSpec(height=160, width=160, channels=1)
-    assert spec.version == 2 and spec.crop == "body"
+    assert spec.version == 3 and spec.crop == "body"
     assert PreprocessSpec.from_manifest(spec.to_manifest()) == spec
     data = spec.to_manifest() | {"version": 99}
     with pytest.raises(ValueError, match="version 99"):
@@ -224,6 +224,39 @@ def test_the_body_crop_holds_the_body_and_drops_the_air_and_the_table():
     outside[top:bottom, left:right] = False
     assert outside[:bottom].sum() <= 4  # noise at most; the table line lies below the box
     assert outside[bottom:].sum() > 100
+
+
+def _touching_table(tight: np.ndarray, side: int, top: int, left: int) -> np.ndarray:
+    """``tight`` in a ``side`` square of air on a table that touches it: a bright band right under
+    the body, wider than it on both sides (how a scanner exports a patient lying on the table)."""
+    frame = _framed(tight, side, top, left, table=False)
+    row = top + tight.shape[0]
+    frame[row : row + 4, max(0, left - 40) : left + tight.shape[1] + 40] = 160.0
+    return frame
+
+
+def test_version_3_leaves_out_a_table_that_touches_the_body_and_version_2_bundles_keep_their_crop():
+    """A table line right under the body is joined to it on the thumbnail: version 2's box keeps
+    it (and its width past the body's sides), version 3's is the slice alone; a version-2
+    manifest still gets version 2's box, so bundles made with it see what they were trained on."""
+    whole = decode_slice(chest_png(seed=3)).pixels
+    top, bottom, left, right = body_crop(whole)
+    tight = np.asarray(Image.fromarray(whole[top:bottom, left:right], mode="F").resize((300, 230)), np.float32)
+    v3 = PreprocessSpec(height=64, width=64, channels=1)
+    v2 = PreprocessSpec.from_manifest(v3.to_manifest() | {"version": 2})
+    reference = prepare(tight, v3)
+    for side, at_top, at_left in ((512, 90, 120), (512, 200, 60), (600, 150, 180)):
+        framed = _touching_table(tight, side, at_top, at_left)
+        truth = (at_top, at_top + tight.shape[0], at_left, at_left + tight.shape[1])
+        new_box = crop_box(framed, v3)
+        old_box = crop_box(framed, v2)
+        assert max(abs(a - b) for a, b in zip(new_box, truth, strict=True)) <= 3, (new_box, truth)
+        assert max(abs(a - b) for a, b in zip(old_box, truth, strict=True)) > 3, (old_box, truth)
+        assert np.abs(prepare(framed, v3).astype(int) - reference).mean() < 5.0
+        assert np.abs(prepare(framed, v2).astype(int) - reference).mean() > 15.0  # the table in the input
+    # a frame of air alone: the same box either way
+    framed = _framed(tight, 512, 90, 120, table=False)
+    assert crop_box(framed, v3) == crop_box(framed, v2)
 
 
 def test_a_body_that_fills_the_image_and_an_image_without_one_are_left_whole():

@@ -13,7 +13,7 @@ from device.core.preprocess import PreprocessSpec, load_slice
 from tests.synthetic import LABELS
 
 # The tiny model scores whole synthetic slices (no body crop): its test bundles stand for any
-# bundle, and the crop of preprocessing version 2 has tests of its own (tests/test_preprocess.py)
+# bundle, and the crop of preprocessing versions 2 and 3 has tests of its own (tests/test_preprocess.py)
 # and runs in every bundle made by `python -m train` in the tests.
 SPEC = PreprocessSpec(height=32, width=32, channels=1, crop="none")
 

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "the shipped heads' draw")
     knobs.add_argument("--experts-choice", choices=("parts", "joint"),
                        help="--head experts: choose each expert and then the gate (parts), or all together on the mixture (joint)")
+    knobs.add_argument("--experts-fixed",
+                       help="--head experts: take these parts' C and views instead of choosing them, "
+                            "SOURCE=CxVIEWS,...,gate=CxVIEWS (another run's metrics.json, under experts)")
     knobs.add_argument("--expert-layers", help="comma-separated backbone layers pooled for --head experts (default: end of each stage)")
     knobs.add_argument("--max-minutes", type=float, help="wall-time budget; training stops after the epoch that crosses it")
     return parser
@@ -90,7 +93,7 @@ RECIPE_FLAGS = (
     "img_size", "batch_size", "head_epochs", "head_learning_rate", "fine_epochs", "fine_learning_rate",
     "unfreeze_from", "patience", "min_epochs", "dropout", "label_smoothing", "weight_decay", "augment", "class_weights",
     "threshold_rule", "max_minutes", "rotation", "zoom", "shift", "brightness", "contrast", "mixup", "ema_momentum", "degrade",
-    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view", "int8_view_samples", "experts_choice",
+    "trunk_views", "snap_weights", "head", "expert_layers", "int8_view", "int8_view_samples", "experts_choice", "experts_fixed",
 )
 
 

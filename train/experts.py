@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from train.mixture import INT8_AGREEMENT, fit_mixture
+from train.mixture import INT8_AGREEMENT, fit_mixture, parse_fixed
 
 # Pooled at the end of each stage: ResNet50's stages 2-4 (stage 4 twice: halfway and at the
 # cut), MobileNetV2's stride-8, stride-16 and final feature maps.
@@ -207,7 +207,7 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
         train_views.append(train_int8)
     fitted = fit_mixture(train_views, np.concatenate(y_train).astype(int),
                          np.concatenate(s_train), val_features, y_val, np.asarray(val_sources), [s.name for s in sources],
-                         val_int8=val_int8, joint=recipe.experts_choice == "joint")
+                         val_int8=val_int8, joint=recipe.experts_choice == "joint", fixed=parse_fixed(recipe.experts_fixed))
     model = build_experts_model(config.arch, recipe.img_size, labels, positive_index, weights, weights_path, layers, fitted,
                                 snap)
     model.save(checkpoint)
@@ -230,6 +230,8 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
                 "competed on the mixture's worst-source val AUC"
                 + (" among those whose mixture keeps its val decisions under int8" if recipe.int8_view else "")
                 + ", so each expert's C is the mixture's best, not its own." if recipe.experts_choice == "joint" else "")
+             + (f" Choices given, not chosen (--experts-fixed {recipe.experts_fixed}): those parts' val figures "
+                "were not used to pick them." if recipe.experts_fixed else "")
              + (" The frozen backbone's convolutions were rounded onto TFLite's int8 grid (BatchNorm folded) before any "
                 "feature was cached (--snap-weights), so the int8 model's weights are exactly the ones the head was fitted "
                 "on." if snap else ""), ""]
@@ -237,6 +239,7 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
                          "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
                          "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice,
+                         **({"fixed": recipe.experts_fixed} if recipe.experts_fixed else {}),
                          **({"int8_view_samples": recipe.int8_view_samples} if recipe.int8_view and recipe.int8_view_samples else {}),
                          "snapped_backbone": snap}}
     return notes, extra

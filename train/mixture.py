@@ -32,7 +32,7 @@ def sample_weights(groups: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.ndarray, val: np.ndarray,
                 y_val: np.ndarray, s_val: np.ndarray, sources: list[str], c_grid=C_GRID, gate_grid=GATE_GRID,
-                val_int8: np.ndarray | None = None, joint: bool = False) -> dict:
+                val_int8: np.ndarray | None = None, joint: bool = False, fixed: dict | None = None) -> dict:
     """Fit the standardisation, one expert per source and the gate. Each expert's C and views
     are picked on its own source's val AUC; then the gate's C and views on the mixture's
     worst-source val AUC (the run's selection rule). ``train_views[v]`` is view ``v`` of every
@@ -49,7 +49,12 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
     matter only on slices the gate sends it, a sharp gate's only where the experts disagree);
     part by part, each on its own agreement, the shipped MobileNetV2 settled on the smoothest
     gate. It searches ~2,000 combinations where part by part tries 24 candidates, so its val
-    figures are the more optimistic."""
+    figures are the more optimistic.
+
+    ``fixed``: ``{source or "gate": (C, views)}`` takes those parts' choices as given instead of
+    choosing them (:func:`parse_fixed`), so a head is refitted with another run's choices. Why:
+    on 118 COVID-CT val slices the choice of C moves the worst source by more than a change of
+    preprocessing does, so comparing two preprocessings needs the same choices on both."""
     from sklearn.linear_model import LogisticRegression
 
     every = np.concatenate(train_views)
@@ -59,14 +64,26 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
     val_z = (val - mean) / std
     int8_z = None if val_int8 is None else (val_int8 - mean) / std
     view_counts = sorted({1, len(views)})
+    fixed = dict(fixed or {})
+    unknown = set(fixed) - set(sources) - {"gate"}
+    if unknown:
+        raise ValueError(f"fixed choices for {sorted(unknown)}: not a source of this run ({', '.join(sources)}) or the gate")
+    for part, (_, n_views) in fixed.items():
+        if not 1 <= n_views <= len(views):
+            raise ValueError(f"fixed choice for {part}: {n_views} views, but this run has {len(views)}")
+
+    def grid(part: str, values) -> tuple[list[int], tuple]:
+        return ([fixed[part][1]], (fixed[part][0],)) if part in fixed else (view_counts, values)
+
     candidates = {}  # source -> [(C, views, coef, intercept, own val AUC, own int8 agreement)], simplest first
     for source in sources:
         rows, own = s_train == source, s_val == source
         candidates[source] = []
-        for n_views in view_counts:
+        counts, cs = grid(source, c_grid)
+        for n_views in counts:
             x = np.concatenate([view[rows] for view in views[:n_views]])
             y = np.tile(y_train[rows], n_views)
-            for c in c_grid:
+            for c in cs:
                 expert = LogisticRegression(C=c, max_iter=5000).fit(x, y, sample_weight=sample_weights(np.zeros(len(y)), y))
                 coef, intercept = expert.coef_[0].copy(), float(expert.intercept_[0])
                 auc = _auc(y_val[own], val_z[own] @ coef + intercept)
@@ -75,10 +92,11 @@ def fit_mixture(train_views: list[np.ndarray], y_train: np.ndarray, s_train: np.
                 candidates[source].append((c, n_views, coef, intercept, auc, agreement))
     gates = []  # (C, views, weight, bias), simplest first
     if len(sources) > 1:
-        for n_views in view_counts:
+        counts, cs = grid("gate", gate_grid)
+        for n_views in counts:
             x = np.concatenate(views[:n_views])
             labels = np.tile(np.array([sources.index(name) for name in s_train]), n_views)
-            for c in gate_grid:
+            for c in cs:
                 gate = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(x, labels)
                 gates.append((c, n_views, *_softmax_weights(gate, every.shape[1], len(sources))))
     if joint:
@@ -201,3 +219,20 @@ def predict_mixture(fitted: dict, features: np.ndarray) -> np.ndarray:
     z = (features - fitted["mean"]) / np.sqrt(fitted["variance"])
     gate = _softmax(z @ fitted["gate"][0] + fitted["gate"][1])
     return (gate * _sigmoid(z @ fitted["experts"][0] + fitted["experts"][1])).sum(axis=1)
+
+
+def parse_fixed(text: str) -> dict:
+    """``--experts-fixed``: ``"SOURCE=CxVIEWS,...,gate=CxVIEWS"`` (e.g. ``covid-ct=0.001x4,
+    sarscov2-ct=0.1x1,gate=0.01x1``, what a run's ``metrics.json`` records under ``experts``)
+    as ``{part: (C, views)}``; empty text is no fixed choice."""
+    fixed = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        c, _, n_views = value.partition("x")
+        try:
+            fixed[name.strip()] = (float(c), int(n_views))
+        except ValueError:
+            raise ValueError(f"--experts-fixed {item!r}: give PART=CxVIEWS, e.g. covid-ct=0.001x4 or gate=0.01x1") from None
+        if fixed[name.strip()][0] <= 0:
+            raise ValueError(f"--experts-fixed {item!r}: C must be positive")
+    return fixed

@@ -133,6 +133,10 @@ class Recipe:
     among the candidates whose own decisions survive int8); ``joint`` chooses every part
     together on the mixture's worst-source AUC (with ``int8_view``, among the combinations whose
     mixture keeps its decisions under int8): :func:`train.mixture.fit_mixture`."""
+    experts_fixed: str = ""
+    """With ``head = experts``: parts whose C and views are given instead of chosen,
+    ``SOURCE=CxVIEWS,...,gate=CxVIEWS`` (:func:`train.mixture.parse_fixed`); empty chooses all.
+    For refitting a head with another run's choices, e.g. after a change of preprocessing."""
     expert_layers: str = ""
     """Backbone layers (comma-separated) whose pooled maps feed the experts head; empty for
     the architecture's default (the end of each stage, :data:`train.experts.DEFAULT_LAYERS`)."""
