@@ -178,6 +178,13 @@ def _experts_lines(experts: dict | None) -> list[str]:
     lines.append(f"  - gate: C {gate.get('C')}, {gate.get('views')} view(s); sends val slices to their own source's expert: "
                  f"{routed}. A slice it sends to the other expert is judged by that source's rule: for a new hospital, the "
                  "source its slices resemble decides which rule applies.")
+    cross = experts.get("expert_auc_by_source") or {}
+    for name, row in cross.items():
+        others = {source: auc for source, auc in row.items() if source != name}
+        if others:
+            lines.append(f"  - expert `{name}` on the other sources' val: "
+                         + ", ".join(f"`{source}` AUC {auc:.3f}" + (" (below chance)" if auc < 0.5 else "")
+                                     for source, auc in others.items()))
     return lines
 
 

@@ -42,6 +42,12 @@ def test_per_source_experts_rank_two_sources_whose_cues_run_opposite():
     assert min(roc_auc(yv[sv == name], pooled[sv == name]) for name in ("a", "b")) < 0.75
     assert fitted["gate_val_accuracy"] > 0.95
     assert set(fitted["choices"]) == {"a", "b"} and {c["views"] for c in fitted["choices"].values()} <= {1, 2}
+    # each expert on each source: its own as chosen, the other's backwards (the cues run opposite),
+    # which is what a slice the gate misroutes gets
+    cross = fitted["expert_auc_by_source"]
+    for name in ("a", "b"):
+        assert cross[name][name] == pytest.approx(fitted["choices"][name]["val_auc"], abs=1e-4)
+    assert cross["a"]["b"] < 0.5 and cross["b"]["a"] < 0.5
 
 
 def test_each_expert_is_chosen_on_its_own_source_only():
@@ -253,6 +259,10 @@ def test_an_experts_run_on_two_sources_reports_its_head_and_converts_to_int8(tmp
     assert provenance["experts"]["choices"] == metrics["experts"]["choices"]
     card = "\n".join(_experts_lines(provenance["experts"]))
     assert "expert `hospital-a`" in card and "expert `hospital-b`" in card and "gate: C" in card
+    cross = metrics["experts"]["expert_auc_by_source"]
+    assert set(cross) == {"hospital-a", "hospital-b"} and all(set(row) == set(cross) for row in cross.values())
+    assert f"expert `hospital-a` on the other sources' val: `hospital-b` AUC {cross['hospital-a']['hospital-b']:.3f}" in card
+    assert "each expert on each source's val: hospital-a expert hospital-a" in report
 
     import keras
 

@@ -223,7 +223,9 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
              + f": {choices}). "
              f"The gate (C {gate['C']}, {gate['views']} view(s), chosen on the mixture's worst-source val AUC) routes val "
              f"slices to their own source's expert: {routed}. A slice the gate sends to the other source's expert gets that "
-             "source's rule, which is where the mixture loses to each expert alone."
+             "source's rule, which is where the mixture loses to each expert alone (each expert on each source's val: "
+             + "; ".join(f"{expert} expert " + ", ".join(f"{source} {auc:.3f}" for source, auc in row.items())
+                         for expert, row in fitted["expert_auc_by_source"].items()) + ")."
              + (f" With the int8 view, only choices that keep {INT8_AGREEMENT:.1%} of val decisions under the int8 "
                 "model's features competed on AUC (the most agreeing where none did)." if recipe.int8_view else "")
              + (" Experts and gate were chosen together (--experts-choice joint): every combination of their candidates "
@@ -238,6 +240,7 @@ def fit_head(config, recipe, sources, labels, positive_index, weights, weights_p
     extra = {"experts": {"layers": list(layers), "choices": fitted["choices"], "gate": gate,
                          "gate_val_accuracy": fitted["gate_val_accuracy"],
                          "gate_val_accuracy_by_source": fitted["gate_val_accuracy_by_source"],
+                         "expert_auc_by_source": fitted["expert_auc_by_source"],
                          "int8_view": bool(recipe.int8_view), "choice": recipe.experts_choice,
                          **({"fixed": recipe.experts_fixed} if recipe.experts_fixed else {}),
                          **({"int8_view_samples": recipe.int8_view_samples} if recipe.int8_view and recipe.int8_view_samples else {}),
