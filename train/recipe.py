@@ -189,3 +189,29 @@ def default_recipe(arch: str, pretrained: bool) -> Recipe:
             batchnorm_training=True, patience=10, min_epochs=20, dropout=0.5, max_minutes=55.0, trunk_views=0,
         )
     return recipe
+
+
+def refuse_idle_flags(recipe: Recipe, sources: list[str]) -> None:
+    """ValueError for a flag that would do nothing with the recipe's head, or an
+    ``experts_fixed`` part the run does not have. Why: a run whose command names a knob that
+    silently did nothing records a recipe that is not what produced its figures."""
+    from train.mixture import parse_fixed
+
+    if recipe.head == "experts":
+        ignored = [flag for flag, on in (("--ema", recipe.ema_momentum > 0),
+                                         ("--mixup", recipe.mixup > 0), ("--degrade", recipe.degrade > 0)) if on]
+        if ignored:
+            raise ValueError(f"--head experts keeps the backbone frozen and fits no epochs: {', '.join(ignored)} would do nothing")
+        if not recipe.int8_view and recipe.int8_view_samples != Recipe.int8_view_samples:
+            raise ValueError("--int8-view-samples sets how the int8 view is calibrated; without --int8-view it would do nothing")
+        strangers = sorted(set(parse_fixed(recipe.experts_fixed)) - set(sources) - {"gate"})
+        if strangers:
+            raise ValueError(f"--experts-fixed names {', '.join(strangers)}: the parts are this run's sources "
+                             f"({', '.join(sources)}) and gate")
+        return
+    if recipe.int8_view or recipe.int8_view_samples != Recipe.int8_view_samples:
+        raise ValueError(f"--int8-view is a view for the experts head's fit; with --head {recipe.head} it would do nothing")
+    if recipe.experts_choice != "parts":
+        raise ValueError(f"--experts-choice is how the experts head's parts are chosen; with --head {recipe.head} it would do nothing")
+    if recipe.experts_fixed:
+        raise ValueError(f"--experts-fixed gives the experts head's choices; with --head {recipe.head} it would do nothing")

@@ -26,9 +26,8 @@ from device.core.preprocess import PreprocessSpec
 from train import report
 from train.data import DataError, balanced_dataset, balanced_epoch_size, load_sources, stack_splits, trunk_views
 from train.gradcam import gradcam, sample_figures, summary_note
-from train.mixture import parse_fixed
 from train.model import InitialWeights, build_model, build_source_heads_model, resolve_weights, set_stage, split_model
-from train.recipe import Recipe
+from train.recipe import Recipe, refuse_idle_flags
 
 log = logging.getLogger(__name__)
 
@@ -121,36 +120,20 @@ def train_run(config: RunConfig) -> dict:
         if source_y.min() == source_y.max():
             raise DataError(f"{source.name}/val needs slices of both labels to select a model and a threshold")
 
+    try:
+        refuse_idle_flags(recipe, [source.name for source in sources])
+    except ValueError as error:
+        raise DataError(str(error)) from None
     configure_tensorflow(config.seed, config.threads, config.deterministic)
     import keras
 
     from train.callbacks import SnapWeights, ValAUCCheckpoint
 
     if recipe.head == "experts":
-        ignored = [flag for flag, on in (("--ema", recipe.ema_momentum > 0),
-                                         ("--mixup", recipe.mixup > 0), ("--degrade", recipe.degrade > 0)) if on]
-        if ignored:
-            raise DataError(f"--head experts keeps the backbone frozen and fits no epochs: {', '.join(ignored)} would do nothing")
-        if not recipe.int8_view and recipe.int8_view_samples != Recipe.int8_view_samples:
-            raise DataError("--int8-view-samples sets how the int8 view is calibrated; without --int8-view it would do nothing")
-        try:
-            fixed = parse_fixed(recipe.experts_fixed)
-        except ValueError as error:
-            raise DataError(str(error)) from None
-        strangers = sorted(set(fixed) - {source.name for source in sources} - {"gate"})
-        if strangers:
-            raise DataError(f"--experts-fixed names {', '.join(strangers)}: the parts are this run's sources "
-                            f"({', '.join(source.name for source in sources)}) and gate")
         return _finish(config, recipe, started, out, sources, labels, positive, positive_index, weights, spec, y_val,
                        val_pixels, val_sources, val_paths, val_targets,
                        [], _experts_selection(config, recipe, sources, labels, positive_index, weights, weights_path,
                                               val_pixels, y_val, val_sources, out / "model.keras"))
-    if recipe.int8_view or recipe.int8_view_samples != Recipe.int8_view_samples:
-        raise DataError(f"--int8-view is a view for the experts head's fit; with --head {recipe.head} it would do nothing")
-    if recipe.experts_choice != "parts":
-        raise DataError(f"--experts-choice is how the experts head's parts are chosen; with --head {recipe.head} it would do nothing")
-    if recipe.experts_fixed:
-        raise DataError(f"--experts-fixed gives the experts head's choices; with --head {recipe.head} it would do nothing")
     heads = None  # --head sources: each val slice's own head
     if recipe.head == "sources":
         names = [source.name for source in sources]
